@@ -1,0 +1,47 @@
+"""The few exception types a vqpipe user sees. Each carries a message that names what was wrong and where."""
+
+from __future__ import annotations
+
+
+class VqpipeError(Exception):
+    """Base class: anything vqpipe raises on purpose."""
+
+
+class ConfigError(VqpipeError):
+    """A setting is unknown, has a bad value, or conflicts with an existing run."""
+
+
+class CheckpointError(VqpipeError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class StorageError(VqpipeError):
+    """An input or output location cannot be listed, read or written."""
+
+
+class ShardError(VqpipeError):
+    """A whole shard cannot be processed (not a tar, truncated, unreadable, too many bad samples).
+
+    `reason` is a stable code that ends up in the failure record.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SampleError(VqpipeError):
+    """One sample cannot be turned into pixels; the job records it as an error row and goes on.
+
+    `reason` is a stable code: decode_error, truncated, not_an_image, missing_image, too_large, ...
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class IncompleteRunError(VqpipeError):
+    """The job ended with shards that are not done."""
