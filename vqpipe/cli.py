@@ -1,0 +1,166 @@
+"""`vqpipe tokenize | status | sample`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from .errors import IncompleteRunError, VqpipeError
+from .logs import setup_logging
+
+logger = logging.getLogger("vqpipe.cli")
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+def tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    """The tokenize options; shared with jobs/tokenize.py so both accept exactly the same arguments."""
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="tar files, directories, globs or brace patterns (local or any fsspec URL)")
+    p.add_argument("--output", "-o", help="output directory or URL (OUT)")
+    p.add_argument("--config", help="TOML or YAML file with settings; command-line options override it")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", dest="preset", help="tokenizer preset: var256 (default), var512, tiny")
+    g.add_argument("--checkpoint", help="VAR-format state dict (local path or URL), e.g. vae_ch160v4096z32.pth")
+    g.add_argument("--random-weights", action="store_true", default=None,
+                   help="use the preset's fixed-seed random weights (smoke tests and demos only)")
+    g.add_argument("--precision", help="exact (default), tf32 or bf16")
+    g.add_argument("--device", help="auto (default), cpu or cuda")
+    g = p.add_argument_group("encode")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--no-var-input", dest="var_input", action="store_false", default=None,
+                   help="write codes only, not the teacher-forcing tensor")
+    g.add_argument("--var-input-dtype", help="float16 (default) or float32")
+    g = p.add_argument_group("run")
+    g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
+    g.add_argument("--cpus-per-replica", type=float)
+    g.add_argument("--max-attempts", type=int)
+    g.add_argument("--max-error-rate", type=float, help="fail a shard with more bad samples than this fraction")
+    g.add_argument("--limit-shards", type=int, help="process only the first N shards (by shard id)")
+    g.add_argument("--reprocess-changed", action="store_true", default=None,
+                   help="redo done shards whose input changed since they were committed")
+    g.add_argument("--allow-config-change", action="store_true", default=None,
+                   help="write into an OUT made with different output settings")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line values as a nested config dict; None means 'not given' and leaves the file's value."""
+    return {
+        "inputs": args.inputs or None,
+        "output": args.output,
+        "model": {
+            "preset": args.preset, "checkpoint": args.checkpoint, "random_weights": args.random_weights,
+            "precision": args.precision, "device": args.device,
+        },
+        "encode": {"batch_size": args.batch_size, "var_input": args.var_input, "var_input_dtype": args.var_input_dtype},
+        "run": {
+            "address": args.address, "replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica,
+            "max_attempts": args.max_attempts, "max_error_rate": args.max_error_rate,
+            "limit_shards": args.limit_shards, "reprocess_changed": args.reprocess_changed,
+            "allow_config_change": args.allow_config_change,
+        },
+    }
+
+
+def prepare_local_ray(address: str | None) -> None:
+    """Without a cluster address, the job starts a local Ray: keep every listener on loopback.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported, so this must run before `import ray`.
+    """
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from .config import from_sources
+
+    cfg = from_sources(args.config, overrides(args))
+    prepare_local_ray(cfg.run.address)
+    from .job import tokenize
+
+    summary = tokenize(cfg)
+    st = summary.status
+    logger.info(
+        "summary: %d/%d shards done, %d rows, %d sample errors %s, %.1fs",
+        len(set(st.done) & {s.shard_id for s in summary.plan.all}), len(summary.plan.all), st.rows,
+        sum(st.errors_by_reason.values()), dict(st.errors_by_reason), summary.seconds,
+    )
+    if summary.ok:
+        return EXIT_OK
+    for shard_id, info in sorted(summary.failed.items()):
+        logger.error("failed shard %s: %s: %s", shard_id, info["reason"], info["detail"])
+    raise IncompleteRunError(
+        f"{len(summary.failed)} shard(s) failed: {', '.join(sorted(summary.failed))}; rerun to retry only those"
+    )
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from .ledger import Ledger, read_status
+
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    st = read_status(Ledger(args.output.rstrip("/"), storage_options))
+    if args.json:
+        print(json.dumps(st.to_dict(), indent=2))
+    else:
+        d = st.to_dict()
+        s = d["shards"]
+        print(f"shards:  {s['done']} done, {s['failed']} failed, {s['pending']} pending (of {s['planned']} planned)")
+        print(f"samples: {d['samples']} read, {d['rows']} rows, {d['errors']} errors")
+        for reason, n in d["errors_by_reason"].items():
+            print(f"  {reason}: {n}")
+        for shard_id, reason in d["failed_shards"].items():
+            print(f"failed:  {shard_id}: {reason}")
+    return EXIT_OK if st.complete else EXIT_INCOMPLETE
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from .sample import write_sample_dataset
+
+    paths = write_sample_dataset(args.dir, shards=args.shards, samples_per_shard=args.per_shard, seed=args.seed)
+    print(f"wrote {len(paths)} shards to {args.dir}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqpipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tokenize", help="tokenize WebDataset shards into Parquet")
+    tokenize_arguments(t)
+    t.set_defaults(func=run_tokenize)
+    s = sub.add_parser("status", help="done / failed / pending shards of an output, from OUT alone")
+    s.add_argument("output", metavar="OUT")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--storage-options", help="fsspec options as JSON (credentials normally come from the environment)")
+    s.set_defaults(func=run_status, log_level=None)
+    m = sub.add_parser("sample", help="write a small WebDataset of real photos for demos and tests")
+    m.add_argument("dir")
+    m.add_argument("--shards", type=int, default=4)
+    m.add_argument("--per-shard", type=int, default=16)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=run_sample, log_level=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except IncompleteRunError as e:
+        logger.error("%s", e)
+        return EXIT_INCOMPLETE
+    except VqpipeError as e:
+        logger.error("%s", e)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

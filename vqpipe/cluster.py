@@ -1,0 +1,275 @@
+"""Ray: encoder actors wrapping ShardWorker, shard dispatch, retries, speculation, progress. The only Ray importer.
+
+The driver keeps a few shards in flight per actor (so the next one streams while one encodes), retries a shard on
+another actor when a task or an actor fails (backoff, attempt limit), re-issues slow tail shards to idle actors
+(first commit wins: a worker never commits a shard that already has a done marker), and adds actors when the
+cluster grows. All state that matters lives in OUT, so a killed driver resumes from OUT alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util import metrics
+
+from .config import JobConfig
+from .errors import CheckpointError, ShardError
+from .plan import Shard
+
+logger = logging.getLogger(__name__)
+
+_WAIT_S = 1.0
+_RESCALE_EVERY_S = 30.0
+_SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
+_SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS / the Ray job's cluster, or start a local one."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class EncoderActor:
+    """One model replica. Restarts after a crash (state is rebuilt lazily); the driver retries its shards."""
+
+    def __init__(self, config: JobConfig, model_sha256: str, replica: str, threads: int):
+        from .logs import setup_logging
+
+        setup_logging()
+        self.config, self.expected_sha, self.replica, self.threads = config, model_sha256, replica, threads
+        self.worker = None
+        self.images = metrics.Counter("vqpipe_images", "Images encoded", tag_keys=("replica",))
+        self.errors = metrics.Counter("vqpipe_sample_errors", "Samples recorded as errors", tag_keys=("replica",))
+        self.shard_seconds = metrics.Histogram(
+            "vqpipe_shard_seconds", "Wall seconds per shard", boundaries=[1, 5, 15, 60, 300, 900, 3600],
+            tag_keys=("replica",),
+        )
+
+    def setup(self) -> dict[str, Any]:
+        """Load the model (once per actor life). Raises CheckpointError, which the driver reports as fatal."""
+        if self.worker is None:
+            import torch
+
+            from .worker import ShardWorker
+
+            torch.set_num_threads(self.threads)
+            self.worker = ShardWorker.from_config(self.config, expected_sha256=self.expected_sha)
+        return {"replica": self.replica, "device": str(self.worker.encoder.device), "pid": os.getpid()}
+
+    def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
+        self.setup()
+        try:
+            record = self.worker.process(shard, attempt, on_progress=self._count)
+        except ShardError:
+            raise
+        except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
+            raise ShardError("worker_error", f"{shard.shard_id}: {type(e).__name__}: {e}") from e
+        if not record.get("skipped"):
+            self.errors.inc(record["errors"], tags={"replica": self.replica})
+            self.shard_seconds.observe(record["wall_seconds"], tags={"replica": self.replica})
+        return record
+
+    def _count(self, n: int) -> None:
+        self.images.inc(n, tags={"replica": self.replica})
+
+
+@dataclass
+class _Task:
+    shard: Shard
+    actor: int
+    started: float
+    attempt: int
+
+
+@dataclass
+class DispatchResult:
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Hands shards to actors and collects the outcome of each, with retries and speculation."""
+
+    def __init__(self, config: JobConfig, model_sha256: str, on_done, on_failed, progress):
+        self.config, self.sha = config, model_sha256
+        self.on_done, self.on_failed, self.progress = on_done, on_failed, progress
+        self.actors: list[Any] = []
+        self.recovering: dict[Any, int] = {}  # ping ObjectRef -> index of an actor that died and is restarting
+        self.last_actor: dict[str, int] = {}
+        self.running: dict[Any, _Task] = {}  # ObjectRef -> task
+        self.attempts: dict[str, int] = {}
+        self.last_error: dict[str, str] = {}
+        self.durations: list[float] = []
+
+    # -- actors ---------------------------------------------------------------------------------------------------
+
+    def wanted_replicas(self) -> int:
+        if self.config.run.replicas:
+            return self.config.run.replicas
+        return max(1, cluster_gpus() // max(1, int(self._gpus())))
+
+    def _gpus(self) -> float:
+        g = self.config.run.gpus_per_replica
+        return (1.0 if cluster_gpus() else 0.0) if g is None else g
+
+    def scale(self) -> None:
+        """Start actors up to the wanted count; the first time, wait for one and surface fatal setup errors."""
+        first = not self.actors
+        run = self.config.run
+        while len(self.actors) < self.wanted_replicas():
+            idx = len(self.actors)
+            actor = EncoderActor.options(
+                num_cpus=run.cpus_per_replica,
+                num_gpus=self._gpus(),
+                max_concurrency=run.in_flight_per_replica,
+                name=None,
+            ).remote(self.config, self.sha, f"replica-{idx}", max(1, int(run.cpus_per_replica)))
+            self.actors.append(actor)
+        if first:
+            try:
+                info = ray.get(self.actors[0].setup.remote())
+            except RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, CheckpointError | RuntimeError):
+                    raise CheckpointError(str(cause).splitlines()[-1]) from None
+                raise
+            logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def run(self, shards: list[Shard]) -> None:
+        queue: deque[tuple[float, Shard]] = deque((0.0, s) for s in shards)
+        self.scale()
+        last_scale = time.monotonic()
+        committed: set[str] = set()
+        while queue or self.running:
+            now = time.monotonic()
+            if now - last_scale > _RESCALE_EVERY_S:
+                self.scale()
+                last_scale = now
+            self._check_recovering()
+            self._assign(queue, now)
+            self._speculate(queue, committed, now)
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=_WAIT_S)
+            for ref in ready:
+                self._collect(ref, queue, committed)
+            self.progress(len(self.actors) - len(self.recovering))
+
+    def _check_recovering(self) -> None:
+        """An actor that died is used again once it answers a setup call after its restart."""
+        if not self.recovering:
+            return
+        ready, _ = ray.wait(list(self.recovering), num_returns=len(self.recovering), timeout=0)
+        for ref in ready:
+            idx = self.recovering.pop(ref)
+            try:
+                ray.get(ref)
+                logger.info("replica-%d is back", idx)
+            except (RayActorError, RayTaskError):
+                self.recovering[self.actors[idx].setup.remote()] = idx
+
+    def _free_actor(self, avoid: int | None = None) -> int | None:
+        down = set(self.recovering.values())
+        load = {i: 0 for i in range(len(self.actors)) if i not in down}
+        for t in self.running.values():
+            if t.actor in load:
+                load[t.actor] += 1
+        free = [i for i, n in load.items() if n < self.config.run.in_flight_per_replica]
+        preferred = [i for i in free if i != avoid] or free
+        return min(preferred, key=lambda i: load[i]) if preferred else None
+
+    def _assign(self, queue: deque, now: float) -> None:
+        for _ in range(len(queue)):
+            not_before, shard = queue[0]
+            if not_before > now:
+                queue.rotate(-1)
+                continue
+            actor = self._free_actor(avoid=self.last_actor.get(shard.shard_id))
+            if actor is None:
+                return
+            queue.popleft()
+            self._submit(shard, actor)
+
+    def _submit(self, shard: Shard, actor: int) -> None:
+        attempt = self.attempts.get(shard.shard_id, 0) + 1
+        self.attempts[shard.shard_id] = attempt
+        ref = self.actors[actor].process.remote(shard, attempt)
+        self.running[ref] = _Task(shard, actor, time.monotonic(), attempt)
+        self.last_actor[shard.shard_id] = actor
+
+    def _speculate(self, queue: deque, committed: set[str], now: float) -> None:
+        """Give a copy of the slowest running shard to an idle actor once nothing else is waiting."""
+        if queue or not self.config.run.speculative or len(self.durations) < _SPECULATE_MIN_DONE:
+            return
+        median = sorted(self.durations)[len(self.durations) // 2]
+        counts: dict[str, int] = {}
+        for t in self.running.values():
+            counts[t.shard.shard_id] = counts.get(t.shard.shard_id, 0) + 1
+        slow = [
+            t for t in self.running.values()
+            if counts[t.shard.shard_id] == 1 and now - t.started > _SPECULATE_AFTER * median
+        ]
+        for task in sorted(slow, key=lambda t: t.started):
+            actor = self._free_actor(avoid=task.actor)
+            if actor is None or actor == task.actor:
+                return
+            logger.info("%s: slow (%.0fs, median %.0fs); speculative copy on replica-%d",
+                        task.shard.shard_id, now - task.started, median, actor)
+            self.attempts[task.shard.shard_id] -= 1  # a speculative copy is not a retry
+            self._submit(task.shard, actor)
+
+    def _collect(self, ref, queue: deque, committed: set[str]) -> None:
+        task = self.running.pop(ref)
+        sid = task.shard.shard_id
+        twins = [r for r, t in self.running.items() if t.shard.shard_id == sid]
+        try:
+            record = ray.get(ref)
+        except (RayActorError, RayTaskError, GetTimeoutError) as e:
+            reason, detail = _failure(e)
+            if isinstance(e, RayActorError) and task.actor not in self.recovering.values():
+                logger.warning("%s: replica-%d died (%s); retrying elsewhere", sid, task.actor, detail)
+                self.recovering[self.actors[task.actor].setup.remote()] = task.actor
+            if sid in committed or twins:  # a twin is still running or already won: nothing to do
+                return
+            self.last_error[sid] = f"{reason}: {detail}"
+            if self.attempts[sid] >= self.config.run.max_attempts:
+                self.on_failed(task.shard, {"reason": reason, "detail": detail, "attempts": self.attempts[sid]})
+                return
+            backoff = self.config.run.retry_backoff_s * 2 ** (self.attempts[sid] - 1)
+            logger.warning("%s: attempt %d failed (%s: %s); retry in %.0fs", sid, task.attempt, reason, detail, backoff)
+            queue.append((time.monotonic() + backoff, task.shard))
+            return
+        if sid in committed:
+            return
+        committed.add(sid)
+        self.durations.append(time.monotonic() - task.started)
+        # A twin still running is left to finish: its worker sees the done marker and discards its output.
+        self.on_done(task.shard, record)
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    if isinstance(e, RayTaskError):
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, ShardError):
+            return cause.reason, cause.detail
+        return "worker_error", str(cause).strip().splitlines()[-1]
+    if isinstance(e, RayActorError):
+        return "actor_died", str(e).strip().splitlines()[0][:300]
+    return "timeout", str(e)

@@ -1,0 +1,260 @@
+"""Job configuration: frozen dataclasses, loading from TOML/YAML with CLI overrides, validation, fingerprint.
+
+Settings are grouped by the stage that uses them. Precedence: defaults < config file < command line.
+Unknown keys and bad values raise `ConfigError` naming the key; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FORMAT_VERSION = "1.0"
+PRECISIONS = ("exact", "tf32", "bf16")
+VAR_INPUT_DTYPES = ("float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which tokenizer, which weights, and how numerically strict to be."""
+
+    preset: str = "var256"
+    checkpoint: str | None = None  # local path or fsspec URL of a VAR-format state dict
+    random_weights: bool = False  # explicit opt-in to random init (smoke tests, demos); never implicit
+    precision: str = "exact"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """What each sample becomes and how samples are batched."""
+
+    batch_size: int = 16
+    var_input: bool = True
+    var_input_dtype: str = "float16"
+    max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb threshold
+    decode_threads: int = 0  # 0: one per CPU given to the replica
+    rows_per_group: int = 512  # Parquet row group size; bounds writer memory
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the job is distributed, retried and judged."""
+
+    address: str | None = None  # Ray address; None: RAY_ADDRESS, a Ray job's cluster, or a local cluster
+    replicas: int = 0  # 0: one per GPU in the cluster, or one on a CPU-only cluster
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    in_flight_per_replica: int = 2  # shards queued per actor so the next one streams while one encodes
+    max_attempts: int = 3
+    retry_backoff_s: float = 2.0
+    speculative: bool = True  # re-issue the slowest tail shards to idle actors
+    max_error_rate: float = 0.1  # a shard with a larger fraction of bad samples fails
+    limit_shards: int | None = None
+    reprocess_changed: bool = False  # redo done shards whose input changed since (size/mtime/ETag)
+    allow_config_change: bool = False  # let a rerun into OUT use a different fingerprint
+    progress_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    inputs: tuple[str, ...]
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URL
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "encode": EncodeConfig, "run": RunConfig}
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a plain nested dict."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(raw) or {}
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file, report it plainly
+        raise ConfigError(f"config file {path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table/mapping at the top level")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge; values in `override` win, None in `override` means 'not given'."""
+    out = dict(base)
+    for k, v in override.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "storage_options":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(data: dict[str, Any]) -> JobConfig:
+    """Validate a nested dict (file + overrides) and turn it into a JobConfig."""
+    top = {f.name for f in fields(JobConfig)}
+    _reject_unknown(data, top, "")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: expected a table of settings, got {type(section).__name__}")
+        sections[name] = _build_section(cls, section, name)
+    inputs = data.get("inputs")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs or not isinstance(inputs, list | tuple) or not all(isinstance(i, str) for i in inputs):
+        raise ConfigError("inputs: give at least one shard path, directory, glob or brace pattern")
+    output = data.get("output")
+    if not isinstance(output, str) or not output:
+        raise ConfigError("output: give the output directory or URL (--output)")
+    storage_options = data.get("storage_options", {})
+    if not isinstance(storage_options, dict):
+        raise ConfigError("storage_options: expected a table of fsspec options")
+    cfg = JobConfig(
+        inputs=tuple(inputs),
+        output=output.rstrip("/") or output,
+        storage_options=dict(storage_options),
+        **sections,
+    )
+    _validate(cfg)
+    return cfg
+
+
+def _reject_unknown(section: dict[str, Any], known: set[str], where: str) -> None:
+    for key in section:
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{where}{key}: unknown setting{suggestion}; known: {', '.join(sorted(known))}")
+
+
+def _build_section(cls: type, values: dict[str, Any], name: str) -> Any:
+    hints = get_type_hints(cls)
+    _reject_unknown(values, set(hints), f"{name}.")
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one value against its annotation; accept ints where floats are expected."""
+    allowed = getattr(hint, "__args__", None) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _validate(cfg: JobConfig) -> None:
+    m, e, r = cfg.model, cfg.encode, cfg.run
+    _choice("model.precision", m.precision, PRECISIONS)
+    _choice("model.device", m.device, DEVICES)
+    _choice("encode.var_input_dtype", e.var_input_dtype, VAR_INPUT_DTYPES)
+    if m.checkpoint is None and not m.random_weights:
+        raise ConfigError(
+            f"model.checkpoint: preset '{m.preset}' needs weights: pass --checkpoint "
+            "(VAR's vae_ch160v4096z32.pth for var256/var512), or --random-weights for a smoke test"
+        )
+    if m.checkpoint is not None and m.random_weights:
+        raise ConfigError("model.random_weights: conflicts with model.checkpoint; give one of them")
+    _positive("encode.batch_size", e.batch_size)
+    _positive("encode.max_image_pixels", e.max_image_pixels)
+    _positive("encode.rows_per_group", e.rows_per_group)
+    _at_least("encode.decode_threads", e.decode_threads, 0)
+    _at_least("run.replicas", r.replicas, 0)
+    _positive("run.cpus_per_replica", r.cpus_per_replica)
+    if r.gpus_per_replica is not None:
+        _at_least("run.gpus_per_replica", r.gpus_per_replica, 0)
+    _positive("run.in_flight_per_replica", r.in_flight_per_replica)
+    _positive("run.max_attempts", r.max_attempts)
+    _at_least("run.retry_backoff_s", r.retry_backoff_s, 0)
+    _positive("run.progress_interval_s", r.progress_interval_s)
+    if not 0.0 <= r.max_error_rate <= 1.0:
+        raise ConfigError(f"run.max_error_rate: must be between 0 and 1, got {r.max_error_rate}")
+    if r.limit_shards is not None:
+        _positive("run.limit_shards", r.limit_shards)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def output_settings(cfg: JobConfig, model_sha256: str) -> dict[str, Any]:
+    """The settings that decide what the output contains; two runs agree on these or must not share OUT.
+
+    Excluded on purpose: where inputs and outputs live, credentials, and how the work is distributed.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "preset": cfg.model.preset,
+        "model_sha256": model_sha256,
+        "precision": cfg.model.precision,
+        "var_input": cfg.encode.var_input,
+        "var_input_dtype": cfg.encode.var_input_dtype if cfg.encode.var_input else None,
+        "max_image_pixels": cfg.encode.max_image_pixels,
+    }
+
+
+def random_weights_id(preset: str) -> str:
+    """Stands in for a checkpoint's sha256 when the weights are the model's fixed-seed random init."""
+    return "random-init-" + hashlib.sha256(f"vqpipe:{preset}:seed=0".encode()).hexdigest()[:16]
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def from_sources(config_file: str | None, overrides: dict[str, Any]) -> JobConfig:
+    """Defaults < file < overrides (a nested dict where None means 'not given')."""
+    data = load_file(config_file) if config_file else {}
+    return build_config(merge(data, overrides))

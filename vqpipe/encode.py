@@ -1,0 +1,95 @@
+"""A batch of uint8 pixels -> multi-scale codes (+ var_input) on one device, under a precision policy.
+
+`exact` (the default) is float32 with TF32 off and deterministic cuDNN: codes equal VAR's `img_to_idxBl`.
+`tf32` lets convolutions and matmuls use TF32; `bf16` runs the encoder convolutions under bf16 autocast
+and keeps the quantizer (distances, argmin, φ) in float32. Both are opt-in and recorded in the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import JobConfig, random_weights_id
+from .errors import CheckpointError
+from .model import PRESETS, ModelPreset, build_model, load_checkpoint, precision_mode, precision_settings
+from .schema import TokenLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    preset: ModelPreset
+    sha256: str
+
+
+def load_model(
+    preset: str, checkpoint: str | None, storage_options: dict[str, Any] | None, device: torch.device
+) -> LoadedModel:
+    """Build the preset and load its weights (or keep the seeded random init when no checkpoint is given)."""
+    model = build_model(preset, seed=0)
+    sha = load_checkpoint(model, checkpoint, storage_options) if checkpoint else random_weights_id(preset)
+    return LoadedModel(model.to(device).eval(), PRESETS[preset], sha)
+
+
+def build_encoder(cfg: JobConfig, expected_sha256: str | None = None) -> tuple[Encoder, str, int]:
+    """The encoder a job config asks for: (encoder, model sha256, resolution)."""
+    device = pick_device(cfg.model.device)
+    loaded = load_model(cfg.model.preset, cfg.model.checkpoint, cfg.storage_options, device)
+    if expected_sha256 is not None and loaded.sha256 != expected_sha256:
+        raise CheckpointError(
+            f"{cfg.model.checkpoint}: changed during the run (sha256 {loaded.sha256[:12]}..., "
+            f"expected {expected_sha256[:12]}...)"
+        )
+    p = loaded.preset
+    layout = TokenLayout(p.patch_nums, p.vocab_size, p.z_channels, cfg.encode.var_input, cfg.encode.var_input_dtype)
+    return Encoder(loaded, device, cfg.model.precision, layout), loaded.sha256, p.resolution
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but CUDA is not available on this worker")
+    return torch.device(name)
+
+
+class Encoder:
+    """Owns one model replica on one device. Thread-safe: concurrent shards share it one batch at a time."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str, layout: TokenLayout):
+        self.model, self.device, self.precision, self.layout = loaded.model, device, precision, layout
+        self._lock = threading.Lock()  # one batch on the device at a time; precision flags are process-global
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return precision_settings(self.precision)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, 3, R, R) uint8 -> codes (B, L) in the layout's code dtype, var_input (B, L-pn0², C) or None."""
+        host = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        with self._lock, torch.inference_mode(), precision_mode("tf32" if self.precision == "tf32" else "exact"):
+            x = host.to(self.device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
+            idx_bl = self._codes(x)
+            codes = torch.cat(idx_bl, dim=1).to(torch.int32)
+            var_input = None
+            if self.layout.var_input:
+                var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
+            codes_np = codes.cpu().numpy().astype(self.layout.code_dtype)
+            return codes_np, None if var_input is None else var_input.cpu().numpy()
+
+    def _codes(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.precision != "bf16":
+            return self.model.img_to_idxBl(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            f = self.model.encode_latent(x)
+        return self.model.quantize.f_to_idxBl(f.float())

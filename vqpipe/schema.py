@@ -1,0 +1,138 @@
+"""The Parquet schema and file metadata of vqpipe's output (format documented in README, "Output format").
+
+Plain Arrow types only, so pyarrow, pandas, DuckDB, Ray Data and torch read the files without vqpipe:
+`codes` is a fixed-size list, `var_input` is Arrow's canonical `arrow.fixed_shape_tensor` extension.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .config import FORMAT_VERSION
+
+METADATA_KEY = b"vqpipe"
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Everything about the shape of one row that follows from the tokenizer's configuration."""
+
+    patch_nums: tuple[int, ...]
+    vocab_size: int
+    cvae: int
+    var_input: bool
+    var_input_dtype: str  # "float16" | "float32"
+
+    @property
+    def seq_len(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def scale_offsets(self) -> list[int]:
+        """Start of each scale in `codes`, plus the end (VAR's gt_BL order)."""
+        return np.concatenate([[0], np.cumsum([p * p for p in self.patch_nums])]).tolist()
+
+    @property
+    def var_input_shape(self) -> tuple[int, int]:
+        return (self.seq_len - self.patch_nums[0] ** 2, self.cvae)
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16) if self.vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def data_schema(layout: TokenLayout, metadata: dict[str, Any] | None = None) -> pa.Schema:
+    code_type = pa.from_numpy_dtype(layout.code_dtype)
+    cols = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("meta", pa.string()),
+        pa.field("codes", pa.list_(pa.field("element", code_type, nullable=False), layout.seq_len), nullable=False),
+    ]
+    if layout.var_input:
+        tensor = pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(layout.var_input_dtype)), layout.var_input_shape)
+        cols.append(pa.field("var_input", tensor, nullable=False))
+    schema = pa.schema(cols)
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return schema
+
+
+def data_table(
+    schema: pa.Schema,
+    keys: Sequence[str],
+    labels: Sequence[int | None],
+    metas: Sequence[str | None],
+    codes: np.ndarray,
+    var_input: np.ndarray | None,
+) -> pa.Table:
+    """One batch of rows; `codes` is (B, L) and `var_input` is (B, L - pn0², Cvae) already in the output dtype."""
+    code_type = schema.field("codes").type
+    columns = [
+        pa.array(keys, pa.string()),
+        pa.array(labels, pa.int64()),
+        pa.array(metas, pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), code_type.value_type), code_type.list_size),
+    ]
+    if "var_input" in schema.names:
+        columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(var_input)))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def file_metadata(
+    layout: TokenLayout,
+    *,
+    resolution: int,
+    preset: str,
+    model_sha256: str,
+    precision: dict[str, Any],
+    shard: dict[str, Any],
+    batch_size: int,
+    vqpipe_version: str,
+) -> dict[str, Any]:
+    """The JSON stored under the `vqpipe` key of every data file's Parquet metadata."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "vqpipe_version": vqpipe_version,
+        "model": {"preset": preset, "sha256": model_sha256},
+        "patch_nums": list(layout.patch_nums),
+        "scale_offsets": layout.scale_offsets,
+        "seq_len": layout.seq_len,
+        "vocab_size": layout.vocab_size,
+        "cvae": layout.cvae,
+        "resolution": resolution,
+        "var_input": (
+            {"shape": list(layout.var_input_shape), "dtype": layout.var_input_dtype} if layout.var_input else None
+        ),
+        "preprocessing": {
+            "transform": "var_val",
+            "steps": [
+                "PIL Image.open(...).convert('RGB') (no EXIF transpose, alpha dropped)",
+                f"resize shorter side to round(1.125*{resolution}) = {round(1.125 * resolution)} with LANCZOS",
+                f"center crop {resolution} (torchvision offsets: int(round((size - crop) / 2)))",
+                "model input = uint8 / 255 * 2 - 1, float32 NCHW",
+            ],
+        },
+        "precision": precision,
+        "batch_size": batch_size,
+        "shard": shard,
+    }
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """The `vqpipe` metadata of a data file's schema (as read back by pyarrow)."""
+    return json.loads((schema.metadata or {})[METADATA_KEY])

@@ -1,0 +1,259 @@
+"""One model replica processing whole shards end to end: read -> decode -> encode -> write -> commit.
+
+A plain class (no Ray): the cluster layer wraps it in an actor, tests call it directly. Inside a shard the
+stages overlap through bounded queues: a reader thread streams the tar and feeds a decode pool; the calling
+thread batches decoded pixels and runs the encoder; a writer thread turns results into Parquet row groups.
+Memory stays bounded by the queue sizes, not by the shard size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from . import __version__, storage
+from .config import JobConfig
+from .encode import Encoder, build_encoder
+from .errors import SampleError, ShardError
+from .ledger import Ledger
+from .plan import Shard
+from .preprocess import preprocess
+from .reader import RawSample, iter_samples
+from .schema import data_schema, file_metadata
+from .writer import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class _Superseded(Exception):
+    """Another attempt committed this shard while this one was running."""
+
+
+class StageClock:
+    """Seconds spent per stage, summed over threads (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
+    def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.add(stage, time.perf_counter() - t)
+
+
+class ShardWorker:
+    def __init__(self, config: JobConfig, encoder: Encoder, resolution: int, model_sha256: str, decode_threads: int):
+        self.config, self.encoder = config, encoder
+        self.resolution, self.model_sha256 = resolution, model_sha256
+        self.ledger = Ledger(config.output, config.storage_options)
+        self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        self.prefetch = max(2 * config.encode.batch_size, 4 * decode_threads)
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, expected_sha256: str | None = None) -> ShardWorker:
+        encoder, sha, resolution = build_encoder(cfg, expected_sha256)
+        threads = cfg.encode.decode_threads or max(1, int(cfg.run.cpus_per_replica))
+        return cls(cfg, encoder, resolution, sha, threads)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def process(self, shard: Shard, attempt: int = 1, on_progress: Callable[[int], None] | None = None) -> dict:
+        """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails."""
+        if self.ledger.is_done(shard.shard_id):  # a speculative twin or an earlier attempt already committed
+            return {**self.ledger.read_done(shard.shard_id), "skipped": True}
+        started, clock = time.time(), StageClock()
+        enc = self.config.encode
+        meta = file_metadata(
+            self.encoder.layout,
+            resolution=self.resolution,
+            preset=self.config.model.preset,
+            model_sha256=self.model_sha256,
+            precision=self.encoder.settings,
+            shard={"id": shard.shard_id, "url": storage.redact(shard.url)},
+            batch_size=enc.batch_size,
+            vqpipe_version=__version__,
+        )
+        schema = data_schema(self.encoder.layout, meta)
+        writer = ShardWriter(
+            self.ledger.data_url(shard.shard_id),
+            self.ledger.errors_url(shard.shard_id),
+            schema,
+            enc.rows_per_group,
+            self.config.storage_options,
+        )
+        counts: Counter = Counter()
+        try:
+            sizes, errors = self._run(shard, writer, clock, counts, on_progress)
+        except _Superseded:
+            logger.info("%s: committed meanwhile by another attempt; this copy is discarded", shard.shard_id)
+            return {**self.ledger.read_done(shard.shard_id), "skipped": True}
+        n_errors = sum(errors.values())
+        record = {
+            "shard_id": shard.shard_id,
+            "input": {"url": storage.redact(shard.url), "fingerprint": shard.fingerprint},
+            "samples": counts["samples"],
+            "rows": writer.rows,
+            "errors": n_errors,
+            "errors_by_reason": dict(sorted(errors.items())),
+            "input_bytes": counts["input_bytes"],
+            **sizes,
+            "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
+            "wall_seconds": round(time.time() - started, 4),
+            "started": started,
+            "attempt": attempt,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "vqpipe_version": __version__,
+        }
+        self.ledger.mark_done(shard.shard_id, record)
+        logger.info(
+            "%s: done, %d rows, %d errors in %.1fs", shard.shard_id, writer.rows, n_errors, record["wall_seconds"]
+        )
+        return record
+
+    def _run(self, shard: Shard, writer: ShardWriter, clock: StageClock, counts: Counter, on_progress) -> tuple:
+        with storage.open_input(shard.url, self.config.storage_options) as stream, writer:
+            with _AsyncWriter(writer, clock) as out, contextlib.closing(self._decoded(stream, shard, clock)) as decoded:
+                for batch in self._batches(decoded, writer, counts):
+                    keys, labels, metas, pixels = zip(*batch)
+                    codes, var_input = clock.timed("encode", self.encoder, np.stack(pixels))
+                    out.put((keys, labels, metas, codes, var_input))
+                    if on_progress:
+                        on_progress(len(keys))
+            errors = Counter(reason for _, reason, _ in writer.errors)
+            n_errors = sum(errors.values())
+            if counts["samples"] and n_errors > self.config.run.max_error_rate * counts["samples"]:
+                raise ShardError(
+                    "too_many_errors",
+                    f"{shard.shard_id}: {n_errors} of {counts['samples']} samples failed "
+                    f"(limit {self.config.run.max_error_rate:.0%}): {dict(errors)}",
+                )
+            if self.ledger.is_done(shard.shard_id):  # a speculative twin won: first commit wins
+                raise _Superseded
+            sizes = clock.timed("write", writer.commit)
+        return sizes, errors
+
+    def _decoded(self, stream, shard: Shard, clock: StageClock) -> Iterator[tuple[RawSample, Any]]:
+        """Samples in tar order with their pixels (or SampleError); reading and decoding run ahead in threads."""
+        futures: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        resolution, max_pixels = self.resolution, self.config.encode.max_image_pixels
+
+        def decode(sample: RawSample) -> Any:
+            if sample.error is not None:
+                return sample.error
+            try:
+                return clock.timed("decode", preprocess, sample.image, resolution, max_pixels)
+            except SampleError as e:
+                return e
+
+        def read() -> None:
+            try:
+                samples = iter_samples(stream, shard.shard_id)
+                while not stop.is_set():
+                    sample = clock.timed("read", next, samples, None)
+                    if sample is None:
+                        break
+                    futures.put((sample, self.pool.submit(decode, sample)))
+                futures.put(_DONE)
+            except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which re-raises it
+                futures.put(e)
+
+        reader = threading.Thread(target=read, name=f"read-{shard.shard_id}", daemon=True)
+        reader.start()
+        try:
+            while True:
+                t = time.perf_counter()
+                item = futures.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                sample, future = item
+                result = future.result()
+                clock.add("wait_input", time.perf_counter() - t)
+                yield sample, result
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue, then let it finish
+                _drain(futures)
+                reader.join(timeout=0.05)
+
+    def _batches(self, decoded, writer: ShardWriter, counts: Counter) -> Iterator[list]:
+        batch: list = []
+        for sample, result in decoded:
+            counts["samples"] += 1
+            counts["input_bytes"] += len(sample.image or b"")
+            if isinstance(result, SampleError):
+                writer.add_error(sample.key, result.reason, result.detail)
+                continue
+            batch.append((sample.key, sample.label, sample.meta, result))
+            if len(batch) == self.config.encode.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            item = q.get_nowait()
+            if isinstance(item, tuple) and isinstance(item[1], Future):
+                item[1].cancel()
+    except queue.Empty:
+        pass
+
+
+class _AsyncWriter:
+    """Writes finished batches on a background thread so Parquet encoding overlaps the next batch's encode."""
+
+    def __init__(self, writer: ShardWriter, clock: StageClock, depth: int = 2):
+        self.writer, self.clock = writer, clock
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="writer", daemon=True)
+
+    def __enter__(self) -> _AsyncWriter:
+        self.thread.start()
+        return self
+
+    def put(self, item: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.queue.put(_DONE)
+        self.thread.join()
+        if self.error is not None and exc is None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not _DONE:
+            if self.error is None:
+                try:
+                    self.clock.timed("write", self.writer.write, *item)
+                except BaseException as e:  # noqa: BLE001 - surfaced on the encoding thread
+                    self.error = e
