@@ -155,6 +155,13 @@ class Dispatcher:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def run(self, shards: list[Shard]) -> None:
+        try:
+            self._loop(shards)
+        finally:  # the actors hold GPUs; a shared or long-lived cluster gets them back as soon as we are done
+            for actor in self.actors:
+                ray.kill(actor)
+
+    def _loop(self, shards: list[Shard]) -> None:
         queue: deque[tuple[float, Shard]] = deque((0.0, s) for s in shards)
         self.scale()
         last_scale = time.monotonic()

@@ -19,28 +19,30 @@ class StorageError(VqpipeError):
     """An input or output location cannot be listed, read or written."""
 
 
-class ShardError(VqpipeError):
+class _ReasonError(VqpipeError):
+    """An error with a stable reason code and a human detail; picklable so it crosses Ray process boundaries."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
+
+
+class ShardError(_ReasonError):
     """A whole shard cannot be processed (not a tar, truncated, unreadable, too many bad samples).
 
     `reason` is a stable code that ends up in the failure record.
     """
 
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
-
-class SampleError(VqpipeError):
+class SampleError(_ReasonError):
     """One sample cannot be turned into pixels; the job records it as an error row and goes on.
 
     `reason` is a stable code: decode_error, truncated, not_an_image, missing_image, too_large, ...
     """
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class IncompleteRunError(VqpipeError):
