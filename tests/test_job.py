@@ -1,0 +1,211 @@
+"""End to end on a real local Ray: generated shards with bad samples and damaged shards, accounting, exactness,
+plain readers, rerun idempotence, and the CLI's error paths."""
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shards import defect_samples, write_not_a_tar, write_shard, write_truncated_tar
+
+from vqpipe.cli import main
+from vqpipe.config import build_config
+from vqpipe.job import tokenize
+from vqpipe.model import build_model, exact_mode
+from vqpipe.preprocess import IMAGE_EXTENSIONS, preprocess
+
+pytestmark = pytest.mark.slow
+
+
+def job_config(inputs, output, **sections):
+    data = {
+        "inputs": [str(i) for i in inputs],
+        "output": str(output),
+        "model": {"preset": "tiny", "random_weights": True},
+        "encode": {"batch_size": 4},
+        "run": {"max_error_rate": 0.6, "max_attempts": 2, "retry_backoff_s": 0.1, "progress_interval_s": 1},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
+    return build_config(data)
+
+
+def tar_keys(path):
+    with tarfile.open(path) as tf:
+        return sorted({m.name.split(".", 1)[0] for m in tf.getmembers()})
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """Three good-but-defective shards, one that is not a tar, one cut off in the middle."""
+    d = tmp_path_factory.mktemp("shards")
+    expected = {}
+    for i in range(3):
+        samples, reasons = defect_samples(seed=i)
+        write_shard(d / f"part-{i:06d}.tar", samples)
+        expected[f"part-{i:06d}"] = reasons
+    write_not_a_tar(d / "part-000003.tar")
+    samples, _ = defect_samples(seed=9)
+    write_truncated_tar(d / "part-000004.tar", samples)
+    return d, expected
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, shard_dir, tmp_path_factory):
+    d, expected = shard_dir
+    out = tmp_path_factory.mktemp("out") / "tokens"
+    summary = tokenize(job_config([d], out))
+    return summary, out, expected
+
+
+def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run):
+    summary, out, _ = first_run
+    assert not summary.ok
+    assert sorted(summary.failed) == ["part-000003", "part-000004"]
+    assert summary.failed["part-000003"]["reason"] == "not_a_tar"
+    assert summary.failed["part-000004"]["reason"] == "truncated_tar"
+    assert summary.failed["part-000003"]["attempts"] == 2
+    assert sorted(p.stem for p in (out / "data").iterdir()) == ["part-000000", "part-000001", "part-000002"]
+    assert sorted(p.stem for p in (out / "failed").iterdir()) == ["part-000003", "part-000004"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir):
+    _, out, expected = first_run
+    d, _ = shard_dir
+    for shard_id, reasons in expected.items():
+        rows = pq.read_table(out / "data" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
+        errors = pq.read_table(out / "errors" / f"{shard_id}.parquet").to_pylist()
+        assert len(rows) == len(set(rows))
+        assert sorted(rows + [e["key"] for e in errors]) == tar_keys(d / f"{shard_id}.tar")
+        assert {e["key"]: e["reason"] for e in errors} == {k: r for k, r in reasons.items() if r is not None}
+        assert all(e["detail"] for e in errors)
+        done = json.loads((out / "done" / f"{shard_id}.json").read_text())
+        assert done["samples"] == len(tar_keys(d / f"{shard_id}.tar"))
+        assert done["rows"] + done["errors"] == done["samples"]
+        assert set(done["seconds"]) >= {"read", "decode", "encode", "write"}
+
+
+def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_dir):
+    _, out, _ = first_run
+    d, _ = shard_dir
+    model = build_model("tiny", seed=0)
+    table = pq.read_table(out / "data" / "part-000001.parquet")
+    members = {}
+    with tarfile.open(d / "part-000001.tar") as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            if ext in IMAGE_EXTENSIONS and key not in members:
+                members[key] = tf.extractfile(m).read()
+    meta = json.loads(table.schema.metadata[b"vqpipe"])
+    offsets, batch = meta["scale_offsets"], meta["batch_size"]
+    rows = table.to_pylist()
+    var_inputs = table.column("var_input").combine_chunks().to_numpy_ndarray()
+    pixels = np.stack([preprocess(members[r["key"]], 64) for r in rows])
+    # Same batches as the job (SPEC §4: bitwise results are defined per device, dtype and batch composition).
+    for start in range(0, len(rows), batch):
+        x = torch.from_numpy(pixels[start : start + batch]).float() / 255 * 2 - 1
+        with exact_mode(), torch.inference_mode():
+            idx = model.img_to_idxBl(x)
+            expected_vi = model.idxBl_to_var_input(idx).to(torch.float16).numpy()
+        for i, row in enumerate(rows[start : start + batch]):
+            codes = np.asarray(row["codes"])
+            for k, scale in enumerate(idx):
+                assert codes[offsets[k] : offsets[k + 1]].tolist() == scale[i].tolist()
+        assert np.array_equal(var_inputs[start : start + batch], expected_vi)
+
+
+def test_file_metadata_describes_the_tokens(first_run):
+    _, out, _ = first_run
+    meta = json.loads(pq.read_schema(out / "data" / "part-000000.parquet").metadata[b"vqpipe"])
+    assert meta["patch_nums"] == [1, 2, 3, 4]
+    assert meta["scale_offsets"] == [0, 1, 5, 14, 30]
+    assert meta["vocab_size"] == 64 and meta["cvae"] == 8 and meta["resolution"] == 64
+    assert meta["var_input"] == {"shape": [29, 8], "dtype": "float16"}
+    assert meta["precision"]["mode"] == "exact"
+    assert meta["model"]["sha256"]
+    assert meta["format_version"] == "1.0"
+
+
+def test_output_reads_without_vqpipe(first_run):
+    """pyarrow (tensor shape intact), pandas and DuckDB read the files in a process that never imports vqpipe."""
+    _, out, _ = first_run
+    code = f"""
+import sys, pyarrow.parquet as pq, pandas as pd, duckdb
+path = {str(out / "data" / "part-000000.parquet")!r}
+t = pq.read_table(path)
+vi = t.column("var_input").combine_chunks().to_numpy_ndarray()
+assert vi.shape == (t.num_rows, 29, 8) and vi.dtype.name == "float16", vi.shape
+df = pd.read_parquet(path)
+assert len(df) == t.num_rows and len(df.codes[0]) == 30
+(n, L), = duckdb.sql(f"select count(*), max(len(codes)) from '{{path}}'").fetchall()
+assert (n, L) == (t.num_rows, 30)
+assert not [m for m in sys.modules if m.startswith("vqpipe")]
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "ok", res.stderr
+
+
+def test_rerun_skips_done_shards_and_retries_only_failed_ones(first_run, shard_dir):
+    summary, out, _ = first_run
+    d, _ = shard_dir
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+    again = tokenize(job_config([d], out))
+    assert {s.shard_id for s in again.plan.todo} == {"part-000003", "part-000004"}
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
+    assert sorted(again.failed) == ["part-000003", "part-000004"]
+
+
+def test_cli_exit_codes_and_status(first_run, shard_dir, capsys):
+    _, out, _ = first_run
+    d, _ = shard_dir
+    assert main(["status", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "3 done, 2 failed, 0 pending" in text and "not_a_tar" in text
+    good = out.parent / "good"
+    args = ["tokenize", str(d / "part-000000.tar"), str(d / "part-00000[12].tar"), "--output", str(good),
+            "--model", "tiny", "--random-weights", "--max-error-rate", "0.6", "--batch-size", "4"]
+    assert main(args) == 0
+    assert main(["status", str(good), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["shards"] == {"planned": 3, "done": 3, "failed": 0, "pending": 0}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--precision", "fp8"], "model.precision: must be one of"),
+        (["--batch-size", "0"], "encode.batch_size: must be > 0"),
+        (["--model", "var1024"], "unknown preset 'var1024'"),
+        (["--checkpoint", "/nonexistent/vae.pth"], "model.random_weights: conflicts"),
+    ],
+)
+def test_cli_rejects_bad_settings_with_the_key_named(tmp_path, shard_dir, caplog, extra, message):
+    d, _ = shard_dir
+    args = ["tokenize", str(d), "--output", str(tmp_path / "o"), "--model", "tiny", "--random-weights", *extra]
+    assert main(args) == 2
+    assert message in caplog.text
+
+
+def test_config_file_unknown_key_and_missing_inputs(tmp_path, caplog):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('inputs = ["x.tar"]\noutput = "o"\n[model]\npreset = "tiny"\nrandom_weights = true\nprecison = "exact"\n')
+    assert main(["tokenize", "--config", str(cfg)]) == 2
+    assert "model.precison: unknown setting (did you mean 'precision'?)" in caplog.text
+    yml = tmp_path / "job.yaml"
+    yml.write_text(f"inputs: [{tmp_path}/nothing-*.tar]\noutput: {tmp_path}/o\nmodel: {{preset: tiny, random_weights: true}}\n")
+    assert main(["tokenize", "--config", str(yml)]) == 2
+    assert "nothing-*.tar" in caplog.text
+
+
+def test_rerun_with_different_output_settings_is_refused(first_run, shard_dir, caplog):
+    _, out, _ = first_run
+    d, _ = shard_dir
+    args = ["tokenize", str(d), "--output", str(out), "--model", "tiny", "--random-weights", "--no-var-input"]
+    assert main(args) == 2
+    assert "different settings" in caplog.text and "var_input" in caplog.text
