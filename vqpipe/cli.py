@@ -39,6 +39,9 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
     g.add_argument("--cpus-per-replica", type=float)
+    g.add_argument("--gpus-per-replica", type=float,
+                   help="GPUs per actor (default: 1 when the cluster has GPUs at start, else 0); set 1 on "
+                        "clusters that autoscale GPU nodes from zero")
     g.add_argument("--max-attempts", type=int)
     g.add_argument("--max-error-rate", type=float, help="fail a shard with more bad samples than this fraction")
     g.add_argument("--limit-shards", type=int, help="process only the first N shards (by shard id)")
@@ -61,6 +64,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "encode": {"batch_size": args.batch_size, "var_input": args.var_input, "var_input_dtype": args.var_input_dtype},
         "run": {
             "address": args.address, "replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica,
+            "gpus_per_replica": args.gpus_per_replica,
             "max_attempts": args.max_attempts, "max_error_rate": args.max_error_rate,
             "limit_shards": args.limit_shards, "reprocess_changed": args.reprocess_changed,
             "allow_config_change": args.allow_config_change,

@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+_SUBDIRS = ("data", "errors", "done", "failed")
 _READ_THREADS = 32  # concurrent small reads; object-store latency, not bandwidth, bounds a status or plan
 
 
@@ -69,7 +70,8 @@ class Ledger:
                 )
             logger.warning("output settings changed (%s); continuing as asked", ", ".join(changed))
             run_record = {**run_record, "previous_fingerprints": [previous["fingerprint"]]}
-        storage.cleanup_temporaries(self.output, self.storage_options)
+        for sub in ("", *_SUBDIRS):  # leftovers of attempts that were killed mid-write
+            storage.cleanup_temporaries(self.path(sub) if sub else self.output, self.storage_options)
         storage.write_json_atomic(self.path("run.json"), run_record, self.storage_options)
 
     def write_plan(self, shards: dict[str, str]) -> None:
