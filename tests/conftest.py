@@ -30,11 +30,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance (2 CPUs, loopback) for every test that needs Ray."""
+def _ray_shutdown_at_end():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_shutdown_at_end):
+    """A local Ray instance (2 CPUs, loopback) shared by the tests that need one: started on first use and
+    again only if a test that builds its own cluster (tests/test_cluster.py) shut it down."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
