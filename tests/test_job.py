@@ -168,8 +168,20 @@ def test_cli_exit_codes_and_status(first_run, shard_dir, capsys):
     text = capsys.readouterr().out
     assert "3 done, 2 failed, 0 pending" in text and "not_a_tar" in text
     good = out.parent / "good"
-    args = ["tokenize", str(d / "part-000000.tar"), str(d / "part-00000[12].tar"), "--output", str(good),
-            "--model", "tiny", "--random-weights", "--max-error-rate", "0.6", "--batch-size", "4"]
+    args = [
+        "tokenize",
+        str(d / "part-000000.tar"),
+        str(d / "part-00000[12].tar"),
+        "--output",
+        str(good),
+        "--model",
+        "tiny",
+        "--random-weights",
+        "--max-error-rate",
+        "0.6",
+        "--batch-size",
+        "4",
+    ]
     assert main(args) == 0
     assert main(["status", str(good), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
@@ -187,18 +199,31 @@ def test_cli_exit_codes_and_status(first_run, shard_dir, capsys):
 )
 def test_cli_rejects_bad_settings_with_the_key_named(tmp_path, shard_dir, caplog, extra, message):
     d, _ = shard_dir
-    args = ["tokenize", str(d), "--output", str(tmp_path / "o"), "--model", "tiny", "--random-weights", *extra]
+    args = [
+        "tokenize",
+        str(d),
+        "--output",
+        str(tmp_path / "o"),
+        "--model",
+        "tiny",
+        "--random-weights",
+        *extra,
+    ]
     assert main(args) == 2
     assert message in caplog.text
 
 
 def test_config_file_unknown_key_and_missing_inputs(tmp_path, caplog):
     cfg = tmp_path / "job.toml"
-    cfg.write_text('inputs = ["x.tar"]\noutput = "o"\n[model]\npreset = "tiny"\nrandom_weights = true\nprecison = "exact"\n')
+    cfg.write_text(
+        'inputs = ["x.tar"]\noutput = "o"\n[model]\npreset = "tiny"\nrandom_weights = true\nprecison = "exact"\n'
+    )
     assert main(["tokenize", "--config", str(cfg)]) == 2
     assert "model.precison: unknown setting (did you mean 'precision'?)" in caplog.text
     yml = tmp_path / "job.yaml"
-    yml.write_text(f"inputs: [{tmp_path}/nothing-*.tar]\noutput: {tmp_path}/o\nmodel: {{preset: tiny, random_weights: true}}\n")
+    yml.write_text(
+        f"inputs: [{tmp_path}/nothing-*.tar]\noutput: {tmp_path}/o\nmodel: {{preset: tiny, random_weights: true}}\n"
+    )
     assert main(["tokenize", "--config", str(yml)]) == 2
     assert "nothing-*.tar" in caplog.text
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import queue
+import resource
 import socket
 import threading
 import time
@@ -123,6 +124,7 @@ class ShardWorker:
             "started": started,
             "attempt": attempt,
             "host": socket.gethostname(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
             "pid": os.getpid(),
             "vqpipe_version": __version__,
         }
