@@ -70,26 +70,53 @@ class Encoder:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return precision_settings(self.precision)
+        """The precision record stored in every output file's metadata."""
+        base = precision_settings(_flags_mode(self.precision), self.device)
+        if self.precision == "bf16":
+            base.update(mode="bf16", autocast="bfloat16 for encoder + quant_conv; quantizer in float32")
+        return base
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, 3, R, R) uint8 -> codes (B, L) in the layout's code dtype, var_input (B, L-pn0², C) or None."""
+        with self._lock, torch.inference_mode():
+            idx_bl = self._codes(self._to_device(pixels), self.precision)
+            codes = torch.cat(idx_bl, dim=1).to(torch.int32).cpu().numpy().astype(self.layout.code_dtype)
+            if not self.layout.var_input:
+                return codes, None
+            with precision_mode("exact"):  # var_input is a function of the codes; always computed as VAR does
+                var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
+            return codes, var_input.cpu().numpy()
+
+    def agreement_with_exact(self, pixels: np.ndarray) -> dict[str, Any]:
+        """Fraction of codes per scale that this encoder's precision mode shares with `exact` on `pixels`."""
+        with self._lock, torch.inference_mode():
+            x = self._to_device(pixels)
+            mine, exact = self._codes(x, self.precision), self._codes(x, "exact")
+        per_scale = [float((a == b).float().mean()) for a, b in zip(mine, exact)]
+        same = sum(int((a == b).sum()) for a, b in zip(mine, exact))
+        return {
+            "mode": self.precision,
+            "images": int(pixels.shape[0]),
+            "per_scale": [round(p, 6) for p in per_scale],
+            "overall": round(same / sum(a.numel() for a in mine), 6),
+        }
+
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(pixels)
         if self.device.type == "cuda":
-            host = host.pin_memory()
-        with self._lock, torch.inference_mode(), precision_mode("tf32" if self.precision == "tf32" else "exact"):
-            x = host.to(self.device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
-            idx_bl = self._codes(x)
-            codes = torch.cat(idx_bl, dim=1).to(torch.int32)
-            var_input = None
-            if self.layout.var_input:
-                var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
-            codes_np = codes.cpu().numpy().astype(self.layout.code_dtype)
-            return codes_np, None if var_input is None else var_input.cpu().numpy()
+            host = host.pin_memory()  # lets the copy run asynchronously with respect to the host
+        # ToTensor's x/255, then VAR's x + x - 1 (bit-identical to x*2 - 1)
+        return host.to(self.device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
 
-    def _codes(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.precision != "bf16":
-            return self.model.img_to_idxBl(x)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            f = self.model.encode_latent(x)
-        return self.model.quantize.f_to_idxBl(f.float())
+    def _codes(self, x: torch.Tensor, precision: str) -> list[torch.Tensor]:
+        with precision_mode(_flags_mode(precision)):
+            if precision != "bf16":
+                return self.model.img_to_idxBl(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                f = self.model.encode_latent(x)
+            return self.model.quantize.f_to_idxBl(f.float())
+
+
+def _flags_mode(precision: str) -> str:
+    """bf16 keeps float32 work (the quantizer) IEEE-exact; only tf32 turns TF32 on."""
+    return "tf32" if precision == "tf32" else "exact"

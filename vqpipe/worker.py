@@ -105,7 +105,7 @@ class ShardWorker:
         )
         counts: Counter = Counter()
         try:
-            sizes, errors = self._run(shard, writer, clock, counts, on_progress)
+            sizes, errors, agreement = self._run(shard, writer, clock, counts, on_progress)
         except _Superseded:
             logger.info("%s: committed meanwhile by another attempt; this copy is discarded", shard.shard_id)
             return {**self.ledger.read_done(shard.shard_id), "skipped": True}
@@ -120,6 +120,8 @@ class ShardWorker:
             "input_bytes": counts["input_bytes"],
             **sizes,
             "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
+            "precision": self.config.model.precision,
+            "agreement_with_exact": agreement,
             "wall_seconds": round(time.time() - started, 4),
             "started": started,
             "attempt": attempt,
@@ -135,11 +137,15 @@ class ShardWorker:
         return record
 
     def _run(self, shard: Shard, writer: ShardWriter, clock: StageClock, counts: Counter, on_progress) -> tuple:
+        agreement = None
         with storage.open_input(shard.url, self.config.storage_options) as stream, writer:
             with _AsyncWriter(writer, clock) as out, contextlib.closing(self._decoded(stream, shard, clock)) as decoded:
                 for batch in self._batches(decoded, writer, counts):
                     keys, labels, metas, pixels = zip(*batch)
-                    codes, var_input = clock.timed("encode", self.encoder, np.stack(pixels))
+                    pixels = np.stack(pixels)
+                    if agreement is None and self.encoder.precision != "exact":
+                        agreement = self.encoder.agreement_with_exact(pixels)  # a per-shard sample of the drift
+                    codes, var_input = clock.timed("encode", self.encoder, pixels)
                     out.put((keys, labels, metas, codes, var_input))
                     if on_progress:
                         on_progress(len(keys))
@@ -154,7 +160,7 @@ class ShardWorker:
             if self.ledger.is_done(shard.shard_id):  # a speculative twin won: first commit wins
                 raise _Superseded
             sizes = clock.timed("write", writer.commit)
-        return sizes, errors
+        return sizes, errors, agreement
 
     def _decoded(self, stream, shard: Shard, clock: StageClock) -> Iterator[tuple[RawSample, Any]]:
         """Samples in tar order with their pixels (or SampleError); reading and decoding run ahead in threads."""
