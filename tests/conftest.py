@@ -46,3 +46,12 @@ def ray_session(_ray_shutdown_at_end):
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     return ray
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API (moto's server) on 127.0.0.1 for the whole session; see tests/s3server.py."""
+    from s3server import s3_server
+
+    with s3_server() as server:
+        yield server

@@ -601,7 +601,8 @@ def _fsync_dir(path: str) -> None:
 
 
 def _tmp_name(name: str) -> str:
-    return f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-{name}"
+    # Hidden, and not ending in the final name's suffix: readers globbing `data/*.parquet` never see it.
+    return f"{TMP_PREFIX}{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def _abandon_local(f: IO[bytes], tmp: str) -> None:
