@@ -246,6 +246,15 @@ def test_schedule_override_and_mismatch():
         q.f_to_idxBl(f)
 
 
+def test_backbone_without_residual_blocks():
+    m = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=0, v_patch_nums=(1, 2, 4))
+    with torch.inference_mode():
+        codes = m.img_to_idxBl(torch.rand(1, 3, 16, 16))
+        assert m.idxBl_to_img(codes).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="num_res_blocks=0 needs equal ch_mult"):
+        VQVAE(ch=32, ch_mult=(1, 2), num_res_blocks=0)
+
+
 def test_wrong_image_size_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="schedule ends at 4x4 but the latent is 2x2"):
         tiny.img_to_idxBl(torch.zeros(1, 3, 32, 32))

@@ -147,13 +147,13 @@ class Encoder(nn.Module):
                 if i == last and using_sa:
                     attns.append(AttnBlock(width))
             level = _Level(blocks, attns)
+            # width_in, not width: with num_res_blocks == 0 the level keeps its input width (as in VAR).
             if i != last:
-                level.downsample = Downsample2x(width)
+                level.downsample = Downsample2x(width_in)
             self.down.append(level)
-        width = ch * ch_mult[-1]
-        self.mid = _mid(width, dropout, using_mid_sa)
-        self.norm_out = normalize(width)
-        self.conv_out = nn.Conv2d(width, z_channels, kernel_size=3, stride=1, padding=1)
+        self.mid = _mid(width_in, dropout, using_mid_sa)
+        self.norm_out = normalize(width_in)
+        self.conv_out = nn.Conv2d(width_in, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)

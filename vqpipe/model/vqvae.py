@@ -45,6 +45,9 @@ class VQVAE(nn.Module):
         bad = [ch * m for m in ch_mult if (ch * m) % 32]
         if bad:
             raise ValueError(f"every width ch*ch_mult must be a multiple of 32 (GroupNorm), got {bad}")
+        if num_res_blocks == 0 and len(set(ch_mult)) > 1:
+            # Without residual blocks nothing changes the width between levels (VAR builds the same mismatch).
+            raise ValueError(f"num_res_blocks=0 needs equal ch_mult entries, got {tuple(ch_mult)}")
         self.test_mode = test_mode
         self.V, self.Cvae = vocab_size, z_channels
         self.vocab_size = vocab_size
