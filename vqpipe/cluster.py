@@ -29,6 +29,7 @@ _WAIT_S = 1.0
 _RESCALE_EVERY_S = 30.0
 _SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
 _SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
+_SUPERSEDED_CHECK_S = 2.0  # how often a running shard looks for a done marker written by another attempt
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -75,8 +76,25 @@ class EncoderActor:
 
     def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
         self.setup()
+        ledger, last_check = self.worker.ledger, [time.monotonic()]
+
+        def on_progress(n: int) -> None:
+            self.images.inc(n, tags={"replica": self.replica})
+            # When another attempt (a speculative twin, or the original it was copied from) has committed this
+            # shard, stop after this batch. The worker alone would only notice at its commit check, after the
+            # whole shard, and the driver waits for every copy it started: the job would end no sooner than
+            # the slow copy, which is what speculation is meant to avoid. Raising here aborts the writer.
+            now = time.monotonic()
+            if now - last_check[0] >= _SUPERSEDED_CHECK_S:
+                last_check[0] = now
+                if ledger.is_done(shard.shard_id):
+                    raise _Superseded
+
         try:
-            record = self.worker.process(shard, attempt, on_progress=self._count)
+            record = self.worker.process(shard, attempt, on_progress=on_progress)
+        except _Superseded:
+            logger.info("%s: committed by another attempt meanwhile; this copy stopped early", shard.shard_id)
+            return {**ledger.read_done(shard.shard_id), "skipped": True}
         except ShardError:
             raise
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
@@ -86,8 +104,9 @@ class EncoderActor:
             self.shard_seconds.observe(record["wall_seconds"], tags={"replica": self.replica})
         return record
 
-    def _count(self, n: int) -> None:
-        self.images.inc(n, tags={"replica": self.replica})
+
+class _Superseded(Exception):
+    """Raised inside a shard's progress callback: another attempt committed the shard first."""
 
 
 @dataclass
@@ -174,10 +193,25 @@ class Dispatcher:
             self._check_recovering()
             self._assign(queue, now)
             self._speculate(queue, committed, now)
-            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=_WAIT_S)
-            for ref in ready:
-                self._collect(ref, queue, committed)
+            self._wait(queue, committed)
             self.progress(len(self.actors) - len(self.recovering))
+
+    def _wait(self, queue: deque, committed: set[str]) -> None:
+        """Block until a shard finishes, a restarting actor answers, or a retry is due; at most _WAIT_S.
+
+        Waiting on the running shards alone spun the CPU whenever none was running (retries in backoff, every
+        actor restarting after a node loss): ray.wait([]) returns at once.
+        """
+        now = time.monotonic()
+        timeout = min([_WAIT_S, *(not_before - now for not_before, _ in queue if not_before > now)])
+        refs = [*self.running, *self.recovering]
+        if not refs:
+            time.sleep(timeout)
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        for ref in ready:
+            if ref in self.running:  # a recovering actor's answer is taken by _check_recovering
+                self._collect(ref, queue, committed)
 
     def _check_recovering(self) -> None:
         """An actor that died is used again once it answers a setup call after its restart."""
@@ -264,6 +298,7 @@ class Dispatcher:
             queue.append((time.monotonic() + backoff, task.shard))
             return
         if sid in committed:
+            logger.info("%s: copy on replica-%d discarded; another attempt committed first", sid, task.actor)
             return
         committed.add(sid)
         self.durations.append(time.monotonic() - task.started)
