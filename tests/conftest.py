@@ -55,3 +55,14 @@ def s3():
 
     with s3_server() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP threads stall badly on a busy 2-core CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,12 +17,8 @@ from vqpipe.model.checkpoint import check_state_dict, fitting_presets
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and OpenMP threads stall badly on a busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test in this module runs on one intra-op thread."""
 
 
 @pytest.fixture(scope="module")

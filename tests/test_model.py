@@ -19,12 +19,8 @@ STATE_DICT_TXT = Path(__file__).parent / "data" / "var256_state_dict.txt"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and OpenMP threads stall badly on a busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test in this module runs on one intra-op thread."""
 
 
 def _expected_state_dict() -> list[tuple[str, tuple[int, ...]]]:
