@@ -234,3 +234,30 @@ def test_rerun_with_different_output_settings_is_refused(first_run, shard_dir, c
     args = ["tokenize", str(d), "--output", str(out), "--model", "tiny", "--random-weights", "--no-var-input"]
     assert main(args) == 2
     assert "different settings" in caplog.text and "var_input" in caplog.text
+
+
+def test_ray_data_and_a_plain_torch_dataset_read_the_output(first_run):
+    """Ray Data keeps var_input's shape; a torch Dataset of a few pyarrow lines (the README's) serves rows."""
+    import ray.data
+    from torch.utils.data import DataLoader, Dataset
+
+    _, out, _ = first_run
+    rows = ray.data.read_parquet(str(out / "data")).take(2)
+    assert rows[0]["var_input"].shape == (29, 8) and len(rows[0]["codes"]) == 30
+
+    class TokenDataset(Dataset):  # as in the README
+        def __init__(self, paths):
+            table = pq.ParquetDataset(paths).read(columns=["codes", "label"])
+            self.codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+            self.labels = table.column("label").to_numpy(zero_copy_only=False)
+
+        def __len__(self):
+            return len(self.codes)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(self.codes[i].astype(np.int64)), int(self.labels[i])
+
+    ds = TokenDataset(sorted(str(p) for p in (out / "data").glob("*.parquet")))
+    codes, labels = next(iter(DataLoader(ds, batch_size=8)))
+    assert codes.shape == (8, 30) and codes.dtype == torch.int64 and int(codes.max()) < 64
+    assert len(ds) == sum(pq.read_metadata(p).num_rows for p in (out / "data").glob("*.parquet"))
