@@ -6,11 +6,14 @@ Inside a Ray job (RAY_ADDRESS is set by the job supervisor) it joins that cluste
 The exit code is the job's status: 0 only when every shard is done.
 """
 
+import os
 import sys
-from pathlib import Path
 
-# The submitted working directory (the repo) wins over an installed vqpipe, so the job runs the code it shipped.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# `python jobs/tokenize.py` puts jobs/ first on sys.path, where this file shadows the standard library's
+# `tokenize` (linecache imports it, so logging and traceback do): the job died with a circular import of
+# vqpipe.cli. Replace that entry, before importing anything else, with the submitted working directory (the repo),
+# which also wins over an installed vqpipe, so the job runs the code it shipped.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from vqpipe.cli import main  # noqa: E402
 

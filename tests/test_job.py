@@ -248,7 +248,9 @@ def test_ray_data_and_a_plain_torch_dataset_read_the_output(first_run):
     class TokenDataset(Dataset):  # as in the README
         def __init__(self, paths):
             table = pq.ParquetDataset(paths).read(columns=["codes", "label"])
-            self.codes = table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+            self.codes = (
+                table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+            )
             self.labels = table.column("label").to_numpy(zero_copy_only=False)
 
         def __len__(self):

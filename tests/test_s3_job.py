@@ -80,8 +80,12 @@ def test_shards_checkpoint_and_output_on_s3_exactly_once_without_leaking_credent
     summary = tokenize(s3_config(s3, bucket))
     assert summary.ok, summary.failed
     names = objects(s3, bucket)
-    assert {n for n in names if n.startswith("out/data/")} == {f"out/data/part-{i:06d}.parquet" for i in range(3)}
-    assert {n for n in names if n.startswith("out/done/")} == {f"out/done/part-{i:06d}.json" for i in range(3)}
+    assert {n for n in names if n.startswith("out/data/")} == {
+        f"out/data/part-{i:06d}.parquet" for i in range(3)
+    }
+    assert {n for n in names if n.startswith("out/done/")} == {
+        f"out/done/part-{i:06d}.json" for i in range(3)
+    }
     keys = read_keys(s3, bucket)
     assert len(keys) == len(set(keys)) == summary.status.rows
     client = s3.boto3_client()

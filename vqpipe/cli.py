@@ -19,36 +19,64 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
 def tokenize_arguments(p: argparse.ArgumentParser) -> None:
     """The tokenize options; shared with jobs/tokenize.py so both accept exactly the same arguments."""
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="tar files, directories, globs or brace patterns (local or any fsspec URL)")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="tar files, directories, globs or brace patterns (local or any fsspec URL)",
+    )
     p.add_argument("--output", "-o", help="output directory or URL (OUT)")
     p.add_argument("--config", help="TOML or YAML file with settings; command-line options override it")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="preset", help="tokenizer preset: var256 (default), var512, tiny")
-    g.add_argument("--checkpoint", help="VAR-format state dict (local path or URL), e.g. vae_ch160v4096z32.pth")
-    g.add_argument("--random-weights", action="store_true", default=None,
-                   help="use the preset's fixed-seed random weights (smoke tests and demos only)")
+    g.add_argument(
+        "--checkpoint", help="VAR-format state dict (local path or URL), e.g. vae_ch160v4096z32.pth"
+    )
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        default=None,
+        help="use the preset's fixed-seed random weights (smoke tests and demos only)",
+    )
     g.add_argument("--precision", help="exact (default), tf32 or bf16")
     g.add_argument("--device", help="auto (default), cpu or cuda")
     g = p.add_argument_group("encode")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--no-var-input", dest="var_input", action="store_false", default=None,
-                   help="write codes only, not the teacher-forcing tensor")
+    g.add_argument(
+        "--no-var-input",
+        dest="var_input",
+        action="store_false",
+        default=None,
+        help="write codes only, not the teacher-forcing tensor",
+    )
     g.add_argument("--var-input-dtype", help="float16 (default) or float32")
     g = p.add_argument_group("run")
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
     g.add_argument("--cpus-per-replica", type=float)
-    g.add_argument("--gpus-per-replica", type=float,
-                   help="GPUs per actor (default: 1 when the cluster has GPUs at start, else 0); set 1 on "
-                        "clusters that autoscale GPU nodes from zero")
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        help="GPUs per actor (default: 1 when the cluster has GPUs at start, else 0); set 1 on "
+        "clusters that autoscale GPU nodes from zero",
+    )
     g.add_argument("--max-attempts", type=int)
-    g.add_argument("--max-error-rate", type=float, help="fail a shard with more bad samples than this fraction")
+    g.add_argument(
+        "--max-error-rate", type=float, help="fail a shard with more bad samples than this fraction"
+    )
     g.add_argument("--limit-shards", type=int, help="process only the first N shards (by shard id)")
-    g.add_argument("--reprocess-changed", action="store_true", default=None,
-                   help="redo done shards whose input changed since they were committed")
-    g.add_argument("--allow-config-change", action="store_true", default=None,
-                   help="write into an OUT made with different output settings")
+    g.add_argument(
+        "--reprocess-changed",
+        action="store_true",
+        default=None,
+        help="redo done shards whose input changed since they were committed",
+    )
+    g.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        default=None,
+        help="write into an OUT made with different output settings",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
 
@@ -58,15 +86,26 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "inputs": args.inputs or None,
         "output": args.output,
         "model": {
-            "preset": args.preset, "checkpoint": args.checkpoint, "random_weights": args.random_weights,
-            "precision": args.precision, "device": args.device,
+            "preset": args.preset,
+            "checkpoint": args.checkpoint,
+            "random_weights": args.random_weights,
+            "precision": args.precision,
+            "device": args.device,
         },
-        "encode": {"batch_size": args.batch_size, "var_input": args.var_input, "var_input_dtype": args.var_input_dtype},
+        "encode": {
+            "batch_size": args.batch_size,
+            "var_input": args.var_input,
+            "var_input_dtype": args.var_input_dtype,
+        },
         "run": {
-            "address": args.address, "replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica,
+            "address": args.address,
+            "replicas": args.replicas,
+            "cpus_per_replica": args.cpus_per_replica,
             "gpus_per_replica": args.gpus_per_replica,
-            "max_attempts": args.max_attempts, "max_error_rate": args.max_error_rate,
-            "limit_shards": args.limit_shards, "reprocess_changed": args.reprocess_changed,
+            "max_attempts": args.max_attempts,
+            "max_error_rate": args.max_error_rate,
+            "limit_shards": args.limit_shards,
+            "reprocess_changed": args.reprocess_changed,
             "allow_config_change": args.allow_config_change,
         },
     }
@@ -94,8 +133,12 @@ def run_tokenize(args: argparse.Namespace) -> int:
     st = summary.status
     logger.info(
         "summary: %d/%d shards done, %d rows, %d sample errors %s, %.1fs",
-        len(set(st.done) & {s.shard_id for s in summary.plan.all}), len(summary.plan.all), st.rows,
-        sum(st.errors_by_reason.values()), dict(st.errors_by_reason), summary.seconds,
+        len(set(st.done) & {s.shard_id for s in summary.plan.all}),
+        len(summary.plan.all),
+        st.rows,
+        sum(st.errors_by_reason.values()),
+        dict(st.errors_by_reason),
+        summary.seconds,
     )
     if summary.ok:
         return EXIT_OK
@@ -116,7 +159,9 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         d = st.to_dict()
         s = d["shards"]
-        print(f"shards:  {s['done']} done, {s['failed']} failed, {s['pending']} pending (of {s['planned']} planned)")
+        print(
+            f"shards:  {s['done']} done, {s['failed']} failed, {s['pending']} pending (of {s['planned']} planned)"
+        )
         print(f"samples: {d['samples']} read, {d['rows']} rows, {d['errors']} errors")
         for reason, n in d["errors_by_reason"].items():
             print(f"  {reason}: {n}")
@@ -128,7 +173,9 @@ def run_status(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     from .sample import write_sample_dataset
 
-    paths = write_sample_dataset(args.dir, shards=args.shards, samples_per_shard=args.per_shard, seed=args.seed)
+    paths = write_sample_dataset(
+        args.dir, shards=args.shards, samples_per_shard=args.per_shard, seed=args.seed
+    )
     print(f"wrote {len(paths)} shards to {args.dir}")
     return EXIT_OK
 
@@ -142,7 +189,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="done / failed / pending shards of an output, from OUT alone")
     s.add_argument("output", metavar="OUT")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--storage-options", help="fsspec options as JSON (credentials normally come from the environment)")
+    s.add_argument(
+        "--storage-options", help="fsspec options as JSON (credentials normally come from the environment)"
+    )
     s.set_defaults(func=run_status, log_level=None)
     m = sub.add_parser("sample", help="write a small WebDataset of real photos for demos and tests")
     m.add_argument("dir")

@@ -49,7 +49,9 @@ def build_encoder(cfg: JobConfig, expected_sha256: str | None = None) -> tuple[E
             f"expected {expected_sha256[:12]}...)"
         )
     p = loaded.preset
-    layout = TokenLayout(p.patch_nums, p.vocab_size, p.z_channels, cfg.encode.var_input, cfg.encode.var_input_dtype)
+    layout = TokenLayout(
+        p.patch_nums, p.vocab_size, p.z_channels, cfg.encode.var_input, cfg.encode.var_input_dtype
+    )
     return Encoder(loaded, device, cfg.model.precision, layout), loaded.sha256, p.resolution
 
 
@@ -84,7 +86,9 @@ class Encoder:
             if not self.layout.var_input:
                 return codes, None
             with precision_mode("exact"):  # var_input is a function of the codes; always computed as VAR does
-                var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
+                var_input = self.model.idxBl_to_var_input(idx_bl).to(
+                    getattr(torch, self.layout.var_input_dtype)
+                )
             return codes, var_input.cpu().numpy()
 
     def agreement_with_exact(self, pixels: np.ndarray) -> dict[str, Any]:

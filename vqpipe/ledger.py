@@ -51,7 +51,11 @@ class Ledger:
 
     def read_run(self) -> dict[str, Any] | None:
         url = self.path("run.json")
-        return storage.read_json(url, self.storage_options) if storage.exists(url, self.storage_options) else None
+        return (
+            storage.read_json(url, self.storage_options)
+            if storage.exists(url, self.storage_options)
+            else None
+        )
 
     def start_run(self, run_record: dict[str, Any], allow_change: bool) -> None:
         """Write run.json, refusing to mix outputs of different settings in one OUT unless allowed."""
@@ -80,7 +84,9 @@ class Ledger:
     # -- per-shard records ----------------------------------------------------------------------------------------
 
     def done_ids(self) -> set[str]:
-        return {n[: -len(".json")] for n in storage.list_files(self.path("done"), ".json", self.storage_options)}
+        return {
+            n[: -len(".json")] for n in storage.list_files(self.path("done"), ".json", self.storage_options)
+        }
 
     def read_done(self, shard_id: str) -> dict[str, Any]:
         return storage.read_json(self.done_url(shard_id), self.storage_options)
@@ -141,7 +147,11 @@ class Status:
 def read_status(ledger: Ledger) -> Status:
     """Done / failed / pending shards, rows and errors by reason, from OUT alone."""
     plan_url = ledger.path("plan.json")
-    plan = storage.read_json(plan_url, ledger.storage_options)["shards"] if storage.exists(plan_url, ledger.storage_options) else {}
+    plan = (
+        storage.read_json(plan_url, ledger.storage_options)["shards"]
+        if storage.exists(plan_url, ledger.storage_options)
+        else {}
+    )
     done = ledger.done_ids()
     failed_ids = {
         n[: -len(".json")] for n in storage.list_files(ledger.path("failed"), ".json", ledger.storage_options)
@@ -153,6 +163,8 @@ def read_status(ledger: Ledger) -> Status:
         st.rows += rec["rows"]
         st.data_bytes += rec.get("data_bytes", 0)
         st.errors_by_reason.update(rec.get("errors_by_reason", {}))
-    st.failed = {i: storage.read_json(ledger.failed_url(i), ledger.storage_options) for i in sorted(failed_ids)}
+    st.failed = {
+        i: storage.read_json(ledger.failed_url(i), ledger.storage_options) for i in sorted(failed_ids)
+    }
     st.pending = sorted(set(plan) - done - failed_ids)
     return st

@@ -42,7 +42,9 @@ def shard_ids(urls: list[str]) -> dict[str, str]:
     """URL -> id: the file name without its tar suffix; names that collide get a short hash of the full URL."""
     base = {u: _stem(u) for u in urls}
     counts = Counter(base.values())
-    return {u: b if counts[b] == 1 else f"{b}-{hashlib.sha1(u.encode()).hexdigest()[:8]}" for u, b in base.items()}
+    return {
+        u: b if counts[b] == 1 else f"{b}-{hashlib.sha1(u.encode()).hexdigest()[:8]}" for u, b in base.items()
+    }
 
 
 def _stem(url: str) -> str:

@@ -43,7 +43,9 @@ def iter_samples(stream: IO[bytes], shard_name: str) -> Iterator[RawSample]:
             key = group["__key__"]
             sample = _to_sample(key, group)
             if key in seen:
-                sample = RawSample(key, error=SampleError("duplicate_key", f"key {key!r} appears again in the shard"))
+                sample = RawSample(
+                    key, error=SampleError("duplicate_key", f"key {key!r} appears again in the shard")
+                )
             seen.add(key)
             yield sample
     except tarfile.ReadError as e:
@@ -63,7 +65,9 @@ def _to_sample(key: str, group: dict) -> RawSample:
             break
     else:
         present = sorted(k for k in group if not k.startswith("__"))
-        sample.error = SampleError("missing_image", f"no image member (has: {', '.join(present) or 'nothing'})")
+        sample.error = SampleError(
+            "missing_image", f"no image member (has: {', '.join(present) or 'nothing'})"
+        )
         return sample
     try:
         if "cls" in group:

@@ -61,10 +61,14 @@ def data_schema(layout: TokenLayout, metadata: dict[str, Any] | None = None) -> 
         pa.field("key", pa.string(), nullable=False),
         pa.field("label", pa.int64()),
         pa.field("meta", pa.string()),
-        pa.field("codes", pa.list_(pa.field("element", code_type, nullable=False), layout.seq_len), nullable=False),
+        pa.field(
+            "codes", pa.list_(pa.field("element", code_type, nullable=False), layout.seq_len), nullable=False
+        ),
     ]
     if layout.var_input:
-        tensor = pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(layout.var_input_dtype)), layout.var_input_shape)
+        tensor = pa.fixed_shape_tensor(
+            pa.from_numpy_dtype(np.dtype(layout.var_input_dtype)), layout.var_input_shape
+        )
         cols.append(pa.field("var_input", tensor, nullable=False))
     schema = pa.schema(cols)
     if metadata is not None:
@@ -86,7 +90,9 @@ def data_table(
         pa.array(keys, pa.string()),
         pa.array(labels, pa.int64()),
         pa.array(metas, pa.string()),
-        pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), code_type.value_type), code_type.list_size),
+        pa.FixedSizeListArray.from_arrays(
+            pa.array(codes.reshape(-1), code_type.value_type), code_type.list_size
+        ),
     ]
     if "var_input" in schema.names:
         columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(var_input)))
@@ -116,7 +122,9 @@ def file_metadata(
         "cvae": layout.cvae,
         "resolution": resolution,
         "var_input": (
-            {"shape": list(layout.var_input_shape), "dtype": layout.var_input_dtype} if layout.var_input else None
+            {"shape": list(layout.var_input_shape), "dtype": layout.var_input_dtype}
+            if layout.var_input
+            else None
         ),
         "preprocessing": {
             "transform": "var_val",

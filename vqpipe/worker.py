@@ -63,7 +63,9 @@ class StageClock:
 
 
 class ShardWorker:
-    def __init__(self, config: JobConfig, encoder: Encoder, resolution: int, model_sha256: str, decode_threads: int):
+    def __init__(
+        self, config: JobConfig, encoder: Encoder, resolution: int, model_sha256: str, decode_threads: int
+    ):
         self.config, self.encoder = config, encoder
         self.resolution, self.model_sha256 = resolution, model_sha256
         self.ledger = Ledger(config.output, config.storage_options)
@@ -79,7 +81,9 @@ class ShardWorker:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def process(self, shard: Shard, attempt: int = 1, on_progress: Callable[[int], None] | None = None) -> dict:
+    def process(
+        self, shard: Shard, attempt: int = 1, on_progress: Callable[[int], None] | None = None
+    ) -> dict:
         """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails."""
         if self.ledger.is_done(shard.shard_id):  # a speculative twin or an earlier attempt already committed
             return {**self.ledger.read_done(shard.shard_id), "skipped": True}
@@ -132,19 +136,30 @@ class ShardWorker:
         }
         self.ledger.mark_done(shard.shard_id, record)
         logger.info(
-            "%s: done, %d rows, %d errors in %.1fs", shard.shard_id, writer.rows, n_errors, record["wall_seconds"]
+            "%s: done, %d rows, %d errors in %.1fs",
+            shard.shard_id,
+            writer.rows,
+            n_errors,
+            record["wall_seconds"],
         )
         return record
 
-    def _run(self, shard: Shard, writer: ShardWriter, clock: StageClock, counts: Counter, on_progress) -> tuple:
+    def _run(
+        self, shard: Shard, writer: ShardWriter, clock: StageClock, counts: Counter, on_progress
+    ) -> tuple:
         agreement = None
         with storage.open_input(shard.url, self.config.storage_options) as stream, writer:
-            with _AsyncWriter(writer, clock) as out, contextlib.closing(self._decoded(stream, shard, clock)) as decoded:
+            with (
+                _AsyncWriter(writer, clock) as out,
+                contextlib.closing(self._decoded(stream, shard, clock)) as decoded,
+            ):
                 for batch in self._batches(decoded, writer, counts):
                     keys, labels, metas, pixels = zip(*batch)
                     pixels = np.stack(pixels)
                     if agreement is None and self.encoder.precision != "exact":
-                        agreement = self.encoder.agreement_with_exact(pixels)  # a per-shard sample of the drift
+                        agreement = self.encoder.agreement_with_exact(
+                            pixels
+                        )  # a per-shard sample of the drift
                     codes, var_input = clock.timed("encode", self.encoder, pixels)
                     out.put((keys, labels, metas, codes, var_input))
                     if on_progress:
