@@ -57,9 +57,13 @@ class EncoderActor:
         self.config, self.expected_sha, self.replica, self.threads = config, model_sha256, replica, threads
         self.worker = None
         self.images = metrics.Counter("vqpipe_images", "Images encoded", tag_keys=("replica",))
-        self.errors = metrics.Counter("vqpipe_sample_errors", "Samples recorded as errors", tag_keys=("replica",))
+        self.errors = metrics.Counter(
+            "vqpipe_sample_errors", "Samples recorded as errors", tag_keys=("replica",)
+        )
         self.shard_seconds = metrics.Histogram(
-            "vqpipe_shard_seconds", "Wall seconds per shard", boundaries=[1, 5, 15, 60, 300, 900, 3600],
+            "vqpipe_shard_seconds",
+            "Wall seconds per shard",
+            boundaries=[1, 5, 15, 60, 300, 900, 3600],
             tag_keys=("replica",),
         )
 
@@ -88,11 +92,11 @@ class EncoderActor:
             if now - last_check[0] >= _SUPERSEDED_CHECK_S:
                 last_check[0] = now
                 if ledger.is_done(shard.shard_id):
-                    raise _Superseded
+                    raise _CommittedMeanwhile
 
         try:
             record = self.worker.process(shard, attempt, on_progress=on_progress)
-        except _Superseded:
+        except _CommittedMeanwhile:
             logger.info("%s: committed by another attempt meanwhile; this copy stopped early", shard.shard_id)
             return {**ledger.read_done(shard.shard_id), "skipped": True}
         except ShardError:
@@ -100,12 +104,14 @@ class EncoderActor:
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
             raise ShardError("worker_error", f"{shard.shard_id}: {type(e).__name__}: {e}") from e
         if not record.get("skipped"):
-            self.errors.inc(record["errors"], tags={"replica": self.replica})
+            # Counter.inc(0) raises ValueError: it used to fail every clean shard after its commit.
+            if record["errors"]:
+                self.errors.inc(record["errors"], tags={"replica": self.replica})
             self.shard_seconds.observe(record["wall_seconds"], tags={"replica": self.replica})
         return record
 
 
-class _Superseded(Exception):
+class _CommittedMeanwhile(Exception):
     """Raised inside a shard's progress callback: another attempt committed the shard first."""
 
 
@@ -130,7 +136,8 @@ class Dispatcher:
         self.config, self.sha = config, model_sha256
         self.on_done, self.on_failed, self.progress = on_done, on_failed, progress
         self.actors: list[Any] = []
-        self.recovering: dict[Any, int] = {}  # ping ObjectRef -> index of an actor that died and is restarting
+        # setup() ObjectRef -> index of an actor that died and is restarting
+        self.recovering: dict[Any, int] = {}
         self.last_actor: dict[str, int] = {}
         self.running: dict[Any, _Task] = {}  # ObjectRef -> task
         self.attempts: dict[str, int] = {}
@@ -264,15 +271,21 @@ class Dispatcher:
         for t in self.running.values():
             counts[t.shard.shard_id] = counts.get(t.shard.shard_id, 0) + 1
         slow = [
-            t for t in self.running.values()
+            t
+            for t in self.running.values()
             if counts[t.shard.shard_id] == 1 and now - t.started > _SPECULATE_AFTER * median
         ]
         for task in sorted(slow, key=lambda t: t.started):
             actor = self._free_actor(avoid=task.actor)
             if actor is None or actor == task.actor:
                 return
-            logger.info("%s: slow (%.0fs, median %.0fs); speculative copy on replica-%d",
-                        task.shard.shard_id, now - task.started, median, actor)
+            logger.info(
+                "%s: slow (%.0fs, median %.0fs); speculative copy on replica-%d",
+                task.shard.shard_id,
+                now - task.started,
+                median,
+                actor,
+            )
             self.attempts[task.shard.shard_id] -= 1  # a speculative copy is not a retry
             self._submit(task.shard, actor)
 
@@ -291,10 +304,14 @@ class Dispatcher:
                 return
             self.last_error[sid] = f"{reason}: {detail}"
             if self.attempts[sid] >= self.config.run.max_attempts:
-                self.on_failed(task.shard, {"reason": reason, "detail": detail, "attempts": self.attempts[sid]})
+                self.on_failed(
+                    task.shard, {"reason": reason, "detail": detail, "attempts": self.attempts[sid]}
+                )
                 return
             backoff = self.config.run.retry_backoff_s * 2 ** (self.attempts[sid] - 1)
-            logger.warning("%s: attempt %d failed (%s: %s); retry in %.0fs", sid, task.attempt, reason, detail, backoff)
+            logger.warning(
+                "%s: attempt %d failed (%s: %s); retry in %.0fs", sid, task.attempt, reason, detail, backoff
+            )
             queue.append((time.monotonic() + backoff, task.shard))
             return
         if sid in committed:

@@ -138,7 +138,9 @@ def tokenize(cfg: JobConfig) -> Summary:
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed)
     ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
     for shard in plan.changed:
-        action = "reprocessing it" if cfg.run.reprocess_changed else "kept (use --reprocess-changed to redo it)"
+        action = (
+            "reprocessing it" if cfg.run.reprocess_changed else "kept (use --reprocess-changed to redo it)"
+        )
         logger.warning("%s: input changed since it was committed; %s", shard.shard_id, action)
     if cfg.run.reprocess_changed:
         for shard in plan.changed:
@@ -168,8 +170,16 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
     def on_failed(shard: Shard, info: dict[str, Any]) -> None:
         progress.failed += 1
         failed[shard.shard_id] = info
-        ledger.mark_failed(shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info})
-        logger.error("%s: failed after %d attempts: %s: %s", shard.shard_id, info["attempts"], info["reason"], info["detail"])
+        ledger.mark_failed(
+            shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info}
+        )
+        logger.error(
+            "%s: failed after %d attempts: %s: %s",
+            shard.shard_id,
+            info["attempts"],
+            info["reason"],
+            info["detail"],
+        )
 
     cluster.connect(cfg.run.address)
     cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick).run(todo)

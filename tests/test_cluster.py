@@ -1,0 +1,519 @@
+"""Fault tolerance on real Ray clusters: `ray job submit` on a real head, a killed and resubmitted driver, a lost
+node, a killed actor, a speculative copy of a slow tail shard, and a shard that keeps failing.
+
+Two clusters, each started once: a `ray start --head` (job server, dashboard, metrics) for the `ray job` tests and
+a `ray.cluster_utils.Cluster` (a head without CPUs and two one-CPU worker nodes) for the failure tests. Each gets
+its own short RAY_TMPDIR, so neither writes /tmp/ray/ray_current_cluster, where any `ray.init()` on this machine
+would find it. They are stopped by killing exactly the processes they started: `ray stop` would kill every Ray
+process on the machine.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+from shards import defect_samples, good_image_bytes, write_not_a_tar, write_shard
+from test_job import job_config, tar_keys
+
+from vqpipe.cli import main
+from vqpipe.job import tokenize
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# The GCS declares a silent node dead after 3 missed 1 s health checks (the defaults take ~20 s).
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+# -- data and output checks ---------------------------------------------------------------------------------------
+
+
+def write_good_shard(path: Path, n: int) -> None:
+    write_shard(
+        path, [{"__key__": f"{path.stem}_{i:05d}", "jpg": good_image_bytes(i), "cls": b"1"} for i in range(n)]
+    )
+
+
+def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
+    """Every tar key is exactly one data row or one error row of its shard; done markers == data files == the
+    input shards; nothing half-written is left. Returns the done records."""
+    expected = {p.stem: tar_keys(p) for p in shard_dir.glob("*.tar")}
+    done = {
+        p.stem: json.loads(p.read_text()) for p in (out / "done").glob("*.json") if not p.name.startswith(".")
+    }
+    data = {p.stem for p in (out / "data").glob("*.parquet") if not p.name.startswith(".")}
+    assert set(done) == data == set(expected)
+    for shard_id, keys in expected.items():
+        rows = pq.read_table(out / "data" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
+        errors = (
+            pq.read_table(out / "errors" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
+        )
+        assert sorted(rows + errors) == keys, shard_id  # a duplicate or a missing key breaks the equality
+        assert done[shard_id]["rows"] == len(rows) and done[shard_id]["errors"] == len(errors)
+    assert not [p for p in out.rglob(".tmp-*")]
+    return done
+
+
+def done_mtimes(out: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_mtime_ns for p in (out / "done").glob("*.json") if not p.name.startswith(".")}
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05, explain=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{explain()}" if explain else "")
+    )
+
+
+@pytest.fixture
+def driver_log():
+    """The driver's vqpipe log records (a handler on the `vqpipe` logger: setup_logging stops propagation)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    root = logging.getLogger("vqpipe")
+    level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    yield records
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def messages(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records]
+
+
+def failed_attempts(records: list[logging.LogRecord]) -> list[str]:
+    return [m for m in messages(records) if ": attempt " in m and " failed (" in m]
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()  # [0] state, [1] ppid, ... [19] start time
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> start time of `root` and all its descendants (the start time guards against reused pids)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = _stat(int(entry))
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            starts[int(entry)] = fields[19]
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in starts:
+            tree[pid] = starts[pid]
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def kill_tree(tree: dict[int, str]) -> None:
+    for pid, start in tree.items():
+        try:
+            if _stat(pid)[19] == start:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, IndexError):
+            pass
+
+
+def encoder_actors() -> dict[int, str]:
+    """pid -> node id of this driver's live EncoderActors, from the GCS actor table (the head runs no dashboard,
+    so the state API is not there)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return {
+        a["Pid"]: a["Address"]["NodeID"]
+        for a in ray._private.state.actors().values()
+        if a["ActorClassName"] == "EncoderActor" and a["State"] == "ALIVE" and a["JobID"] == job and a["Pid"]
+    }
+
+
+def shards_being_written(data_dir: Path, pids) -> dict[str, int]:
+    """shard id -> pid of the process holding that shard's temporary data file open (mid-shard)."""
+    writing = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = Path(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if target.parent == data_dir and target.name.startswith(".tmp-") and ".parquet" in target.name:
+                writing[target.name[len(".tmp-") :].split(".parquet")[0]] = pid
+    return writing
+
+
+class JobThread(threading.Thread):
+    """vqpipe.job.tokenize in a thread, so the test can break things while it runs."""
+
+    def __init__(self, cfg):
+        super().__init__(daemon=True)
+        self.cfg, self.summary, self.error = cfg, None, None
+
+    def run(self):
+        try:
+            self.summary = tokenize(self.cfg)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self.error = e
+
+    def result(self, timeout: float):
+        self.join(timeout)
+        assert not self.is_alive(), f"the job did not finish within {timeout:.0f}s"
+        if self.error:
+            raise self.error
+        return self.summary
+
+
+# -- a real head: `ray start`, `ray job submit` -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Head:
+    url: str  # dashboard / job server
+    metrics_port: int
+    tmp: Path  # RAY_TMPDIR of the head's processes
+    env: dict
+
+
+@pytest.fixture(scope="class")
+def head():
+    import ray
+
+    ray.shutdown()  # a local Ray from earlier test modules: nothing here needs it (ray_session re-inits it)
+    tmp = Path(tempfile.mkdtemp(prefix="vqh", dir="/tmp"))  # short: Ray's unix sockets live below it
+    dash, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the job's `python`
+        "RAY_TMPDIR": str(tmp),
+        "RAY_metrics_report_interval_ms": "1000",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+        "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash), "--metrics-export-port", str(metrics), "--disable-usage-stats",
+        "--ray-client-server-port", str(free_port()),
+    ]  # fmt: skip
+    with open(tmp / "head.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: dict[int, str] = {}
+    try:
+
+        def job_server_up():
+            assert proc.poll() is None, (tmp / "head.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(job_server_up, 120, "the head's job server", interval=0.5)
+        yield Head(f"http://127.0.0.1:{dash}", metrics, tmp, env)
+    finally:
+        # `ray start --block` stops its Ray processes on SIGTERM; then kill whatever of its tree is left (drivers
+        # of jobs run in sessions of their own, workers are the raylet's children).
+        tree = process_tree(proc.pid)
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        kill_tree(tree)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def job_args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "python", "jobs/tokenize.py", str(shard_dir), "--output", str(out), "--model", "tiny", "--random-weights",
+        "--batch-size", "4", "--max-error-rate", "0.6", *extra,
+    ]  # fmt: skip
+
+
+def ray_job(head: Head, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RAY, "job", *args], env=head.env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def submit(head: Head, submission_id: str, args: list[str], wait: bool = True) -> subprocess.CompletedProcess:
+    # No --runtime-env-json excludes: Ray packages --working-dir without what .gitignore lists (.venv/), and 2.60
+    # also leaves out .git, .venv, venv and __pycache__ by default. test_ray_job_submit_end_to_end checks.
+    opts = ["--address", head.url, "--working-dir", str(REPO), "--submission-id", submission_id]
+    return ray_job(head, "submit", *opts, *([] if wait else ["--no-wait"]), "--", *args)
+
+
+class TestRayJob:
+    def test_ray_job_submit_end_to_end(self, head, tmp_path):
+        shard_dir = tmp_path / "shards"
+        shard_dir.mkdir()
+        write_good_shard(shard_dir / "a-0000.tar", 10)
+        write_good_shard(shard_dir / "a-0001.tar", 7)
+        write_shard(shard_dir / "d-0000.tar", defect_samples(seed=40)[0])
+        out = tmp_path / "out"
+
+        res = submit(head, "e2e", job_args(shard_dir, out))
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        assert "summary: 3/3 shards done" in res.stdout + res.stderr
+        assert " failed (" not in res.stdout + res.stderr
+        done = check_exactly_once(out, shard_dir)
+        assert {r["attempt"] for r in done.values()} == {1}
+        assert sum(r["rows"] for r in done.values()) == 10 + 7 + 14
+
+        packages = list(head.tmp.glob("ray/session_*/runtime_resources/working_dir_files/*/"))
+        assert packages, "the job ran without the uploaded working dir"
+        for pkg in packages:
+            assert (pkg / "jobs" / "tokenize.py").is_file() and (pkg / "vqpipe" / "cluster.py").is_file()
+            assert not (pkg / ".venv").exists() and not (pkg / ".git").exists()
+
+    def test_actor_metrics_are_exported(self, head):
+        """The actors' Counter/Histogram reach the head's Prometheus endpoint (after the job above)."""
+
+        def scrape():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                return None
+            lines = [line for line in text.splitlines() if "vqpipe_" in line and not line.startswith("#")]
+            names = {line.split("{")[0] for line in lines}
+            images = sum(float(line.rsplit(" ", 1)[1]) for line in lines if "vqpipe_images" in line)
+            return (names, images) if images and any("vqpipe_shard_seconds" in n for n in names) else None
+
+        names, images = wait_for(scrape, 60, "vqpipe metrics on the metrics port", interval=1)
+        assert images == 10 + 7 + 14, names
+        assert any("vqpipe_sample_errors" in n for n in names)
+
+    def test_killed_driver_resubmitted_finishes_without_redoing_committed_shards(self, head, tmp_path):
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        shard_dir = tmp_path / "shards"
+        shard_dir.mkdir()
+        total = 8
+        for i in range(total):
+            write_good_shard(shard_dir / f"s-{i:04d}.tar", 16)
+        out = tmp_path / "out"
+        args = job_args(shard_dir, out)
+        client = JobSubmissionClient(head.url)
+
+        def n_done():
+            return len(done_mtimes(out))
+
+        def job_logs(submission_id):
+            return lambda: (
+                f"{client.get_job_status(submission_id)}\n{client.get_job_logs(submission_id)[-6000:]}"
+            )
+
+        # 1. graceful: stop the job once a shard is committed (what `ray job stop` does, without the seconds the
+        #    CLI takes to start, in which the job would commit most of the remaining shards)
+        assert submit(head, "drv-1", args, wait=False).returncode == 0
+        wait_for(lambda: n_done() >= 1, 180, "a first committed shard", explain=job_logs("drv-1"))
+        assert client.stop_job("drv-1")
+        assert wait_for(lambda: client.get_job_status("drv-1").is_terminal(), 60, "drv-1 to stop")
+        assert client.get_job_status("drv-1") == JobStatus.STOPPED
+        after_stop = done_mtimes(out)
+
+        # 2. hard: SIGKILL the driver process once one more shard is committed
+        assert submit(head, "drv-2", args, wait=False).returncode == 0
+        wait_for(lambda: n_done() > len(after_stop), 180, "a shard by drv-2", explain=job_logs("drv-2"))
+        info = wait_for(lambda: client.get_job_info("drv-2").driver_info, 60, "drv-2's driver info")
+        os.kill(int(info.pid), signal.SIGKILL)
+        assert wait_for(lambda: client.get_job_status("drv-2").is_terminal(), 60, "drv-2 to end")
+        assert client.get_job_status("drv-2") == JobStatus.FAILED
+        committed = done_mtimes(out)
+        assert set(after_stop) < set(committed) and len(committed) < total, "each kill should land mid-run"
+
+        # 3. the same command again finishes the job, exactly once, leaving committed shards alone
+        res = submit(head, "drv-3", args)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        assert client.get_job_status("drv-3") == JobStatus.SUCCEEDED
+        done = check_exactly_once(out, shard_dir)
+        assert sum(r["rows"] for r in done.values()) == 16 * total
+        assert {r["attempt"] for r in done.values()} == {1}  # attempts count per run; no run retried a shard
+        mtimes = done_mtimes(out)
+        assert {s: mtimes[s] for s in committed} == committed
+
+
+# -- a simulated multi-node cluster: node loss, actor crash, speculation, retries ------------------------------
+
+
+@pytest.fixture(scope="class")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this process joins the test cluster instead; ray_session starts its own again on demand
+    tmp = tempfile.mkdtemp(prefix="vqc", dir="/tmp")
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS},
+    )
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_workers(cluster):
+    """Two one-CPU worker nodes: one replica each, and no room to restart a replica whose node is lost."""
+    while len(cluster.worker_nodes) < 2:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def replicas(shard_dir: Path, out: Path, **run):
+    return job_config([shard_dir], out, run={"replicas": 2, "retry_backoff_s": 0.5, "max_attempts": 3, **run})
+
+
+class TestFailures:
+    @pytest.mark.parametrize("failure", ["node_lost", "actor_killed"])
+    def test_job_survives_losing_a_replica_mid_shard(self, two_workers, tmp_path, driver_log, failure):
+        shard_dir = tmp_path / "shards"
+        shard_dir.mkdir()
+        for i in range(6):
+            write_good_shard(shard_dir / f"s-{i:04d}.tar", 32)
+        out = tmp_path / "out"
+        job = JobThread(replicas(shard_dir, out))
+        job.start()
+
+        # Each replica starts two shards at once. Take the replica writing the first shard that shows up; the shards
+        # it is writing when it goes are `lost` (one may still commit in the instant before the kill lands).
+        writing = wait_for(
+            lambda: shards_being_written(out / "data", encoder_actors()), 120, "a replica mid-shard"
+        )
+        pid = writing[min(writing)]
+        lost = {s for s, p in writing.items() if p == pid}
+        if failure == "node_lost":
+            node_id = encoder_actors()[pid]
+            node = next(n for n in two_workers.worker_nodes if n.node_id == node_id)
+            two_workers.remove_node(node, allow_graceful=False)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+        summary = job.result(timeout=180)
+        assert summary.ok and not summary.failed
+        done = check_exactly_once(out, shard_dir)
+        # The lost shards were retried by another process; only they were, and only because the replica died.
+        retried = {s for s, r in done.items() if r["attempt"] > 1}
+        assert retried & lost and all(done[s]["pid"] != pid for s in retried), (lost, done)
+        assert any("died" in m and "retrying elsewhere" in m for m in messages(driver_log))
+        failures = failed_attempts(driver_log)
+        assert failures and all("(actor_died: " in m for m in failures), failures
+        assert retried <= {m.split(":")[0] for m in failures}
+
+    def test_slow_tail_shard_gets_a_speculative_copy_and_the_loser_stops(
+        self, two_workers, tmp_path, driver_log
+    ):
+        shard_dir = tmp_path / "shards"
+        shard_dir.mkdir()
+        for i in range(4):
+            write_good_shard(shard_dir / f"a-{i:04d}.tar", 6)
+        write_good_shard(shard_dir / "z-big.tar", 120)  # last in shard order: the tail
+        out = tmp_path / "out"
+        job = JobThread(replicas(shard_dir, out))
+        job.start()
+
+        # Freeze the replica that runs the big shard, as a sick node would: only a copy can finish it.
+        pid = wait_for(
+            lambda: shards_being_written(out / "data", encoder_actors()).get("z-big"), 120, "z-big"
+        )
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: (out / "done" / "z-big.json").exists(), 120, "the copy to commit z-big")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        summary = job.result(timeout=120)
+        finished = time.monotonic()
+
+        assert summary.ok
+        done = check_exactly_once(out, shard_dir)
+        assert not failed_attempts(driver_log) and {r["attempt"] for r in done.values()} == {1}
+        assert done["z-big"]["pid"] != pid and done["z-big"]["rows"] == 120
+        log = messages(driver_log)
+        assert any(m.startswith("z-big: slow") and "speculative copy" in m for m in log), log
+        assert any(m.startswith("z-big: copy on replica-") and "discarded" in m for m in log), log
+        # The frozen original stops at its next batch instead of encoding the rest of the shard.
+        assert finished - resumed < 0.5 * done["z-big"]["wall_seconds"], (finished - resumed, done["z-big"])
+
+    def test_shard_that_keeps_failing_is_retried_with_backoff_then_reported(
+        self, cluster, tmp_path, driver_log
+    ):
+        shard_dir = tmp_path / "shards"
+        shard_dir.mkdir()
+        write_good_shard(shard_dir / "good-0000.tar", 5)
+        write_not_a_tar(shard_dir / "bad-0000.tar")
+        config = tmp_path / "job.toml"
+        config.write_text("[run]\nretry_backoff_s = 1.0\n")
+        out = tmp_path / "out"
+        cpu = time.process_time()
+        rc = main([
+            "tokenize", str(shard_dir), "--output", str(out), "--config", str(config), "--model", "tiny",
+            "--random-weights", "--max-attempts", "3",
+        ])  # fmt: skip
+        cpu = time.process_time() - cpu
+        assert rc == 1
+        log = messages(driver_log)
+        assert any(m.startswith("failed shard bad-0000: not_a_tar") for m in log), log
+        assert any("1 shard(s) failed: bad-0000" in m for m in log), log
+        failed = json.loads((out / "failed" / "bad-0000.json").read_text())
+        assert failed["reason"] == "not_a_tar" and failed["attempts"] == 3
+        assert not (out / "done" / "bad-0000.json").exists()
+        assert json.loads((out / "done" / "good-0000.json").read_text())["attempt"] == 1
+        assert all(m.startswith("bad-0000: ") for m in failed_attempts(driver_log))
+        # exponential backoff: 1 s, then 2 s between the attempts
+        fails = [r for r in driver_log if r.getMessage().startswith("bad-0000: attempt")]
+        assert [r.getMessage().split("retry in ")[1] for r in fails] == ["1s", "2s"]
+        final = next(r for r in driver_log if r.getMessage().startswith("bad-0000: failed after 3 attempts"))
+        assert fails[1].created - fails[0].created >= 1.0 and final.created - fails[1].created >= 2.0
+        # Nothing runs during the 3 s of backoff: the driver sleeps through it (it used to spin a core on
+        # ray.wait([]), which returns at once).
+        assert cpu < 1.0
