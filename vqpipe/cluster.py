@@ -39,7 +39,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": always a new cluster, never one that happens to run on this machine already
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def cluster_gpus() -> int:
@@ -192,7 +193,7 @@ class Dispatcher:
         self.scale()
         last_scale = time.monotonic()
         committed: set[str] = set()
-        while queue or self.running:
+        while queue or self._uncommitted_running(committed):
             now = time.monotonic()
             if now - last_scale > _RESCALE_EVERY_S:
                 self.scale()
@@ -289,6 +290,11 @@ class Dispatcher:
             self.attempts[task.shard.shard_id] -= 1  # a speculative copy is not a retry
             self._submit(task.shard, actor)
 
+    def _uncommitted_running(self, committed: set[str]) -> bool:
+        """Losing speculative copies are not waited for: a frozen one would hold the job forever; the actors
+        are killed when the run ends and the next run's cleanup removes what they were writing."""
+        return any(t.shard.shard_id not in committed for t in self.running.values())
+
     def _collect(self, ref, queue: deque, committed: set[str]) -> None:
         task = self.running.pop(ref)
         sid = task.shard.shard_id
@@ -310,7 +316,7 @@ class Dispatcher:
                 return
             backoff = self.config.run.retry_backoff_s * 2 ** (self.attempts[sid] - 1)
             logger.warning(
-                "%s: attempt %d failed (%s: %s); retry in %.0fs", sid, task.attempt, reason, detail, backoff
+                "%s: attempt %d failed (%s: %s); retry in %.1fs", sid, task.attempt, reason, detail, backoff
             )
             queue.append((time.monotonic() + backoff, task.shard))
             return
