@@ -479,7 +479,7 @@ class TestFailures:
         assert any(m.startswith("z-big: slow") and "speculative copy" in m for m in log), log
 
     def test_shard_that_keeps_failing_is_retried_with_backoff_then_reported(
-        self, cluster, tmp_path, driver_log
+        self, two_workers, tmp_path, driver_log
     ):
         shard_dir = tmp_path / "shards"
         shard_dir.mkdir()
@@ -505,7 +505,7 @@ class TestFailures:
         assert all(m.startswith("bad-0000: ") for m in failed_attempts(driver_log))
         # exponential backoff: 1 s, then 2 s between the attempts
         fails = [r for r in driver_log if r.getMessage().startswith("bad-0000: attempt")]
-        assert [r.getMessage().split("retry in ")[1] for r in fails] == ["1s", "2s"]
+        assert [r.getMessage().split("retry in ")[1] for r in fails] == ["1.0s", "2.0s"]
         final = next(r for r in driver_log if r.getMessage().startswith("bad-0000: failed after 3 attempts"))
         assert fails[1].created - fails[0].created >= 1.0 and final.created - fails[1].created >= 2.0
         # Nothing runs during the 3 s of backoff: the driver sleeps through it (it used to spin a core on

@@ -263,3 +263,25 @@ def test_ray_data_and_a_plain_torch_dataset_read_the_output(first_run):
     codes, labels = next(iter(DataLoader(ds, batch_size=8)))
     assert codes.shape == (8, 30) and codes.dtype == torch.int64 and int(codes.max()) < 64
     assert len(ds) == sum(pq.read_metadata(p).num_rows for p in (out / "data").glob("*.parquet"))
+
+
+def test_a_replica_that_cannot_be_placed_fails_the_run_with_the_numbers(
+    ray_session, shard_dir, tmp_path, caplog
+):
+    d, _ = shard_dir
+    args = [
+        "tokenize",
+        str(d / "part-000000.tar"),
+        "--output",
+        str(tmp_path / "o"),
+        "--model",
+        "tiny",
+        "--random-weights",
+        "--gpus-per-replica",
+        "1",
+        "--config",
+        str(tmp_path / "c.toml"),
+    ]
+    (tmp_path / "c.toml").write_text("[run]\nplacement_timeout_s = 2\n")
+    assert main(args) == 2
+    assert "no encoder replica could start" in caplog.text and "1 GPU per replica" in caplog.text

@@ -26,6 +26,7 @@ from .plan import Shard
 logger = logging.getLogger(__name__)
 
 _WAIT_S = 1.0
+_PLACEMENT_LOG_S = 30.0
 _RESCALE_EVERY_S = 30.0
 _SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
 _SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
@@ -171,13 +172,34 @@ class Dispatcher:
             self.actors.append(actor)
         if first:
             try:
-                info = ray.get(self.actors[0].setup.remote())
+                info = self._first_ready(self.actors[0].setup.remote())
             except RayTaskError as e:
                 cause = e.as_instanceof_cause()
                 if isinstance(cause, CheckpointError | RuntimeError):
                     raise CheckpointError(str(cause).splitlines()[-1]) from None
                 raise
             logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
+
+    def _first_ready(self, ref) -> dict[str, Any]:
+        """Wait for the first replica, saying why while it cannot be placed (e.g. GPUs asked, none in the
+        cluster, no autoscaler); give up after run.placement_timeout_s with the numbers."""
+        run, started = self.config.run, time.monotonic()
+        while True:
+            left = run.placement_timeout_s - (time.monotonic() - started)
+            ready, _ = ray.wait([ref], timeout=max(0.1, min(_PLACEMENT_LOG_S, left)))
+            if ready:
+                return ray.get(ref)
+            waited = time.monotonic() - started
+            need = f"{run.cpus_per_replica:g} CPU + {self._gpus():g} GPU per replica"
+            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            if waited >= run.placement_timeout_s:
+                raise ShardError(
+                    "no_replica",
+                    f"no encoder replica could start in {waited:.0f}s: needs {need}; cluster has {have} free",
+                )
+            logger.warning(
+                "waiting %.0fs for a replica to be placed: needs %s; cluster has %s free", waited, need, have
+            )
 
     # -- the loop -------------------------------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class RunConfig:
     reprocess_changed: bool = False  # redo done shards whose input changed since (size/mtime/ETag)
     allow_config_change: bool = False  # let a rerun into OUT use a different fingerprint
     progress_interval_s: float = 10.0
+    placement_timeout_s: float = 900.0  # give up when no replica can be placed (autoscaling may take minutes)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def _validate(cfg: JobConfig) -> None:
     _positive("run.max_attempts", r.max_attempts)
     _at_least("run.retry_backoff_s", r.retry_backoff_s, 0)
     _positive("run.progress_interval_s", r.progress_interval_s)
+    _positive("run.placement_timeout_s", r.placement_timeout_s)
     if not 0.0 <= r.max_error_rate <= 1.0:
         raise ConfigError(f"run.max_error_rate: must be between 0 and 1, got {r.max_error_rate}")
     if r.limit_shards is not None:

@@ -18,4 +18,3 @@ def setup_logging(level: str | None = None) -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
         handler._vqpipe = True
         root.addHandler(handler)
-        root.propagate = False
