@@ -108,11 +108,11 @@ class FailingEncoder:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def __call__(self, pixels):
+    def __call__(self, pixels, **kwargs):
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise RuntimeError("injected failure after two batches were written")
-        return self.real(pixels)
+        return self.real(pixels, **kwargs)
 
 
 def test_failure_mid_write_leaves_nothing_and_rerun_completes(ray_session, s3, bucket):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,18 +80,31 @@ class Encoder:
             base.update(mode="bf16", autocast="bfloat16 for encoder + quant_conv; quantizer in float32")
         return base
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, 3, R, R) uint8 -> codes (B, L) in the layout's code dtype, var_input (B, L-pn0², C) or None."""
+    def __call__(
+        self, pixels: np.ndarray, timer: Callable[[str, float], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, 3, R, R) uint8 -> codes (B, L) in the layout's code dtype, var_input (B, L-pn0², C) or None.
+
+        `timer(stage, seconds)` gets the time spent waiting for the device ("wait_device": another shard's
+        batch was running) apart from the time spent encoding ("encode")."""
+        asked = time.perf_counter()
         with self._lock, torch.inference_mode():
-            idx_bl = self._codes(self._to_device(pixels), self.precision)
-            codes = torch.cat(idx_bl, dim=1).to(torch.int32).cpu().numpy().astype(self.layout.code_dtype)
-            if not self.layout.var_input:
-                return codes, None
-            with precision_mode("exact"):  # var_input is a function of the codes; always computed as VAR does
-                var_input = self.model.idxBl_to_var_input(idx_bl).to(
-                    getattr(torch, self.layout.var_input_dtype)
-                )
-            return codes, var_input.cpu().numpy()
+            start = time.perf_counter()
+            try:
+                return self._encode(pixels)
+            finally:
+                if timer:
+                    timer("wait_device", start - asked)
+                    timer("encode", time.perf_counter() - start)
+
+    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        idx_bl = self._codes(self._to_device(pixels), self.precision)
+        codes = torch.cat(idx_bl, dim=1).to(torch.int32).cpu().numpy().astype(self.layout.code_dtype)
+        if not self.layout.var_input:
+            return codes, None
+        with precision_mode("exact"):  # var_input is a function of the codes; always computed as VAR does
+            var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
+        return codes, var_input.cpu().numpy()
 
     def agreement_with_exact(self, pixels: np.ndarray) -> dict[str, Any]:
         """Fraction of codes per scale that this encoder's precision mode shares with `exact` on `pixels`."""

@@ -160,7 +160,7 @@ class ShardWorker:
                         agreement = self.encoder.agreement_with_exact(
                             pixels
                         )  # a per-shard sample of the drift
-                    codes, var_input = clock.timed("encode", self.encoder, pixels)
+                    codes, var_input = self.encoder(pixels, timer=clock.add)
                     out.put((keys, labels, metas, codes, var_input))
                     if on_progress:
                         on_progress(len(keys))
