@@ -152,8 +152,7 @@ def tokenize(cfg: JobConfig) -> Summary:
         failed = _dispatch(cfg, sha, ledger, plan.todo)
         # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt this
         # run started has returned by now, so none is a live write: remove them instead of leaving them in OUT.
-        for sub in ("data", "errors", "done", "failed"):
-            storage.cleanup_temporaries(ledger.path(sub), cfg.storage_options)
+        ledger.remove_temporaries()
     status = read_status(ledger)
     return Summary(plan, status, failed, time.monotonic() - t0)
 

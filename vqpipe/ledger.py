@@ -74,9 +74,16 @@ class Ledger:
                 )
             logger.warning("output settings changed (%s); continuing as asked", ", ".join(changed))
             run_record = {**run_record, "previous_fingerprints": [previous["fingerprint"]]}
-        for sub in ("", *_SUBDIRS):  # leftovers of attempts that were killed mid-write
-            storage.cleanup_temporaries(self.path(sub) if sub else self.output, self.storage_options)
+        self.remove_temporaries()
         storage.write_json_atomic(self.path("run.json"), run_record, self.storage_options)
+
+    def remove_temporaries(self) -> None:
+        """Remove what attempts killed mid-write left (temporary files/keys, unfinished uploads).
+
+        Only safe while no attempt is writing: at the start of a run, and after every attempt has returned."""
+        storage.cleanup_temporaries(self.output, self.storage_options)
+        for sub in _SUBDIRS:
+            storage.cleanup_temporaries(self.path(sub), self.storage_options)
 
     def write_plan(self, shards: dict[str, str]) -> None:
         storage.write_json_atomic(self.path("plan.json"), {"shards": shards}, self.storage_options)
