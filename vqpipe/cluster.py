@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
 from .config import JobConfig
@@ -30,7 +31,6 @@ _PLACEMENT_LOG_S = 30.0
 _RESCALE_EVERY_S = 30.0
 _SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
 _SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
-_SUPERSEDED_CHECK_S = 2.0  # how often a running shard looks for a done marker written by another attempt
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -58,6 +58,7 @@ class EncoderActor:
         setup_logging()
         self.config, self.expected_sha, self.replica, self.threads = config, model_sha256, replica, threads
         self.worker = None
+        self._setup_lock = threading.Lock()  # max_concurrency > 1: shards arriving together load one model
         self.images = metrics.Counter("vqpipe_images", "Images encoded", tag_keys=("replica",))
         self.errors = metrics.Counter(
             "vqpipe_sample_errors", "Samples recorded as errors", tag_keys=("replica",)
@@ -71,36 +72,20 @@ class EncoderActor:
 
     def setup(self) -> dict[str, Any]:
         """Load the model (once per actor life). Raises CheckpointError, which the driver reports as fatal."""
-        if self.worker is None:
-            import torch
+        with self._setup_lock:
+            if self.worker is None:
+                import torch
 
-            from .worker import ShardWorker
+                from .worker import ShardWorker
 
-            torch.set_num_threads(self.threads)
-            self.worker = ShardWorker.from_config(self.config, expected_sha256=self.expected_sha)
+                torch.set_num_threads(self.threads)
+                self.worker = ShardWorker.from_config(self.config, expected_sha256=self.expected_sha)
         return {"replica": self.replica, "device": str(self.worker.encoder.device), "pid": os.getpid()}
 
     def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
         self.setup()
-        ledger, last_check = self.worker.ledger, [time.monotonic()]
-
-        def on_progress(n: int) -> None:
-            self.images.inc(n, tags={"replica": self.replica})
-            # When another attempt (a speculative twin, or the original it was copied from) has committed this
-            # shard, stop after this batch. The worker alone would only notice at its commit check, after the
-            # whole shard, and the driver waits for every copy it started: the job would end no sooner than
-            # the slow copy, which is what speculation is meant to avoid. Raising here aborts the writer.
-            now = time.monotonic()
-            if now - last_check[0] >= _SUPERSEDED_CHECK_S:
-                last_check[0] = now
-                if ledger.is_done(shard.shard_id):
-                    raise _CommittedMeanwhile
-
         try:
-            record = self.worker.process(shard, attempt, on_progress=on_progress)
-        except _CommittedMeanwhile:
-            logger.info("%s: committed by another attempt meanwhile; this copy stopped early", shard.shard_id)
-            return {**ledger.read_done(shard.shard_id), "skipped": True}
+            record = self.worker.process(shard, attempt, on_progress=self._count)
         except ShardError:
             raise
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
@@ -112,9 +97,8 @@ class EncoderActor:
             self.shard_seconds.observe(record["wall_seconds"], tags={"replica": self.replica})
         return record
 
-
-class _CommittedMeanwhile(Exception):
-    """Raised inside a shard's progress callback: another attempt committed the shard first."""
+    def _count(self, n: int) -> None:
+        self.images.inc(n, tags={"replica": self.replica})
 
 
 @dataclass
@@ -123,12 +107,6 @@ class _Task:
     actor: int
     started: float
     attempt: int
-
-
-@dataclass
-class DispatchResult:
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Dispatcher:
@@ -143,7 +121,6 @@ class Dispatcher:
         self.last_actor: dict[str, int] = {}
         self.running: dict[Any, _Task] = {}  # ObjectRef -> task
         self.attempts: dict[str, int] = {}
-        self.last_error: dict[str, str] = {}
         self.durations: list[float] = []
 
     # -- actors ---------------------------------------------------------------------------------------------------
@@ -323,14 +300,13 @@ class Dispatcher:
         twins = [r for r, t in self.running.items() if t.shard.shard_id == sid]
         try:
             record = ray.get(ref)
-        except (RayActorError, RayTaskError, GetTimeoutError) as e:
+        except (RayActorError, RayTaskError) as e:
             reason, detail = _failure(e)
             if isinstance(e, RayActorError) and task.actor not in self.recovering.values():
                 logger.warning("%s: replica-%d died (%s); retrying elsewhere", sid, task.actor, detail)
                 self.recovering[self.actors[task.actor].setup.remote()] = task.actor
             if sid in committed or twins:  # a twin is still running or already won: nothing to do
                 return
-            self.last_error[sid] = f"{reason}: {detail}"
             if self.attempts[sid] >= self.config.run.max_attempts:
                 self.on_failed(
                     task.shard, {"reason": reason, "detail": detail, "attempts": self.attempts[sid]}
@@ -351,12 +327,10 @@ class Dispatcher:
         self.on_done(task.shard, record)
 
 
-def _failure(e: Exception) -> tuple[str, str]:
+def _failure(e: RayActorError | RayTaskError) -> tuple[str, str]:
     if isinstance(e, RayTaskError):
         cause = e.as_instanceof_cause()
         if isinstance(cause, ShardError):
             return cause.reason, cause.detail
         return "worker_error", str(cause).strip().splitlines()[-1]
-    if isinstance(e, RayActorError):
-        return "actor_died", str(e).strip().splitlines()[0][:300]
-    return "timeout", str(e)
+    return "actor_died", str(e).strip().splitlines()[0][:300]

@@ -37,6 +37,7 @@ from .writer import ShardWriter
 logger = logging.getLogger(__name__)
 
 _DONE = object()
+_SUPERSEDED_CHECK_S = 2.0  # how often a running shard looks for a done marker written by another attempt
 
 
 class _Superseded(Exception):
@@ -148,6 +149,17 @@ class ShardWorker:
         self, shard: Shard, writer: ShardWriter, clock: StageClock, counts: Counter, on_progress
     ) -> tuple:
         agreement = None
+        last_check = time.monotonic()
+
+        def committed_elsewhere() -> bool:
+            # A speculative twin (or the original it copies) may commit first; stop at the next batch instead
+            # of encoding the rest, or speculation could never end a job sooner than the slow copy.
+            nonlocal last_check
+            if time.monotonic() - last_check < _SUPERSEDED_CHECK_S:
+                return False
+            last_check = time.monotonic()
+            return self.ledger.is_done(shard.shard_id)
+
         with storage.open_input(shard.url, self.config.storage_options) as stream, writer:
             with (
                 _AsyncWriter(writer, clock) as out,
@@ -156,14 +168,14 @@ class ShardWorker:
                 for batch in self._batches(decoded, writer, counts):
                     keys, labels, metas, pixels = zip(*batch)
                     pixels = np.stack(pixels)
-                    if agreement is None and self.encoder.precision != "exact":
-                        agreement = self.encoder.agreement_with_exact(
-                            pixels
-                        )  # a per-shard sample of the drift
+                    if agreement is None and self.encoder.precision != "exact":  # a per-shard sample of drift
+                        agreement = self.encoder.agreement_with_exact(pixels)
                     codes, var_input = self.encoder(pixels, timer=clock.add)
                     out.put((keys, labels, metas, codes, var_input))
                     if on_progress:
                         on_progress(len(keys))
+                    if committed_elsewhere():
+                        raise _Superseded
             errors = Counter(reason for _, reason, _ in writer.errors)
             n_errors = sum(errors.values())
             if counts["samples"] and n_errors > self.config.run.max_error_rate * counts["samples"]:
