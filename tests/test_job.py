@@ -13,7 +13,7 @@ import torch
 from shards import defect_samples, write_not_a_tar, write_shard, write_truncated_tar
 
 from vqpipe.cli import main
-from vqpipe.config import build_config
+from vqpipe.config import CPU_ALLOCATOR_ENV, build_config
 from vqpipe.job import tokenize
 from vqpipe.model import build_model, exact_mode
 from vqpipe.preprocess import IMAGE_EXTENSIONS, preprocess
@@ -88,6 +88,7 @@ def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir)
         assert done["samples"] == len(tar_keys(d / f"{shard_id}.tar"))
         assert done["rows"] + done["errors"] == done["samples"]
         assert set(done["seconds"]) >= {"read", "decode", "encode", "write"}
+        assert done["allocator_env"] == CPU_ALLOCATOR_ENV  # CPU replicas keep freed memory by default
 
 
 def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_dir):
@@ -285,3 +286,25 @@ def test_a_replica_that_cannot_be_placed_fails_the_run_with_the_numbers(
     (tmp_path / "c.toml").write_text("[run]\nplacement_timeout_s = 2\n")
     assert main(args) == 2
     assert "no encoder replica could start" in caplog.text and "1 GPU per replica" in caplog.text
+
+
+def test_fast_modes_are_recorded_and_measured_against_exact(ray_session, shard_dir, tmp_path):
+    d, _ = shard_dir
+    out = tmp_path / "fast"
+    cfg = job_config(
+        [d / "part-000000.tar"],
+        out,
+        model={"precision": "bf16", "channels_last": True},
+        run={"tune_cpu_allocator": False},
+    )
+    assert tokenize(cfg).ok
+    done = json.loads((out / "done" / "part-000000.json").read_text())
+    assert done["precision"] == "bf16+channels_last"
+    agreement = done["agreement_with_exact"]
+    assert agreement["mode"] == "bf16+channels_last" and len(agreement["per_scale"]) == 4
+    assert 0.5 < agreement["overall"] <= 1.0
+    assert done["allocator_env"] == {}  # opted out: the actor runs with the allocator's defaults
+    meta = json.loads(pq.read_schema(next((out / "data").glob("*.parquet"))).metadata[b"vqpipe"])
+    assert meta["precision"]["mode"] == "bf16+channels_last" and meta["precision"]["channels_last"] is True
+    run = json.loads((out / "run.json").read_text())
+    assert run["output_settings"]["channels_last"] is True and "compile" not in run["output_settings"]

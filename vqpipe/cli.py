@@ -39,6 +39,18 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
         help="use the preset's fixed-seed random weights (smoke tests and demos only)",
     )
     g.add_argument("--precision", help="exact (default), tf32 or bf16")
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="NHWC encoder convolutions (faster on tensor cores; not bit-exact)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the encoder convolutions (one compile per replica; not bit-exact)",
+    )
     g.add_argument("--device", help="auto (default), cpu or cuda")
     g = p.add_argument_group("encode")
     g.add_argument("--batch-size", type=int)
@@ -50,6 +62,9 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
         help="write codes only, not the teacher-forcing tensor",
     )
     g.add_argument("--var-input-dtype", help="float16 (default) or float32")
+    g.add_argument(
+        "--decode", help="pil (default, VAR-exact) or device (JPEGs decoded on the GPU; not VAR-exact)"
+    )
     g = p.add_argument_group("run")
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
@@ -90,12 +105,15 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "checkpoint": args.checkpoint,
             "random_weights": args.random_weights,
             "precision": args.precision,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
             "device": args.device,
         },
         "encode": {
             "batch_size": args.batch_size,
             "var_input": args.var_input,
             "var_input_dtype": args.var_input_dtype,
+            "decode": args.decode,
         },
         "run": {
             "address": args.address,

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
-from .config import JobConfig
+from .config import CPU_ALLOCATOR_ENV, JobConfig
 from .errors import CheckpointError, ShardError
 from .plan import Shard
 
@@ -144,6 +144,7 @@ class Dispatcher:
                 num_cpus=run.cpus_per_replica,
                 num_gpus=self._gpus(),
                 max_concurrency=run.in_flight_per_replica,
+                runtime_env=self._runtime_env(),
                 name=None,
             ).remote(self.config, self.sha, f"replica-{idx}", max(1, int(run.cpus_per_replica)))
             self.actors.append(actor)
@@ -156,6 +157,13 @@ class Dispatcher:
                     raise CheckpointError(str(cause).splitlines()[-1]) from None
                 raise
             logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
+
+    def _runtime_env(self) -> dict[str, Any] | None:
+        """Environment of the actor process, set before it starts (glibc reads MALLOC_* once, at start)."""
+        cpu_only = self._gpus() == 0 or self.config.model.device == "cpu"
+        if not (cpu_only and self.config.run.tune_cpu_allocator):
+            return None
+        return {"env_vars": CPU_ALLOCATOR_ENV}
 
     def _first_ready(self, ref) -> dict[str, Any]:
         """Wait for the first replica, saying why while it cannot be placed (e.g. GPUs asked, none in the

@@ -2,16 +2,20 @@
 
 `exact` (the default) is float32 with TF32 off and deterministic cuDNN: codes equal VAR's `img_to_idxBl`.
 `tf32` lets convolutions and matmuls use TF32; `bf16` runs the encoder convolutions under bf16 autocast
-and keeps the quantizer (distances, argmin, φ) in float32. Both are opt-in and recorded in the output.
+and keeps the quantizer (distances, argmin, φ) in float32. `channels_last` (NHWC convolutions) and
+`compile` (torch.compile of the encoder convolutions) combine with any of them. All are opt-in, recorded in the
+output, and measured against the exact path (`agreement_with_exact`); the quantizer always runs eagerly in
+float32 on a contiguous latent.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -54,7 +58,8 @@ def build_encoder(cfg: JobConfig, expected_sha256: str | None = None) -> tuple[E
     layout = TokenLayout(
         p.patch_nums, p.vocab_size, p.z_channels, cfg.encode.var_input, cfg.encode.var_input_dtype
     )
-    return Encoder(loaded, device, cfg.model.precision, layout), loaded.sha256, p.resolution
+    mode = EncoderMode(cfg.model.precision, cfg.model.channels_last, cfg.model.compile)
+    return Encoder(loaded, device, mode, layout), loaded.sha256, p.resolution
 
 
 def pick_device(name: str) -> torch.device:
@@ -65,23 +70,59 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class EncoderMode:
+    """How the encoder convolutions run. Anything but the default may flip near-tie codes."""
+
+    precision: str = "exact"
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return self == EncoderMode()
+
+    @property
+    def name(self) -> str:
+        """e.g. "exact", "bf16", "tf32+channels_last+compile"."""
+        return "+".join([self.precision] + [f.name for f in fields(self)[1:] if getattr(self, f.name)])
+
+
 class Encoder:
     """Owns one model replica on one device. Thread-safe: concurrent shards share it one batch at a time."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, precision: str, layout: TokenLayout):
-        self.model, self.device, self.precision, self.layout = loaded.model, device, precision, layout
+    def __init__(
+        self, loaded: LoadedModel, device: torch.device, mode: EncoderMode | str, layout: TokenLayout
+    ):
+        self.mode = EncoderMode(mode) if isinstance(mode, str) else mode
+        self.model, self.device, self.layout = loaded.model, device, layout
         self._lock = threading.Lock()  # one batch on the device at a time; precision flags are process-global
+        self._latent = self._fast_latent() if not self.mode.exact else self.model.encode_latent
+
+    @property
+    def precision(self) -> str:
+        return self.mode.precision
 
     @property
     def settings(self) -> dict[str, Any]:
         """The precision record stored in every output file's metadata."""
         base = precision_settings(_flags_mode(self.precision), self.device)
+        base.update(mode=self.mode.name, channels_last=self.mode.channels_last, compile=self.mode.compile)
         if self.precision == "bf16":
-            base.update(mode="bf16", autocast="bfloat16 for encoder + quant_conv; quantizer in float32")
+            base["autocast"] = "bfloat16 for encoder + quant_conv; quantizer in float32"
         return base
 
+    def _fast_latent(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """encode_latent as the mode runs it. The eager contiguous model stays as the exact reference."""
+        net: torch.nn.Module = torch.nn.Sequential(self.model.encoder, self.model.quant_conv)
+        if self.mode.channels_last:  # a copy: converting in place would change the reference too
+            net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        if self.mode.compile:
+            net = torch.compile(net)  # compiles on the first batch; a second batch size makes it dynamic
+        return net
+
     def __call__(
-        self, pixels: np.ndarray, timer: Callable[[str, float], None] | None = None
+        self, pixels: np.ndarray | torch.Tensor, timer: Callable[[str, float], None] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, 3, R, R) uint8 -> codes (B, L) in the layout's code dtype, var_input (B, L-pn0², C) or None.
 
@@ -97,8 +138,8 @@ class Encoder:
                     timer("wait_device", start - asked)
                     timer("encode", time.perf_counter() - start)
 
-    def _encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        idx_bl = self._codes(self._to_device(pixels), self.precision)
+    def _encode(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        idx_bl = self._codes(self._to_device(pixels), exact=False)
         codes = torch.cat(idx_bl, dim=1).to(torch.int32).cpu().numpy().astype(self.layout.code_dtype)
         if not self.layout.var_input:
             return codes, None
@@ -106,34 +147,48 @@ class Encoder:
             var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
         return codes, var_input.cpu().numpy()
 
-    def agreement_with_exact(self, pixels: np.ndarray) -> dict[str, Any]:
-        """Fraction of codes per scale that this encoder's precision mode shares with `exact` on `pixels`."""
+    def agreement_with_exact(
+        self, pixels: np.ndarray | torch.Tensor, exact_pixels: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """Fraction of codes per scale that this encoder's mode shares with `exact` on `pixels`.
+
+        `exact_pixels`: the reference's own input when this encoder's pixels came from another decoder."""
         with self._lock, torch.inference_mode():
             x = self._to_device(pixels)
-            mine, exact = self._codes(x, self.precision), self._codes(x, "exact")
+            ref = x if exact_pixels is None else self._to_device(exact_pixels)
+            mine, exact = self._codes(x, exact=False), self._codes(ref, exact=True)
         per_scale = [float((a == b).float().mean()) for a, b in zip(mine, exact)]
         same = sum(int((a == b).sum()) for a, b in zip(mine, exact))
         return {
-            "mode": self.precision,
+            "mode": self.mode.name,
             "images": int(pixels.shape[0]),
             "per_scale": [round(p, 6) for p in per_scale],
             "overall": round(same / sum(a.numel() for a in mine), 6),
         }
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(pixels)
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # lets the copy run asynchronously with respect to the host
+    def _to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, R, R) from the host (numpy) or already on the device (device decode) -> model input."""
+        if isinstance(pixels, torch.Tensor):
+            x = pixels.to(self.device)
+        else:
+            host = torch.from_numpy(pixels)
+            if self.device.type == "cuda":
+                host = host.pin_memory()  # lets the copy run asynchronously with respect to the host
+            x = host.to(self.device, non_blocking=True)
         # ToTensor's x/255, then VAR's x + x - 1 (bit-identical to x*2 - 1)
-        return host.to(self.device, non_blocking=True).float().div_(255).mul_(2).sub_(1)
+        return x.float().div_(255).mul_(2).sub_(1)
 
-    def _codes(self, x: torch.Tensor, precision: str) -> list[torch.Tensor]:
-        with precision_mode(_flags_mode(precision)):
-            if precision != "bf16":
+    def _codes(self, x: torch.Tensor, exact: bool) -> list[torch.Tensor]:
+        if exact or self.mode.exact:
+            with precision_mode("exact"):
                 return self.model.img_to_idxBl(x)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                f = self.model.encode_latent(x)
-            return self.model.quantize.f_to_idxBl(f.float())
+        with precision_mode(_flags_mode(self.precision)):
+            if self.mode.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                f = self._latent(x)
+            # The quantizer's interpolations and φ convs round by memory layout: give it VAR's layout.
+            return self.model.quantize.f_to_idxBl(f.float().contiguous())
 
 
 def _flags_mode(precision: str) -> str:

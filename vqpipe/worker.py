@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, storage
-from .config import JobConfig
+from .config import CPU_ALLOCATOR_ENV, JobConfig
 from .encode import Encoder, build_encoder
 from .errors import SampleError, ShardError
 from .ledger import Ledger
@@ -125,13 +125,14 @@ class ShardWorker:
             "input_bytes": counts["input_bytes"],
             **sizes,
             "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
-            "precision": self.config.model.precision,
+            "precision": self.encoder.mode.name,
             "agreement_with_exact": agreement,
             "wall_seconds": round(time.time() - started, 4),
             "started": started,
             "attempt": attempt,
             "host": socket.gethostname(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "allocator_env": {k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
             "pid": os.getpid(),
             "vqpipe_version": __version__,
         }
@@ -168,7 +169,7 @@ class ShardWorker:
                 for batch in self._batches(decoded, writer, counts):
                     keys, labels, metas, pixels = zip(*batch)
                     pixels = np.stack(pixels)
-                    if agreement is None and self.encoder.precision != "exact":  # a per-shard sample of drift
+                    if agreement is None and not self.encoder.mode.exact:  # a per-shard sample of drift
                         agreement = self.encoder.agreement_with_exact(pixels)
                     codes, var_input = self.encoder(pixels, timer=clock.add)
                     out.put((keys, labels, metas, codes, var_input))
