@@ -46,7 +46,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from vqpipe.config import EncodeConfig, JobConfig, build_config  # noqa: E402
+from vqpipe.config import CPU_ALLOCATOR_ENV, EncodeConfig, JobConfig, build_config  # noqa: E402
 from vqpipe.encode import Encoder, build_encoder  # noqa: E402
 from vqpipe.errors import SampleError  # noqa: E402
 from vqpipe.preprocess import IMAGE_EXTENSIONS, preprocess  # noqa: E402
@@ -62,6 +62,11 @@ _PREPROCESS_MEMORY = 256 << 20  # a block of raw members plus its decoded pixels
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.allocator == "same" and not _cuda(args) and not _allocator_tuned():
+        # vqpipe's CPU actors run with CPU_ALLOCATOR_ENV; give every pipeline (this process, whose baselines
+        # run here, and the Ray it starts) the same allocator, or the comparison measures glibc, not pipelines.
+        # glibc reads these once, at process start: start again with them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CPU_ALLOCATOR_ENV})
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqpipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="exact", choices=("exact", "tf32", "bf16"))
+    p.add_argument("--channels-last", action="store_true", help="model.channels_last for every pipeline")
+    p.add_argument("--compile", action="store_true", help="model.compile (torch.compile) for every pipeline")
+    p.add_argument(
+        "--allocator",
+        default="same",
+        choices=("same", "default"),
+        help="CPU only. same (default): every pipeline runs with the glibc settings vqpipe gives its CPU actors "
+        "(run.tune_cpu_allocator); default: none does (vqpipe's tuning turned off)",
+    )
     p.add_argument(
         "--cpus", type=int, default=len(os.sched_getaffinity(0)), help="CPUs for Ray and the replica"
     )
@@ -115,10 +129,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- setup ----------------------------------------------------------------------------------------------------
 
 
+def _cuda(args: argparse.Namespace) -> bool:
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
+def _allocator_tuned() -> bool:
+    return all(os.environ.get(k) == v for k, v in CPU_ALLOCATOR_ENV.items())
+
+
 def job_dict(args: argparse.Namespace, inputs: list[str], output: Path) -> dict[str, Any]:
-    model = {"preset": args.preset, "precision": args.precision, "device": args.device}
+    model = {
+        "preset": args.preset,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "device": args.device,
+    }
     model.update({"checkpoint": args.checkpoint} if args.checkpoint else {"random_weights": True})
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = _cuda(args)
     return {
         "inputs": inputs,
         "output": str(output),
@@ -130,6 +158,7 @@ def job_dict(args: argparse.Namespace, inputs: list[str], output: Path) -> dict[
             "gpus_per_replica": 1 if cuda else 0,
             "speculative": False,
             "progress_interval_s": 3600,
+            "tune_cpu_allocator": args.allocator == "same",
         },
     }
 
@@ -483,8 +512,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "images": args.images,
             "shards": args.shards,
             "batch_size": args.batch_size,
-            "precision": args.precision,
+            "precision": encoder.mode.name,
             "cpus": args.cpus,
+            "allocator": args.allocator,
         },
         "machine": machine(encoder),
     }
