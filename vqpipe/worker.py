@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .encode import Encoder, build_encoder
 from .errors import SampleError, ShardError
 from .ledger import Ledger
 from .plan import Shard
-from .preprocess import preprocess
+from .preprocess import preprocess, probe_jpeg
 from .reader import RawSample, iter_samples
 from .schema import data_schema, file_metadata
 from .writer import ShardWriter
@@ -42,6 +42,12 @@ _SUPERSEDED_CHECK_S = 2.0  # how often a running shard looks for a done marker w
 
 class _Superseded(Exception):
     """Another attempt committed this shard while this one was running."""
+
+
+class _Jpeg(NamedTuple):
+    """A JPEG whose header checked out, left for the device to decode (`encode.decode = "device"`)."""
+
+    data: bytes
 
 
 class StageClock:
@@ -72,6 +78,11 @@ class ShardWorker:
         self.ledger = Ledger(config.output, config.storage_options)
         self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
         self.prefetch = max(2 * config.encode.batch_size, 4 * decode_threads)
+        self.device_decoder = None
+        if config.encode.decode == "device":
+            from .device_decode import DeviceDecoder  # torchvision: needed by this option only
+
+            self.device_decoder = DeviceDecoder(encoder.device, resolution)
 
     @classmethod
     def from_config(cls, cfg: JobConfig, expected_sha256: str | None = None) -> ShardWorker:
@@ -95,7 +106,7 @@ class ShardWorker:
             resolution=self.resolution,
             preset=self.config.model.preset,
             model_sha256=self.model_sha256,
-            precision=self.encoder.settings,
+            precision={**self.encoder.settings, "decode": enc.decode},
             shard={"id": shard.shard_id, "url": storage.redact(shard.url)},
             batch_size=enc.batch_size,
             vqpipe_version=__version__,
@@ -126,6 +137,7 @@ class ShardWorker:
             **sizes,
             "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
             "precision": self.encoder.mode.name,
+            "decode": enc.decode,
             "agreement_with_exact": agreement,
             "wall_seconds": round(time.time() - started, 4),
             "started": started,
@@ -167,10 +179,15 @@ class ShardWorker:
                 contextlib.closing(self._decoded(stream, shard, clock)) as decoded,
             ):
                 for batch in self._batches(decoded, writer, counts):
-                    keys, labels, metas, pixels = zip(*batch)
-                    pixels = np.stack(pixels)
-                    if agreement is None and not self.encoder.mode.exact:  # a per-shard sample of drift
-                        agreement = self.encoder.agreement_with_exact(pixels)
+                    if self.device_decoder is not None:
+                        batch, pixels = self._decode_on_device(batch, writer, clock)
+                        if not batch:
+                            continue
+                    else:
+                        pixels = np.stack([item[3] for item in batch])
+                    keys, labels, metas, _ = zip(*batch)
+                    if agreement is None and not self._exact:  # a per-shard sample of drift
+                        agreement = self._agreement(batch, pixels)
                     codes, var_input = self.encoder(pixels, timer=clock.add)
                     out.put((keys, labels, metas, codes, var_input))
                     if on_progress:
@@ -190,16 +207,54 @@ class ShardWorker:
             sizes = clock.timed("write", writer.commit)
         return sizes, errors, agreement
 
+    @property
+    def _exact(self) -> bool:
+        return self.encoder.mode.exact and self.device_decoder is None
+
+    def _agreement(self, batch: list, pixels: Any) -> dict[str, Any]:
+        """Codes of this batch as configured vs. exact (PIL pixels, exact encoder), per scale."""
+        exact_pixels = None
+        if self.device_decoder is not None:
+            exact_pixels = np.stack([self._pil_pixels(item[3]) for item in batch])
+        report = self.encoder.agreement_with_exact(pixels, exact_pixels=exact_pixels)
+        return {**report, "decode": self.config.encode.decode}
+
+    def _pil_pixels(self, item: Any) -> np.ndarray:
+        if isinstance(item, _Jpeg):
+            return preprocess(item.data, self.resolution, self.config.encode.max_image_pixels)
+        return item
+
+    def _decode_on_device(self, batch: list, writer: ShardWriter, clock: StageClock) -> tuple[list, Any]:
+        """Decode the batch's JPEGs on the device. One the device cannot decode takes the exact PIL path, which
+        gives it its proper error reason if it is broken; the batch keeps the others, in order."""
+        jpegs = [item[3].data for item in batch if isinstance(item[3], _Jpeg)]
+        decoded = iter(clock.timed("decode_device", self.device_decoder, jpegs))
+        kept, pixels = [], []
+        for item in batch:
+            result = next(decoded) if isinstance(item[3], _Jpeg) else item[3]
+            if isinstance(result, Exception):
+                try:
+                    result = clock.timed("decode", self._pil_pixels, item[3])
+                except SampleError as e:
+                    writer.add_error(item[0], e.reason, e.detail)
+                    continue
+            kept.append(item)
+            pixels.append(result)
+        return kept, (self.device_decoder.stack(pixels) if kept else None)
+
     def _decoded(self, stream, shard: Shard, clock: StageClock) -> Iterator[tuple[RawSample, Any]]:
         """Samples in tar order with their pixels (or SampleError); reading and decoding run ahead in threads."""
         futures: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         resolution, max_pixels = self.resolution, self.config.encode.max_image_pixels
+        on_device = self.device_decoder is not None
 
         def decode(sample: RawSample) -> Any:
             if sample.error is not None:
                 return sample.error
             try:
+                if on_device and clock.timed("decode", probe_jpeg, sample.image, max_pixels) is not None:
+                    return _Jpeg(sample.image)
                 return clock.timed("decode", preprocess, sample.image, resolution, max_pixels)
             except SampleError as e:
                 return e
