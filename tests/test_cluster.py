@@ -511,3 +511,22 @@ class TestFailures:
         # Nothing runs during the 3 s of backoff: the driver sleeps through it (it used to spin a core on
         # ray.wait([]), which returns at once).
         assert cpu < 1.0
+
+
+@pytest.mark.parametrize(
+    "nodes, gpus, replicas, want",
+    [
+        ([{"CPU": 96, "GPU": 8}], 1, 8, 12),  # each GPU's replica gets its share of the node's CPUs
+        # the smallest share, so that every replica fits
+        ([{"CPU": 96, "GPU": 8}, {"CPU": 16, "GPU": 4}], 1, 12, 4),
+        ([{"CPU": 4}, {"CPU": 16, "GPU": 2}], 2, 1, 16),  # CPU-only nodes don't count for GPU replicas
+        ([{"CPU": 8}], 1, 1, 1),  # GPU nodes not up yet (autoscaler): the old default
+        ([{"CPU": 2}], 0, 1, 2),  # CPU-only, one replica: every CPU
+        ([{"CPU": 8}, {"CPU": 4}], 0, 4, 3),  # the cluster's CPUs shared by the replicas
+        ([{"CPU": 8}, {"CPU": 4}], 0, 1, 8),  # ... but never more than one node has
+    ],
+)
+def test_cpus_per_replica_default_follows_the_cluster(nodes, gpus, replicas, want):
+    from vqpipe.cluster import replica_cpus
+
+    assert replica_cpus(nodes, gpus, replicas) == want

@@ -89,6 +89,7 @@ def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir)
         assert done["rows"] + done["errors"] == done["samples"]
         assert set(done["seconds"]) >= {"read", "decode", "encode", "write"}
         assert done["allocator_env"] == CPU_ALLOCATOR_ENV  # CPU replicas keep freed memory by default
+        assert done["decode_threads"] == 2  # the local cluster's 2 CPUs, given to its one replica
 
 
 def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_dir):

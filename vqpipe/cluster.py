@@ -48,6 +48,23 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def replica_cpus(nodes: list[dict[str, float]], gpus_per_replica: float, replicas: int) -> int:
+    """CPUs per replica when run.cpus_per_replica is not set. With GPUs: a GPU node's CPUs shared by the replicas
+    its GPUs hold (the smallest such share in the cluster), so that decoding keeps each GPU fed. Without: the
+    cluster's CPUs shared by the replicas, at most one node's worth. 1 when nothing fits (e.g. GPU nodes that an
+    autoscaler has not started yet: set run.cpus_per_replica there)."""
+    if gpus_per_replica > 0:
+        shares = [
+            n.get("CPU", 0) * gpus_per_replica / n["GPU"]
+            for n in nodes
+            if n.get("GPU", 0) >= gpus_per_replica
+        ]
+    else:
+        biggest = max((n.get("CPU", 0) for n in nodes), default=0)
+        shares = [min(biggest, sum(n.get("CPU", 0) for n in nodes) / max(1, replicas))]
+    return max(1, int(min(shares, default=1)))
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class EncoderActor:
     """One model replica. Restarts after a crash (state is rebuilt lazily); the driver retries its shards."""
@@ -79,7 +96,9 @@ class EncoderActor:
                 from .worker import ShardWorker
 
                 torch.set_num_threads(self.threads)
-                self.worker = ShardWorker.from_config(self.config, expected_sha256=self.expected_sha)
+                self.worker = ShardWorker.from_config(
+                    self.config, expected_sha256=self.expected_sha, cpus=self.threads
+                )
         return {"replica": self.replica, "device": str(self.worker.encoder.device), "pid": os.getpid()}
 
     def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
@@ -122,6 +141,7 @@ class Dispatcher:
         self.running: dict[Any, _Task] = {}  # ObjectRef -> task
         self.attempts: dict[str, int] = {}
         self.durations: list[float] = []
+        self._auto_cpus: int | None = None
 
     # -- actors ---------------------------------------------------------------------------------------------------
 
@@ -141,12 +161,12 @@ class Dispatcher:
         while len(self.actors) < self.wanted_replicas():
             idx = len(self.actors)
             actor = EncoderActor.options(
-                num_cpus=run.cpus_per_replica,
+                num_cpus=self._cpus(),
                 num_gpus=self._gpus(),
                 max_concurrency=run.in_flight_per_replica,
                 runtime_env=self._runtime_env(),
                 name=None,
-            ).remote(self.config, self.sha, f"replica-{idx}", max(1, int(run.cpus_per_replica)))
+            ).remote(self.config, self.sha, f"replica-{idx}", max(1, int(self._cpus())))
             self.actors.append(actor)
         if first:
             try:
@@ -157,6 +177,18 @@ class Dispatcher:
                     raise CheckpointError(str(cause).splitlines()[-1]) from None
                 raise
             logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
+
+    def _cpus(self) -> float:
+        """run.cpus_per_replica, or (not set) the share decided from the cluster as it is at the first scale."""
+        if self.config.run.cpus_per_replica is not None:
+            return self.config.run.cpus_per_replica
+        if self._auto_cpus is None:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            self._auto_cpus = replica_cpus(nodes, self._gpus(), self.wanted_replicas())
+            logger.info(
+                "%d CPUs per replica (decode threads; set run.cpus_per_replica to choose)", self._auto_cpus
+            )
+        return self._auto_cpus
 
     def _runtime_env(self) -> dict[str, Any] | None:
         """Environment of the actor process, set before it starts (glibc reads MALLOC_* once, at start)."""
@@ -175,7 +207,7 @@ class Dispatcher:
             if ready:
                 return ray.get(ref)
             waited = time.monotonic() - started
-            need = f"{run.cpus_per_replica:g} CPU + {self._gpus():g} GPU per replica"
+            need = f"{self._cpus():g} CPU + {self._gpus():g} GPU per replica"
             have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             if waited >= run.placement_timeout_s:
                 raise ShardError(

@@ -69,7 +69,7 @@ class RunConfig:
 
     address: str | None = None  # Ray address; None: RAY_ADDRESS, a Ray job's cluster, or a local cluster
     replicas: int = 0  # 0: one per GPU in the cluster, or one on a CPU-only cluster
-    cpus_per_replica: float = 1.0
+    cpus_per_replica: float | None = None  # None: a GPU node's CPUs shared by its replicas (decode threads)
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
     in_flight_per_replica: int = 2  # shards queued per actor so the next one streams while one encodes
     max_attempts: int = 3
@@ -218,7 +218,8 @@ def _validate(cfg: JobConfig) -> None:
     _positive("encode.rows_per_group", e.rows_per_group)
     _at_least("encode.decode_threads", e.decode_threads, 0)
     _at_least("run.replicas", r.replicas, 0)
-    _positive("run.cpus_per_replica", r.cpus_per_replica)
+    if r.cpus_per_replica is not None:
+        _positive("run.cpus_per_replica", r.cpus_per_replica)
     if r.gpus_per_replica is not None:
         _at_least("run.gpus_per_replica", r.gpus_per_replica, 0)
     _positive("run.in_flight_per_replica", r.in_flight_per_replica)

@@ -76,7 +76,8 @@ class ShardWorker:
         self.config, self.encoder = config, encoder
         self.resolution, self.model_sha256 = resolution, model_sha256
         self.ledger = Ledger(config.output, config.storage_options)
-        self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        self.decode_threads = max(1, decode_threads)
+        self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.prefetch = max(2 * config.encode.batch_size, 4 * decode_threads)
         self.device_decoder = None
         if config.encode.decode == "device":
@@ -85,10 +86,13 @@ class ShardWorker:
             self.device_decoder = DeviceDecoder(encoder.device, resolution)
 
     @classmethod
-    def from_config(cls, cfg: JobConfig, expected_sha256: str | None = None) -> ShardWorker:
+    def from_config(
+        cls, cfg: JobConfig, expected_sha256: str | None = None, cpus: int | None = None
+    ) -> ShardWorker:
+        """`cpus`: the CPUs this replica was given (decode threads unless encode.decode_threads says)."""
         encoder, sha, resolution = build_encoder(cfg, expected_sha256)
-        threads = cfg.encode.decode_threads or max(1, int(cfg.run.cpus_per_replica))
-        return cls(cfg, encoder, resolution, sha, threads)
+        cpus = cpus or max(1, int(cfg.run.cpus_per_replica or 1))
+        return cls(cfg, encoder, resolution, sha, cfg.encode.decode_threads or cpus)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -144,6 +148,7 @@ class ShardWorker:
             "attempt": attempt,
             "host": socket.gethostname(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "decode_threads": self.decode_threads,
             "allocator_env": {k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
             "pid": os.getpid(),
             "vqpipe_version": __version__,
