@@ -84,6 +84,10 @@ class ShardWorker:
             from .device_decode import DeviceDecoder  # torchvision: needed by this option only
 
             self.device_decoder = DeviceDecoder(encoder.device, resolution)
+            if encoder.device.type == "cpu":
+                logger.warning(
+                    "encode.decode = device on a CPU replica: not VAR-exact, and slower than PIL there"
+                )
 
     @classmethod
     def from_config(
