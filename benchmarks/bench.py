@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.images, args.shards, args.mem_images = 32, 2, args.batch_size
     if args.images % args.shards:
         p.error("--images must be a multiple of --shards")
+    if "raydata" not in args.skip and args.cpus < 2:
+        # The recipe's encoder actor holds one CPU; its preprocessing tasks need another, or they never run.
+        p.error("the Ray Data recipe needs --cpus 2 or more (or --skip raydata)")
     if (
         "memory" not in args.skip and args.mem_images < args.batch_size
     ):  # a shard smaller than a batch runs smaller batches: less memory
@@ -321,6 +324,7 @@ def start_ray(cpus: int, cuda: bool) -> float:
 
     t = time.perf_counter()
     ray.init(
+        address="local",  # always a new private cluster, never one already running on this machine
         num_cpus=cpus,
         num_gpus=torch.cuda.device_count() if cuda else 0,
         include_dashboard=False,
