@@ -68,7 +68,11 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
-    g.add_argument("--cpus-per-replica", type=float)
+    g.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        help="CPUs (decode threads) per actor (default: a GPU node's CPUs divided among its GPUs)",
+    )
     g.add_argument(
         "--gpus-per-replica",
         type=float,
