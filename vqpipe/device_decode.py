@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SampleError
-from .preprocess import DEFAULT_MAX_PIXELS, resized_size
+from .preprocess import DEFAULT_MAX_PIXELS, checked_resized_size, resized_size
 
 logger = logging.getLogger(__name__)
 
@@ -172,16 +172,13 @@ class DeviceDecoder:
         return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=False)
 
     def _too_large(self, img: torch.Tensor) -> SampleError | None:
-        # As preprocess.val_transform: an extreme strip (1×4000) would resize to gigabytes.
+        # The PIL path's guard: an extreme strip (1×4000) would resize to gigabytes.
         height, width = img.shape[-2:]
-        new_w, new_h = resized_size(width, height, self.resolution)
-        if self.max_resized_pixels is None or new_w * new_h <= self.max_resized_pixels:
-            return None
-        return SampleError(
-            "too_large",
-            f"{width}x{height} would resize to {new_w}x{new_h} = {new_w * new_h:,} pixels "
-            f"> {self.max_resized_pixels:,}",
-        )
+        try:
+            checked_resized_size(width, height, self.resolution, self.max_resized_pixels)
+        except SampleError as e:
+            return e
+        return None
 
 
 def _one_line(text: str) -> str:

@@ -199,6 +199,20 @@ def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return int(mid * width / height), mid
 
 
+def checked_resized_size(
+    width: int, height: int, resolution: int, max_resized_pixels: int | None
+) -> tuple[int, int]:
+    """`resized_size`, or `too_large` when the resized image would exceed `max_resized_pixels` (None: no limit).
+    Only extreme aspect ratios get there: a 1×4000 strip would become 1,152,000×288."""
+    new_w, new_h = resized_size(width, height, resolution)
+    if max_resized_pixels is not None and new_w * new_h > max_resized_pixels:
+        raise SampleError(
+            "too_large",
+            f"{width}x{height} would resize to {new_w}x{new_h} = {new_w * new_h:,} pixels > {max_resized_pixels:,}",
+        )
+    return new_w, new_h
+
+
 def val_transform(
     img: Image.Image, resolution: int, max_resized_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
@@ -214,12 +228,7 @@ def val_transform(
     if img.mode != "RGB":
         img = img.convert("RGB")
     width, height = img.size
-    new_w, new_h = resized_size(width, height, resolution)
-    if max_resized_pixels is not None and new_w * new_h > max_resized_pixels:
-        raise SampleError(
-            "too_large",
-            f"{width}x{height} would resize to {new_w}x{new_h} = {new_w * new_h:,} pixels > {max_resized_pixels:,}",
-        )
+    new_w, new_h = checked_resized_size(width, height, resolution, max_resized_pixels)
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
 
