@@ -97,7 +97,8 @@ class Encoder:
         self.mode = EncoderMode(mode) if isinstance(mode, str) else mode
         self.model, self.device, self.layout = loaded.model, device, layout
         self._lock = threading.Lock()  # one batch on the device at a time; precision flags are process-global
-        self._latent = self._fast_latent() if not self.mode.exact else self.model.encode_latent
+        # The exact path runs the model itself (`_codes`); only other modes need their own latent function.
+        self._latent = None if self.mode.exact else self._fast_latent()
 
     @property
     def precision(self) -> str:
