@@ -10,6 +10,7 @@ as `from browser import load_page`; also a command that saves a screenshot:
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -103,10 +104,8 @@ class _DevTools:
                 return
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already gone
             self.call("Browser.close")
-        except Exception:  # noqa: BLE001 - already gone
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -42,6 +43,13 @@ class InspectOptions:
     seed: int = 0
     usage_rows: int = 1_000_000  # rows counted for codebook usage (whole shards, seeded, when OUT has more)
     storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "usage_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"inspect: {name} must be at least 1, got {getattr(self, name)}")
+        if self.grid_rows < 0:
+            raise ConfigError(f"inspect: grid rows must be 0 or more, got {self.grid_rows}")
 
     @property
     def uses_model(self) -> bool:
@@ -143,7 +151,7 @@ class OutputReader:
         rows = []
         for shard_id in self.markers:
             t = self.data_file(shard_id).read(columns=["key", "label", "codes"])
-            t = t.filter(pc.is_in(t["key"], value_set=__import__("pyarrow").array(keys)))
+            t = t.filter(pc.is_in(t["key"], value_set=pa.array(keys, pa.string())))
             codes = _codes(t)
             rows += [
                 Row(shard_id, k, lab, c)
@@ -197,7 +205,7 @@ class OutputReader:
 def _codes(table: Any) -> np.ndarray:
     col = table.column("codes")
     flat = (col.combine_chunks() if hasattr(col, "combine_chunks") else col).flatten().to_numpy()
-    return flat.reshape(len(table), -1)
+    return flat.reshape(len(table), col.type.list_size)
 
 
 def usage_stats(counts: list[np.ndarray], patch_nums: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -280,6 +288,9 @@ def inspect(opts: InspectOptions) -> str:
         raise ConfigError(f"{storage.redact(opts.output)}: no committed shard (done/*.json) to inspect")
     stats = {"output": storage.redact(opts.output), **gather_status(reader)}
     counts, counted = reader.code_counts(opts.usage_rows, opts.seed)
+    if reader.layout is None:  # every committed shard is empty: the layout still comes from a data file
+        reader.data_file(next(iter(reader.markers)))
+        counts = [np.zeros(reader.layout.vocab_size, np.int64) for _ in reader.layout.patch_nums]
     lay = reader.layout
     stats["layout"] = {
         "preset": lay.preset,
@@ -298,18 +309,19 @@ def inspect(opts: InspectOptions) -> str:
     }
     stats["stages"] = stage_stats(reader.markers)
     figures: dict[str, bytes] = {}
-    if opts.uses_model:
+    if opts.uses_model and stats["rows"]:
         from .reconstruct import measure
 
         quality, grid, note = measure(reader, opts)
         stats["quality"], stats["model_note"] = quality, note
-        figures["reconstructions"], stats["quality"]["grid"] = report.reconstruction_figure(
-            grid, lay.patch_nums
-        )
+        if grid:
+            figures["reconstructions"], quality["grid"] = report.reconstruction_figure(grid, lay.patch_nums)
     else:
         stats["quality"] = None
         stats["model_note"] = (
-            "Reconstructions and PSNR/SSIM are left out: they need the tokenizer. Run with --checkpoint URL "
+            "No committed rows to reconstruct."
+            if opts.uses_model
+            else "Reconstructions and PSNR/SSIM are left out: they need the tokenizer. Run with --checkpoint URL "
             "(the checkpoint the tokens were made with) or --random-weights."
         )
     figures["codebook_usage"] = report.codebook_figure(counts, stats["codebook"]["scales"])

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_DECODE_BATCH = 8  # images per decoder call: bounds memory at 512 px, and a CPU gains nothing from more
+# Rows are decoded one at a time: float convolutions may round differently with another batch composition,
+# and a key must give the same picture whichever other rows were sampled with it (report, `vqpipe decode`).
+_DECODE_BATCH = 1
+_ENCODE_BATCH = 8  # re-encoding originals: a memory bound
 
 
 @dataclass(frozen=True)
@@ -204,8 +207,8 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
     # Re-encoding the originals checks the whole chain: same preprocessing, same model, same codes.
     have = [i for i, r in enumerate(rows) if not isinstance(originals[r.shard_id, r.key], str)]
     agree = {}
-    for i in range(0, len(have), _DECODE_BATCH):
-        part = have[i : i + _DECODE_BATCH]
+    for i in range(0, len(have), _ENCODE_BATCH):
+        part = have[i : i + _ENCODE_BATCH]
         recoded = decoder.encode(np.stack([originals[rows[j].shard_id, rows[j].key] for j in part]))
         agree.update((j, float((c == codes[j]).mean())) for j, c in zip(part, recoded))
     per_sample, missing = [], []

@@ -212,7 +212,8 @@ def html_page(stats: dict[str, Any], figures: dict[str, bytes]) -> str:
             "the first are shown: original (preprocessed as the job did), decoded, and the picture after "
             "each scale.</p>"
         )
-        parts.append(_img(figures["reconstructions"], "reconstructions", zoom=True))
+        if "reconstructions" in figures:
+            parts.append(_img(figures["reconstructions"], "reconstructions", zoom=True))
         metric_rows = [
             [
                 m,
