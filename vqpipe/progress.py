@@ -2,7 +2,8 @@
 
 Anywhere else (Ray job logs, CI, a pipe) `job.Progress` writes plain log lines instead: a bar's carriage
 returns would make a log file unreadable. While the bar is shown, vqpipe's log lines are printed above it
-(tqdm's logging redirect) instead of through it.
+(tqdm's logging redirect) instead of through it; lines that Ray's log monitor prints for the actors
+are not log records and can still cross it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} shards [{elapsed}<{remaining}] {postfix}"
+_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} shards [{elapsed}<{remaining}{postfix}]"
+_LOGGERS = ("vqpipe", "ray")  # whose console lines are printed above the bar instead of through it
 
 
 class TerminalBar:
@@ -29,7 +31,9 @@ class TerminalBar:
         self._stack = contextlib.ExitStack()
         self._bar = tqdm(total=total, file=stream, bar_format=_FORMAT, dynamic_ncols=True, smoothing=0.1)
         self._stack.callback(self._bar.close)
-        self._stack.enter_context(logging_redirect_tqdm([logging.getLogger("vqpipe")], tqdm_class=tqdm))
+        self._stack.enter_context(
+            logging_redirect_tqdm([logging.getLogger(n) for n in _LOGGERS], tqdm_class=tqdm)
+        )
 
     def update(self, progress: Any, replicas: int | None = None) -> None:
         """Redraw from a `job.Progress` (tqdm limits redraws to ten a second)."""
