@@ -7,6 +7,7 @@ Chromium (skipped where there is none; CI installs it).
 """
 
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -210,7 +211,11 @@ def test_page_escapes_keys_and_inlines_every_image(report):
     assert "http://" not in page and "https://" not in page  # nothing to fetch: it opens offline
 
 
-@pytest.mark.skipif(find_browser() is None, reason="no Chromium (CI installs it: apt-get install chromium)")
+NO_BROWSER = find_browser() is None and not os.environ.get("VQPIPE_REQUIRE_BROWSER")  # CI sets it
+needs_browser = pytest.mark.skipif(NO_BROWSER, reason="no Chromium (CI installs it: apt-get install chromium)")
+
+
+@needs_browser
 def test_page_loads_in_headless_chromium_with_every_image(report):
     report_dir, _ = report
     page = load_page(report_dir / "index.html")
@@ -221,7 +226,7 @@ def test_page_loads_in_headless_chromium_with_every_image(report):
     assert page.title.startswith("vqpipe inspect")
 
 
-@pytest.mark.skipif(find_browser() is None, reason="no Chromium (CI installs it: apt-get install chromium)")
+@needs_browser
 def test_the_browser_check_sees_broken_images_and_console_errors(tmp_path):
     page = tmp_path / "broken.html"
     page.write_text(
