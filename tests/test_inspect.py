@@ -212,7 +212,9 @@ def test_page_escapes_keys_and_inlines_every_image(report):
 
 
 NO_BROWSER = find_browser() is None and not os.environ.get("VQPIPE_REQUIRE_BROWSER")  # CI sets it
-needs_browser = pytest.mark.skipif(NO_BROWSER, reason="no Chromium (CI installs it: apt-get install chromium)")
+needs_browser = pytest.mark.skipif(
+    NO_BROWSER, reason="no Chromium (CI installs it: apt-get install chromium)"
+)
 
 
 @needs_browser
@@ -275,3 +277,30 @@ def test_bad_inspect_arguments_are_usage_errors(out, tmp_path, caplog):
     assert "samples must be at least 1" in caplog.text
     assert main(["inspect", str(tmp_path / "nothing"), "--report", str(tmp_path)]) == 2
     assert "no committed shard" in caplog.text
+
+
+def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
+    """OUT on another filesystem (fsspec's memory://, read through vqpipe.storage): same numbers; the report
+    goes to ./<name>-report by default."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(out), "/remote/out", recursive=True)
+    monkeypatch.chdir(tmp_path)
+    try:
+        args = [
+            "inspect",
+            "memory://remote/out",
+            "--random-weights",
+            "--samples",
+            str(SAMPLES),
+            "--grid",
+            "1",
+        ]
+        assert main(args) == 0
+    finally:
+        fs.rm("/remote", recursive=True)
+    remote = json.loads((tmp_path / "out-report" / "stats.json").read_text())
+    _, local = report
+    assert remote["codebook"] == local["codebook"] and remote["errors_by_reason"] == local["errors_by_reason"]
+    assert remote["quality"]["per_sample"] == local["quality"]["per_sample"]

@@ -8,12 +8,14 @@ are drawn by `vqpipe.report`; the model side lives in `vqpipe.reconstruct`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,11 +113,16 @@ class OutputReader:
         reader.markers = ledger.read_done_many(sorted(ledger.done_ids()))
         return reader
 
-    def data_file(self, shard_id: str) -> pq.ParquetFile:
+    @contextlib.contextmanager
+    def data_file(self, shard_id: str) -> Iterator[pq.ParquetFile]:
         """The shard's data file (column chunks are fetched only when read), its layout checked."""
         url = self.ledger.data_url(shard_id)
-        f = pq.ParquetFile(storage.open_input(url, self.ledger.storage_options))
-        meta = json.loads((f.schema_arrow.metadata or {})[b"vqpipe"])
+        with storage.open_input(url, self.ledger.storage_options) as raw:
+            f = pq.ParquetFile(raw)
+            self._check_layout(url, json.loads((f.schema_arrow.metadata or {})[b"vqpipe"]))
+            yield f
+
+    def _check_layout(self, url: str, meta: dict[str, Any]) -> None:
         layout = Layout.from_metadata(meta)
         if self.layout is None:
             self.layout = layout
@@ -124,7 +131,6 @@ class OutputReader:
                 f"{url}: tokens of another layout ({layout.preset}, scales {layout.patch_nums}) than the "
                 f"other shards ({self.layout.preset}, scales {self.layout.patch_nums})"
             )
-        return f
 
     def sample_rows(self, n: int, seed: int) -> list[Row]:
         """n committed rows drawn uniformly without replacement (seeded), in the order drawn."""
@@ -140,7 +146,8 @@ class OutputReader:
             by_shard.setdefault(s, []).append(i)
         found: dict[tuple[int, int], Row] = {}
         for s, rows in by_shard.items():
-            t = self.data_file(ids[s]).read(columns=["key", "label", "codes"]).take(rows)
+            with self.data_file(ids[s]) as f:
+                t = f.read(columns=["key", "label", "codes"]).take(rows)
             codes = _codes(t)
             for j, i in enumerate(rows):
                 found[s, i] = Row(ids[s], t["key"][j].as_py(), t["label"][j].as_py(), codes[j])
@@ -150,8 +157,11 @@ class OutputReader:
         """Every committed row whose key is in `keys` (a key may occur in several shards)."""
         rows = []
         for shard_id in self.markers:
-            t = self.data_file(shard_id).read(columns=["key", "label", "codes"])
-            t = t.filter(pc.is_in(t["key"], value_set=pa.array(keys, pa.string())))
+            with self.data_file(shard_id) as f:
+                hits = pc.is_in(f.read(columns=["key"])["key"], value_set=pa.array(keys, pa.string()))
+                if not pc.any(hits).as_py():
+                    continue
+                t = f.read(columns=["key", "label", "codes"]).filter(hits)
             codes = _codes(t)
             rows += [
                 Row(shard_id, k, lab, c)
@@ -168,15 +178,16 @@ class OutputReader:
         counts: list[np.ndarray] | None = None
         counted = 0
         for s in order:
-            f = self.data_file(ids[s])
-            offsets, vocab = self.layout.offsets, self.layout.vocab_size
-            if counts is None:
-                counts = [np.zeros(vocab, np.int64) for _ in self.layout.patch_nums]
-            for batch in f.iter_batches(columns=["codes"], batch_size=8192):
-                codes = _codes(batch)
-                for k in range(len(counts)):
-                    counts[k] += np.bincount(codes[:, offsets[k] : offsets[k + 1]].ravel(), minlength=vocab)
-                counted += len(codes)
+            with self.data_file(ids[s]) as f:
+                offsets, vocab = self.layout.offsets, self.layout.vocab_size
+                if counts is None:
+                    counts = [np.zeros(vocab, np.int64) for _ in self.layout.patch_nums]
+                for batch in f.iter_batches(columns=["codes"], batch_size=8192):
+                    codes = _codes(batch)
+                    for k in range(len(counts)):
+                        scale = codes[:, offsets[k] : offsets[k + 1]].ravel()
+                        counts[k] += np.bincount(scale, minlength=vocab)
+                    counted += len(codes)
             if counted >= max_rows:
                 break
         return counts or [], counted
@@ -193,7 +204,9 @@ class OutputReader:
             if not rec.get("errors"):
                 continue
             url = self.ledger.errors_url(shard_id)
-            for e in pq.read_table(storage.open_input(url, self.ledger.storage_options)).to_pylist():
+            with storage.open_input(url, self.ledger.storage_options) as f:
+                errors = pq.read_table(f).to_pylist()
+            for e in errors:
                 if len(examples.setdefault(e["reason"], [])) < _EXAMPLES_PER_REASON:
                     examples[e["reason"]].append({"shard": shard_id, "key": e["key"], "detail": e["detail"]})
         return examples
@@ -289,7 +302,8 @@ def inspect(opts: InspectOptions) -> str:
     stats = {"output": storage.redact(opts.output), **gather_status(reader)}
     counts, counted = reader.code_counts(opts.usage_rows, opts.seed)
     if reader.layout is None:  # every committed shard is empty: the layout still comes from a data file
-        reader.data_file(next(iter(reader.markers)))
+        with reader.data_file(next(iter(reader.markers))):
+            pass
         counts = [np.zeros(reader.layout.vocab_size, np.int64) for _ in reader.layout.patch_nums]
     lay = reader.layout
     stats["layout"] = {

@@ -122,12 +122,15 @@ def _shade(k: int, n: int) -> tuple[float, ...]:
 
 def throughput_figure(stages: dict[str, Any]) -> bytes:
     """Left: images per stage-second (seconds summed over shards and threads). Right: seconds per shard."""
+    from matplotlib.ticker import NullFormatter
+
     fig = _figure(THROUGHPUT_SIZE)
     ax_stage, ax_shard = fig.subplots(1, 2)
     # Waiting (wait_input, wait_device) is not work: it shows in the page's table, not as a throughput.
     rates = {k: v for k, v in stages["images_per_stage_second"].items() if not k.startswith("wait")}
     ax_stage.barh(list(rates), list(rates.values()), color="tab:blue")
     ax_stage.set(xscale="log", xlabel="images per stage-second", title="throughput by stage")
+    ax_stage.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
     walls = sorted(
         ((rec["wall_seconds"] or 0.0, shard) for shard, rec in stages["per_shard"].items()), reverse=True
     )
