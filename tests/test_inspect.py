@@ -8,6 +8,7 @@ Chromium (skipped where there is none; CI installs it).
 
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -304,3 +305,36 @@ def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
     _, local = report
     assert remote["codebook"] == local["codebook"] and remote["errors_by_reason"] == local["errors_by_reason"]
     assert remote["quality"]["per_sample"] == local["quality"]["per_sample"]
+
+
+def test_an_original_that_cannot_be_fetched_is_named_and_left_grey(out, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    marker = copy / "done" / "part-000000.json"
+    rec = json.loads(marker.read_text())
+    rec["input"]["url"] = str(tmp_path / "moved-away.tar")
+    marker.write_text(json.dumps(rec))
+    report_dir = tmp_path / "report"
+    args = [
+        "inspect",
+        str(copy),
+        "--random-weights",
+        "--samples",
+        "6",
+        "--grid",
+        "6",
+        "--report",
+        str(report_dir),
+    ]
+    assert main(args) == 0
+    q = json.loads((report_dir / "stats.json").read_text())["quality"]
+    lost = [s for s in q["per_sample"] if s["shard"] == "part-000000"]
+    assert lost and len(lost) < 6  # the seed draws rows from several shards
+    assert [m["key"] for m in q["missing_originals"]] == [s["key"] for s in lost]
+    assert all("moved-away.tar" in m["reason"] and "psnr" not in m for m in q["missing_originals"])
+    assert q["psnr"]["n"] == 6 - len(lost)
+    png = np.asarray(Image.open(report_dir / "reconstructions.png").convert("RGB"))
+    g = q["grid"]
+    for top, sample in zip(g["row_tops"], q["per_sample"]):
+        first = png[top : top + g["cell"], g["columns"][0]["left"] : g["columns"][0]["left"] + g["cell"]]
+        assert (first == 128).all() == (sample["shard"] == "part-000000")

@@ -239,9 +239,9 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
     for row, rec, img, steps in zip(rows[:n], per_sample, images, decoder.progressive(codes[:n])):
         orig = originals[row.shard_id, row.key]
         label = f"{row.key} · {row.shard_id} · " + (
-            f"PSNR {_fmt(rec.get('psnr'))} dB, SSIM {_fmt(rec.get('ssim'), 3)}"
-            if "psnr" in rec
-            else rec["reason"]
+            f"no original: {orig}"
+            if isinstance(orig, str)
+            else f"PSNR {_fmt(rec.get('psnr'))} dB, SSIM {_fmt(rec.get('ssim'), 3)}"
         )
         grid.append(GridRow(label, None if isinstance(orig, str) else orig, img, steps))
     return quality, grid, note
