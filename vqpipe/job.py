@@ -165,7 +165,9 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
     from . import cluster
     from .progress import progress_bar
 
-    progress = Progress(len(todo), cfg.run.progress_interval_s, renderer=progress_bar(len(todo)))
+    progress = Progress(
+        total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))
+    )
     failed: dict[str, dict[str, Any]] = {}
 
     def on_done(shard: Shard, rec: dict[str, Any]) -> None:

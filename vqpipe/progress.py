@@ -56,4 +56,8 @@ def progress_bar(total: int, stream: IO[str] | None = None) -> TerminalBar | Non
     interactive = hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
     if not interactive or os.environ.get("VQPIPE_PROGRESS") == "lines":
         return None
-    return TerminalBar(total, stream)
+    try:
+        return TerminalBar(total, stream)
+    except ImportError:  # the bar is a nicety: without tqdm, the log lines still say everything
+        logger.info("no progress bar: tqdm is not installed")
+        return None
