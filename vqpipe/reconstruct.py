@@ -26,6 +26,7 @@ from .errors import ConfigError, SampleError, ShardError, StorageError
 from .model import PRESETS, exact_mode
 from .preprocess import DEFAULT_MAX_PIXELS, preprocess
 from .reader import iter_samples
+from .stats import summary_of
 
 if TYPE_CHECKING:
     from .inspect import InspectOptions, OutputReader
@@ -221,8 +222,6 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
             p = psnr(orig, img)
             rec.update(psnr=p if np.isfinite(p) else None, ssim=ssim(orig, img), codes_agree=agree[i])
         per_sample.append(rec)
-    from .inspect import summary_of
-
     quality = {
         "model": decoder.source,
         "model_sha256": decoder.sha256,
