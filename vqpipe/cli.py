@@ -1,4 +1,4 @@
-"""`vqpipe tokenize | status | sample`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config."""
+"""`vqpipe tokenize | status | inspect | decode | sample`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import IncompleteRunError, VqpipeError
+from .errors import ConfigError, IncompleteRunError, VqpipeError
 from .logs import setup_logging
 
 logger = logging.getLogger("vqpipe.cli")
@@ -177,7 +177,7 @@ def run_status(args: argparse.Namespace) -> int:
     storage_options = json.loads(args.storage_options) if args.storage_options else None
     st = read_status(Ledger(args.output.rstrip("/"), storage_options))
     if args.json:
-        print(json.dumps(st.to_dict(), indent=2))
+        print(json.dumps({**st.to_dict(), "complete": st.complete}, indent=2))
     else:
         d = st.to_dict()
         s = d["shards"]
@@ -190,6 +190,52 @@ def run_status(args: argparse.Namespace) -> int:
         for shard_id, reason in d["failed_shards"].items():
             print(f"failed:  {shard_id}: {reason}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUT")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help="the tokenizer checkpoint the tokens were made with (path or URL)")
+    g.add_argument("--random-weights", action="store_true", help="the preset's fixed-seed random weights")
+    p.add_argument("--model", dest="preset", help="preset (default: the one the data files name)")
+    p.add_argument("--storage-options", help="fsspec options as JSON")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import InspectOptions, inspect
+
+    opts = InspectOptions(
+        output=args.output.rstrip("/"),
+        report_dir=args.report,
+        checkpoint=args.checkpoint,
+        preset=args.preset,
+        random_weights=args.random_weights,
+        samples=args.samples,
+        grid_rows=args.grid,
+        seed=args.seed,
+        usage_rows=args.usage_rows,
+        storage_options=json.loads(args.storage_options) if args.storage_options else None,
+    )
+    out_dir = inspect(opts)
+    print(os.path.join(out_dir, "index.html"))
+    return EXIT_OK
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from .reconstruct import decode_keys
+
+    keys = [k for k in args.keys.split(",") if k]
+    if not args.checkpoint and not args.random_weights:
+        raise ConfigError("decode needs the tokenizer: --checkpoint URL (or --random-weights)")
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    paths, missing = decode_keys(args.output, keys, args.to, args.preset, args.checkpoint, storage_options)
+    for path in paths:
+        print(path)
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} key(s) not in any committed shard of {args.output}: {', '.join(missing)}"
+        )
+    return EXIT_OK
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -215,6 +261,25 @@ def parser() -> argparse.ArgumentParser:
         "--storage-options", help="fsspec options as JSON (credentials normally come from the environment)"
     )
     s.set_defaults(func=run_status, log_level=None)
+    i = sub.add_parser(
+        "inspect", help="a report on an output: reconstructions, codebook usage, errors, speed"
+    )
+    _model_arguments(i)
+    i.add_argument(
+        "--samples", type=int, default=32, help="rows whose reconstruction is measured (default 32)"
+    )
+    i.add_argument(
+        "--grid", type=int, default=8, help="of those, rows drawn in reconstructions.png (default 8)"
+    )
+    i.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    i.add_argument("--usage-rows", type=int, default=1_000_000, help="rows counted for codebook usage")
+    i.add_argument("--report", help="local report directory (default OUT/report)")
+    i.set_defaults(func=run_inspect, log_level=None)
+    d = sub.add_parser("decode", help="PNGs of the decoded codes of some keys, for spot checks")
+    _model_arguments(d)
+    d.add_argument("--keys", required=True, help="comma-separated keys")
+    d.add_argument("--to", required=True, help="directory for <key>.png")
+    d.set_defaults(func=run_decode, log_level=None)
     m = sub.add_parser("sample", help="write a small WebDataset of real photos for demos and tests")
     m.add_argument("dir")
     m.add_argument("--shards", type=int, default=4)

@@ -73,6 +73,7 @@ class Progress:
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
     _last: float = 0.0
+    renderer: Any = None  # a live bar on an interactive terminal (vqpipe.progress); None: log lines
 
     def record(self, rec: dict[str, Any]) -> None:
         self.done += 1
@@ -95,6 +96,9 @@ class Progress:
         return ", ".join(p for p in parts if p)
 
     def tick(self, replicas: int) -> None:
+        if self.renderer is not None:
+            self.renderer.update(self, replicas)
+            return
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
@@ -159,8 +163,11 @@ def tokenize(cfg: JobConfig) -> Summary:
 
 def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> dict[str, dict[str, Any]]:
     from . import cluster
+    from .progress import progress_bar
 
-    progress = Progress(total=len(todo), interval_s=cfg.run.progress_interval_s)
+    progress = Progress(
+        total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))
+    )
     failed: dict[str, dict[str, Any]] = {}
 
     def on_done(shard: Shard, rec: dict[str, Any]) -> None:
@@ -181,6 +188,10 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
         )
 
     cluster.connect(cfg.run.address)
-    cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick).run(todo)
+    try:
+        cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick).run(todo)
+    finally:
+        if progress.renderer is not None:
+            progress.renderer.close()
     logger.info("progress: %s", progress.line())
     return failed
