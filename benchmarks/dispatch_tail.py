@@ -37,8 +37,8 @@ def main() -> None:
             policy.durations.add(d)
         running = [Running(f"r-{i}", i, 0.0) for i in range(args.running)]
         loops = max(3, min(1000, 10_000_000 // n))
-        old = per_loop(lambda: sorted(durations)[len(durations) // 2], loops)
-        new = per_loop(lambda: policy.to_speculate(running, True, now=1.0), loops)
+        old = per_loop(lambda d=durations: sorted(d)[len(d) // 2], loops)
+        new = per_loop(lambda p=policy, r=running: p.to_speculate(r, True, now=1.0), loops)
         print(f"{n:>16} {old * 1e3:>12.3f}ms {new * 1e3:>14.3f}ms {old / new:>7.0f}x")
 
 
