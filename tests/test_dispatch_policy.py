@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from vqpipe import errors
-from vqpipe.dispatch_policy import DispatchPolicy, GiveUp, Ignore, Retry, Running, RunningMedian
+from vqpipe.dispatch_policy import DispatchPolicy, GiveUp, Ignore, Retry, Running, RunningMedian, ShardQueue
 
 
 def policy(**kw) -> DispatchPolicy:
@@ -126,3 +126,16 @@ def test_the_tail_loop_costs_the_same_however_many_shards_finished(n):
     finally:
         RunningMedian.value = property(real)
     assert calls == 1000  # one O(1) read per loop, not a sort of n durations
+
+
+def test_the_queue_serves_in_order_and_holds_retries_back_until_their_backoff_ends():
+    q = ShardQueue(["a", "b"])
+    q.retry_at("r2", not_before=20.0)
+    q.retry_at("r1", not_before=10.0)
+    assert len(q) == 4 and q.next_retry_in(now=0.0) == 10.0
+    assert q.peek(now=0.0) == "a" and q.pop() == "a"
+    assert q.peek(now=12.0) == "b"  # r1 is due now: it joins the back of the line
+    assert q.pop() == "b" and q.peek(now=12.0) == "r1" and q.pop() == "r1"
+    assert q.peek(now=19.0) is None and q.next_retry_in(now=19.0) == 1.0
+    assert q.peek(now=25.0) == "r2" and q.pop() == "r2"
+    assert len(q) == 0 and q.peek(now=99.0) is None and q.next_retry_in(now=99.0) is None

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
 from .config import CPU_ALLOCATOR_ENV, JobConfig
-from .dispatch_policy import DispatchPolicy, GiveUp, Retry, Running
+from .dispatch_policy import DispatchPolicy, GiveUp, Retry, Running, ShardQueue
 from .errors import CheckpointError, ShardError
 from .plan import Shard
 
@@ -244,7 +243,7 @@ class Dispatcher:
         return self.stop is not None and self.stop.requested
 
     def _loop(self, shards: list[Shard]) -> None:
-        queue: deque[tuple[float, Shard]] = deque((0.0, s) for s in shards)
+        queue: ShardQueue[Shard] = ShardQueue(shards)
         self.scale()
         last_scale = time.monotonic()
         while queue or self._waiting():
@@ -261,7 +260,7 @@ class Dispatcher:
             self._wait(queue)
             self.progress(len(self.actors) - len(self.recovering))
 
-    def _drain(self, queue: deque) -> None:
+    def _drain(self, queue: ShardQueue) -> None:
         """After a stop request: start nothing, give running shards run.stop_grace_s to commit (a second signal
         ends the wait), and leave the rest pending: a rerun resumes them."""
         grace = self.config.run.stop_grace_s
@@ -291,15 +290,19 @@ class Dispatcher:
     def _running(task: _Task) -> Running:
         return Running(task.shard.shard_id, task.actor, task.started)
 
-    def _wait(self, queue: deque, until: float | None = None) -> None:
+    def _wait(self, queue: ShardQueue, until: float | None = None) -> None:
         """Block until a shard finishes, a restarting actor answers, or a retry is due; at most _WAIT_S.
 
         Waiting on the running shards alone spun the CPU whenever none was running (retries in backoff, every
         actor restarting after a node loss): ray.wait([]) returns at once.
         """
         now = time.monotonic()
-        due = [not_before - now for not_before, _ in queue if not_before > now] if until is None else []
-        timeout = max(0.0, min([_WAIT_S, *due, *([until - now] if until is not None else [])]))
+        limits = [_WAIT_S]
+        if until is not None:  # draining after a stop: no retry will start, only the deadline counts
+            limits.append(until - now)
+        elif (due := queue.next_retry_in(now)) is not None:
+            limits.append(due)
+        timeout = max(0.0, min(limits))
         refs = [*self.running, *self.recovering]
         if not refs:
             time.sleep(timeout)
@@ -332,16 +335,12 @@ class Dispatcher:
         preferred = [i for i in free if i != avoid] or free
         return min(preferred, key=lambda i: load[i]) if preferred else None
 
-    def _assign(self, queue: deque, now: float) -> None:
-        for _ in range(len(queue)):
-            not_before, shard = queue[0]
-            if not_before > now:
-                queue.rotate(-1)
-                continue
+    def _assign(self, queue: ShardQueue, now: float) -> None:
+        while (shard := queue.peek(now)) is not None:
             actor = self._free_actor(avoid=self.last_actor.get(shard.shard_id))
             if actor is None:
                 return
-            queue.popleft()
+            queue.pop()
             self._submit(shard, actor)
 
     def _submit(self, shard: Shard, actor: int, speculative: bool = False) -> None:
@@ -350,7 +349,7 @@ class Dispatcher:
         self.running[ref] = _Task(shard, actor, time.monotonic(), attempt)
         self.last_actor[shard.shard_id] = actor
 
-    def _speculate(self, queue: deque, now: float) -> None:
+    def _speculate(self, queue: ShardQueue, now: float) -> None:
         """Give a copy of the slowest running shards to idle actors once nothing else is waiting."""
         tasks = {self._running(t): t for t in self.running.values()}
         slow = self.policy.to_speculate(list(tasks), not queue, now)
@@ -367,7 +366,7 @@ class Dispatcher:
             )
             self._submit(tasks[r].shard, actor, speculative=True)
 
-    def _collect(self, ref, queue: deque) -> None:
+    def _collect(self, ref, queue: ShardQueue) -> None:
         task = self.running.pop(ref)
         sid = task.shard.shard_id
         twin_running = any(t.shard.shard_id == sid for t in self.running.values())
@@ -391,7 +390,7 @@ class Dispatcher:
                     detail,
                     decision.backoff_s,
                 )
-                queue.append((time.monotonic() + decision.backoff_s, task.shard))
+                queue.retry_at(task.shard, time.monotonic() + decision.backoff_s)
             return
         if not self.policy.succeeded(sid, time.monotonic() - task.started):
             logger.info("%s: copy on replica-%d discarded; another attempt committed first", sid, task.actor)

@@ -1,17 +1,23 @@
-"""The dispatcher's decisions, without Ray: which attempt a submission is, whether a failure is retried (and
+"""The dispatcher's decisions, without Ray: the queue of waiting shards, which attempt a submission is, whether a failure is retried (and
 after what backoff) or final, which finished copy commits a shard, and which running shards get a speculative
 copy. cluster.py owns the actors and asks this module what to do; every decision is testable in-process.
 
 Each event costs O(log N) at most: shard durations feed a running median (two heaps) instead of being sorted
-on every loop of the tail.
+on every loop of the tail, and retries in backoff wait in a heap instead of being scanned on every loop.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from . import errors
+
+T = TypeVar("T")
 
 SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
 SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
@@ -46,6 +52,37 @@ class RunningMedian:
         if len(self._high) == len(self._low):
             return self._high[0]
         return -self._low[0]
+
+
+class ShardQueue(Generic[T]):
+    """Shards waiting to run: first come, first served, with retries held back until their backoff ends.
+    O(log n) to add or release a retry, O(1) otherwise; the driver used to scan the whole queue on every loop
+    for the next retry due."""
+
+    def __init__(self, items: Iterable[T] = ()) -> None:
+        self._ready: deque[T] = deque(items)
+        self._later: list[tuple[float, int, T]] = []  # heap of (not_before, arrival, item)
+        self._arrival = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._ready) + len(self._later)
+
+    def retry_at(self, item: T, not_before: float) -> None:
+        heapq.heappush(self._later, (not_before, next(self._arrival), item))
+
+    def peek(self, now: float) -> T | None:
+        """The next item that may run now (retries whose backoff ended join the back of the line), or None."""
+        while self._later and self._later[0][0] <= now:
+            self._ready.append(heapq.heappop(self._later)[2])
+        return self._ready[0] if self._ready else None
+
+    def pop(self) -> T:
+        """Remove the item `peek` returned."""
+        return self._ready.popleft()
+
+    def next_retry_in(self, now: float) -> float | None:
+        """Seconds until the next held-back retry may run (None when none is held back)."""
+        return max(0.0, self._later[0][0] - now) if self._later else None
 
 
 @dataclass(frozen=True)

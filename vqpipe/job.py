@@ -158,7 +158,7 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     error = None
     if plan.todo and not (stop and stop.requested):
         try:
-            failed, stopped = _dispatch(cfg, sha, ledger, plan.todo, stop)
+            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed)
         except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
             error, stopped = str(e), True
         if not stopped:
@@ -171,13 +171,18 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
 
 
 def _dispatch(
-    cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard], stop: StopRequest | None
-) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Run `todo` on the cluster: (failed shards, whether shards were left running by a stop)."""
+    cfg: JobConfig,
+    sha: str,
+    ledger: Ledger,
+    todo: list[Shard],
+    stop: StopRequest | None,
+    failed: dict[str, dict[str, Any]],
+) -> bool:
+    """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
+    early); returns whether a stop left shards running."""
     from . import cluster
 
     progress = Progress(total=len(todo), interval_s=cfg.run.progress_interval_s)
-    failed: dict[str, dict[str, Any]] = {}
 
     def on_done(shard: Shard, rec: dict[str, Any]) -> None:
         progress.record(rec)
@@ -200,8 +205,8 @@ def _dispatch(
     if stop is not None:
         stop.install()  # again: ray.init replaced the SIGTERM handler with one that exits at once
         if stop.requested:  # it came while Ray was starting
-            return failed, False
+            return False
     dispatcher = cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick, stop)
     dispatcher.run(todo)
     logger.info("progress: %s", progress.line())
-    return failed, bool(dispatcher.abandoned)
+    return bool(dispatcher.abandoned)
