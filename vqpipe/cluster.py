@@ -3,7 +3,9 @@
 The driver keeps a few shards in flight per actor (so the next one streams while one encodes), retries a shard on
 another actor when a task or an actor fails (backoff, attempt limit), re-issues slow tail shards to idle actors
 (first commit wins: a worker never commits a shard that already has a done marker), and adds actors when the
-cluster grows. All state that matters lives in OUT, so a killed driver resumes from OUT alone.
+cluster grows. The decisions (retry or give up, backoff, which copy commits, what to speculate) are
+dispatch_policy's; this module carries them out on Ray. All state that matters lives in OUT, so a killed driver
+resumes from OUT alone.
 """
 
 from __future__ import annotations
