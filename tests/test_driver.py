@@ -206,10 +206,12 @@ def test_stopped_runs_say_so_and_a_rerun_completes_them(ray_session, eight_shard
     out = tmp_path / "out"
     config = tmp_path / "job.toml"
     args = [str(eight_shards), "--output", str(out), *TINY, "--random-weights", "--config", str(config)]
+    # The drivers join this process's local Ray (a cluster start less for each); the actors are theirs.
+    address = ["--address", ray_session.get_runtime_context().gcs_address]
     config.write_text("[run]\nmax_error_rate = 0.6\nreplicas = 1\n")
-    stop_mid_run([sys.executable, "-m", "vqpipe.cli", "tokenize", *args], out, signal.SIGTERM)
+    stop_mid_run([sys.executable, "-m", "vqpipe.cli", "tokenize", *args, *address], out, signal.SIGTERM)
     config.write_text("[run]\nmax_error_rate = 0.6\nreplicas = 1\nstop_grace_s = 0\n")
-    log = stop_mid_run([sys.executable, "-m", "vqpipe.cli", "tokenize", *args], out, signal.SIGINT)
+    log = stop_mid_run([sys.executable, "-m", "vqpipe.cli", "tokenize", *args, *address], out, signal.SIGINT)
     assert "waiting up to 0s" in log
 
     assert main(["tokenize", *args]) == 0  # on this process's Ray: one cluster start less
