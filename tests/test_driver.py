@@ -216,3 +216,22 @@ def test_stopped_runs_say_so_and_a_rerun_completes_them(ray_session, eight_shard
 
     assert main(["tokenize", *args]) == 0  # on this process's Ray: one cluster start less
     check_exactly_once(out, eight_shards)
+
+
+def test_stop_request_takes_the_first_signal_and_a_second_one_hurries():
+    from vqpipe.stop import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    assert stop.install()
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled between two bytecodes
+        time.sleep(0.01)
+        assert stop.requested and not stop.hurry and (stop.name, stop.exit_code) == ("SIGTERM", 143)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.hurry and stop.exit_code == 143  # the first signal decides the exit code
+    finally:
+        stop.restore()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
