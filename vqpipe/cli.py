@@ -1,4 +1,7 @@
-"""`vqpipe tokenize | status | inspect | decode | sample`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config."""
+"""`vqpipe tokenize | status | inspect | decode | sample`: the command line.
+
+Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
+(nothing was written), 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun to resume)."""
 
 from __future__ import annotations
 
@@ -150,8 +153,14 @@ def run_tokenize(args: argparse.Namespace) -> int:
     cfg = from_sources(args.config, overrides(args))
     prepare_local_ray(cfg.run.address)
     from .job import tokenize
+    from .stop import StopRequest
 
-    summary = tokenize(cfg)
+    stop = StopRequest()
+    stop.install()
+    try:
+        summary = tokenize(cfg, stop)
+    finally:
+        stop.restore()
     st = summary.status
     logger.info(
         "summary: %d/%d shards done, %d rows, %d sample errors %s, %.1fs",
@@ -166,6 +175,11 @@ def run_tokenize(args: argparse.Namespace) -> int:
         return EXIT_OK
     for shard_id, info in sorted(summary.failed.items()):
         logger.error("failed shard %s: %s: %s", shard_id, info["reason"], info["detail"])
+    if summary.error:
+        raise IncompleteRunError(f"the driver cannot write the output: {summary.error}; rerun to resume")
+    if summary.interrupted:
+        logger.error("%s: interrupted; rerun to resume", stop.name)
+        return stop.exit_code
     raise IncompleteRunError(
         f"{len(summary.failed)} shard(s) failed: {', '.join(sorted(summary.failed))}; rerun to retry only those"
     )

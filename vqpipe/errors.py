@@ -47,3 +47,8 @@ class SampleError(_ReasonError):
 
 class IncompleteRunError(VqpipeError):
     """The job ended with shards that are not done."""
+
+
+# Shard failure reasons that another attempt cannot fix: the dispatcher fails such a shard at once instead of
+# retrying it (see dispatch_policy.DispatchPolicy.failed).
+PERMANENT_SHARD_REASONS: frozenset[str] = frozenset()

@@ -5,7 +5,6 @@ Returns a summary; the entry points turn it into an exit code (0 only when every
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import time
@@ -14,24 +13,22 @@ from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .ledger import Ledger, Status, read_status
 from .plan import Plan, Shard, make_plan
+from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
 
-_HASH_CHUNK = 8 << 20
-
 
 def model_sha256(cfg: JobConfig) -> str:
-    """The checkpoint's sha256, streamed on the driver (actors verify they loaded the same bytes)."""
+    """The checkpoint's sha256 (actors verify they loaded the same bytes), after checking on the driver that it
+    loads strictly into the preset: a bad checkpoint fails in seconds, before OUT is touched or Ray starts."""
     if cfg.model.checkpoint is None:
         return random_weights_id(cfg.model.preset)
-    digest = hashlib.sha256()
-    with storage.open_input(cfg.model.checkpoint, cfg.storage_options) as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .model.checkpoint import verify_checkpoint
+
+    return verify_checkpoint(cfg.model.checkpoint, cfg.model.preset, cfg.storage_options)
 
 
 def run_record(cfg: JobConfig, sha: str) -> dict[str, Any]:
@@ -118,27 +115,37 @@ class Summary:
     status: Status
     failed: dict[str, dict[str, Any]]
     seconds: float
+    stop: StopRequest | None = None  # set when a signal ended the run early
+    error: str | None = None  # a driver-side storage failure that ended the run (e.g. a full disk)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop is not None and self.stop.requested
 
     @property
     def ok(self) -> bool:
         planned = {s.shard_id for s in self.plan.all}
-        return not self.failed and planned <= set(self.status.done)
+        return not self.failed and not self.error and planned <= set(self.status.done)
 
 
-def tokenize(cfg: JobConfig) -> Summary:
-    """Run the whole job into cfg.output; idempotent and resumable from OUT alone."""
+def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
+    """Run the whole job into cfg.output; idempotent and resumable from OUT alone.
+
+    Everything that can be checked on the driver is checked before OUT is touched or Ray starts: the preset, the
+    inputs (at least one shard) and the checkpoint (read and checked against the preset). `stop`: a
+    StopRequest whose signal handlers the caller installed; the dispatcher honours it (see stop.py)."""
     from .model import PRESETS
 
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)}")
     t0 = time.monotonic()
-    ledger = Ledger(cfg.output, cfg.storage_options)
+    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     sha = model_sha256(cfg)
+    ledger = Ledger(cfg.output, cfg.storage_options)
     record = run_record(cfg, sha)
     ledger.start_run(record, allow_change=cfg.run.allow_config_change)
     logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record["fingerprint"])
 
-    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed)
     ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
     for shard in plan.changed:
@@ -152,23 +159,37 @@ def tokenize(cfg: JobConfig) -> Summary:
     logger.info("%d shards: %d already done, %d to run", len(plan.all), len(plan.done), len(plan.todo))
 
     failed: dict[str, dict[str, Any]] = {}
-    if plan.todo:
-        failed = _dispatch(cfg, sha, ledger, plan.todo)
-        # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt this
-        # run started has returned by now, so none is a live write: remove them instead of leaving them in OUT.
-        ledger.remove_temporaries()
+    error = None
+    if plan.todo and not (stop and stop.requested):
+        try:
+            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed)
+        except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
+            error, stopped = str(e), True
+        if not stopped:
+            # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt
+            # this run started has returned by now, so none is a live write: remove them instead of leaving
+            # them in OUT. After a stop or an error, the next run's start removes them.
+            ledger.remove_temporaries()
     status = read_status(ledger)
-    return Summary(plan, status, failed, time.monotonic() - t0)
+    return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
 
 
-def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> dict[str, dict[str, Any]]:
+def _dispatch(
+    cfg: JobConfig,
+    sha: str,
+    ledger: Ledger,
+    todo: list[Shard],
+    stop: StopRequest | None,
+    failed: dict[str, dict[str, Any]],
+) -> bool:
+    """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
+    early); returns whether a stop left shards running."""
     from . import cluster
     from .progress import progress_bar
 
     progress = Progress(
         total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))
     )
-    failed: dict[str, dict[str, Any]] = {}
 
     def on_done(shard: Shard, rec: dict[str, Any]) -> None:
         progress.record(rec)
@@ -176,9 +197,6 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
     def on_failed(shard: Shard, info: dict[str, Any]) -> None:
         progress.failed += 1
         failed[shard.shard_id] = info
-        ledger.mark_failed(
-            shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info}
-        )
         logger.error(
             "%s: failed after %d attempts: %s: %s",
             shard.shard_id,
@@ -186,12 +204,20 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
             info["reason"],
             info["detail"],
         )
+        ledger.mark_failed(
+            shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info}
+        )
 
     cluster.connect(cfg.run.address)
     try:
-        cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick).run(todo)
+        if stop is not None:
+            stop.install()  # again: ray.init replaced the SIGTERM handler with one that exits at once
+            if stop.requested:  # it came while Ray was starting
+                return False
+        dispatcher = cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick, stop)
+        dispatcher.run(todo)
     finally:
         if progress.renderer is not None:
             progress.renderer.close()
     logger.info("progress: %s", progress.line())
-    return failed
+    return bool(dispatcher.abandoned)

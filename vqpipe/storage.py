@@ -553,11 +553,13 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 class _PendingFile(io.RawIOBase):
     """The file `atomic_write` yields: writes go through, but close() does not commit (writers such as
-    pyarrow may close their sink); only leaving the block normally does."""
+    pyarrow may close their sink); only leaving the block normally does. A failed write (a full disk) is a
+    StorageError naming `url`."""
 
-    def __init__(self, f: Any):
+    def __init__(self, f: Any, url: str):
         super().__init__()
-        self._f = f
+        self._f, self._url = f, url
+        self._closing = False
 
     def writable(self) -> bool:
         return True
@@ -566,15 +568,27 @@ class _PendingFile(io.RawIOBase):
         if self.closed:
             raise ValueError("write to closed file")
         n = memoryview(b).nbytes
-        self._f.write(b)
+        try:
+            self._f.write(b)
+        except OSError as e:
+            raise _error(f"{self._url}: cannot write ({_describe(e)})") from None
         return n
 
     def tell(self) -> int:
         return self._f.tell()
 
     def flush(self) -> None:
-        if not self.closed and not self._f.closed:
-            self._f.flush()
+        # Not while closing: the commit flushes, and reports a failure as a StorageError. A flush from close()
+        # ran in atomic_write's cleanup and raised the raw OSError of a full disk over the real error.
+        if not self.closed and not self._closing and not self._f.closed:
+            try:
+                self._f.flush()
+            except OSError as e:
+                raise _error(f"{self._url}: cannot write ({_describe(e)})") from None
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
 
 
 def _discard(f: Any) -> None:
@@ -622,7 +636,7 @@ def _atomic_local(url: str, path: str) -> Iterator[IO[bytes]]:
     except OSError as e:
         raise _error(f"{url}: cannot write ({_describe(e)})") from None
     try:
-        yield _PendingFile(f)  # type: ignore[misc]
+        yield _PendingFile(f, url)  # type: ignore[misc]
     except BaseException:
         _abandon_local(f, tmp)
         raise
@@ -651,7 +665,7 @@ def _atomic_upload(
     # The object appears only when close() completes the upload; discard() aborts it on error.
     f = _open_for_writing(url, fs, path, block_size)
     try:
-        yield _PendingFile(f)  # type: ignore[misc]
+        yield _PendingFile(f, url)  # type: ignore[misc]
     except BaseException:
         _discard(f)
         raise
@@ -674,7 +688,7 @@ def _atomic_via_temp_key(
         fs.makedirs(parent, exist_ok=True)
     f = _open_for_writing(url, fs, tmp, block_size)
     try:
-        yield _PendingFile(f)  # type: ignore[misc]
+        yield _PendingFile(f, url)  # type: ignore[misc]
     except BaseException:
         _discard(f)
         with contextlib.suppress(Exception):
