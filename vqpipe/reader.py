@@ -86,10 +86,13 @@ def iter_samples(
     try:
         with tar:
             for member, data in _members(tar, stats):
-                key, suffix = base_plus_ext(member.name)
-                if key is None or not suffix:  # WebDataset's rule: key = name up to the basename's first dot
-                    dot_name = posixpath.basename(member.name).startswith(".")
-                    stats.ignored["dot_name" if dot_name else "no_extension"] += 1
+                reason = _not_in_a_sample(member.name)
+                if reason:
+                    stats.ignored[reason] += 1
+                    continue
+                key, suffix = base_plus_ext(member.name)  # WebDataset's rule: up to the basename's first dot
+                if key is None or not suffix:  # not reached for the names _not_in_a_sample lets through
+                    stats.ignored["no_extension"] += 1
                     continue
                 stats.sample_members += 1
                 if group is None or key != group.key:
@@ -102,6 +105,16 @@ def iter_samples(
             _check_end(tar, shard_name, allow_unterminated)
     except (EOFError, tarfile.TarError) as e:
         raise ShardError("truncated_tar", f"{shard_name}: {e}") from None
+
+
+def _not_in_a_sample(name: str) -> str | None:
+    """Why a file or link name cannot be a sample member (WebDataset names are `<key>.<suffix>`), or None."""
+    base = posixpath.basename(name)
+    if base.startswith("."):  # hidden: base_plus_ext would take the directory as the key
+        return "dot_name"
+    if "." not in base.rstrip("."):
+        return "no_extension"
+    return None
 
 
 def _members(tar: tarfile.TarFile, stats: ReadStats) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
