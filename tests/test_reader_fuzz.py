@@ -106,7 +106,7 @@ def good_sample(draw) -> list[Member]:
     members = [Member(key + b"." + fmt.encode(), "file", draw(st.sampled_from(IMAGES[fmt])), key=key)]
     if draw(st.booleans()):
         members.append(
-            Member(key + b".cls", "file", str(draw(st.integers(-(2**63), 2**63 - 1))).encode(), key=key)
+            Member(key + b".cls", "file", draw(labels), key=key)  # in int64 or not
         )
     if draw(st.booleans()):
         members.append(Member(key + b".json", "file", b'{"caption": "\xc3\xa9t\xc3\xa9"}', key=key))
