@@ -16,6 +16,7 @@ import pytest
 from shards import _tar_bytes, defect_samples, good_image_bytes
 
 from vqpipe import reader, storage
+from vqpipe.cli import main
 from vqpipe.config import build_config
 from vqpipe.errors import ShardError
 from vqpipe.ledger import Ledger, read_status
@@ -212,7 +213,7 @@ def test_a_link_whose_target_left_the_window_is_an_error_not_a_loss(monkeypatch,
     assert len(samples) == stats.members == 6
 
 
-def test_done_marker_and_status_count_ignored_members(worker, tmp_path):
+def test_done_marker_and_status_count_ignored_members(worker, tmp_path, capsys):
     data, listed = gnu_tar(tmp_path)
     (tmp_path / "gnu.tar").write_bytes(data)
     record = process(worker, tmp_path / "gnu.tar")
@@ -227,6 +228,8 @@ def test_done_marker_and_status_count_ignored_members(worker, tmp_path):
     assert record["rows"] + record["errors"] == record["samples"] == 5
     status = read_status(Ledger(worker.config.output)).to_dict()
     assert status["ignored_members"] >= 4 and status["ignored_by_reason"]["special_file"] >= 1
+    main(["status", worker.config.output])
+    assert f"ignored: {status['ignored_members']} tar members in no sample" in capsys.readouterr().out
 
 
 # -- the end-of-archive marker ----------------------------------------------------------------------------------
