@@ -263,6 +263,8 @@ def test_a_tar_cut_at_a_block_boundary_is_truncated_unless_allowed(maker, tmp_pa
     assert e.value.reason == "truncated_tar" and "end-of-archive" in e.value.detail
     kept, _ = read_all(data[:cut], allow_unterminated=True)
     assert 0 < len(kept) < len(full)
+    with pytest.raises(ShardError, match="truncated_tar"):  # inside a header: cut short even when allowed
+        read_all(data[: cut + 100], allow_unterminated=True)
     with pytest.raises(ShardError, match="truncated_tar"):  # one zero block of the two
         read_all(data[: ends[-1] + 512])
     assert len(read_all(data[: ends[-1] + 1024])[0]) == len(full)  # exactly the marker, no record padding
