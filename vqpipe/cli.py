@@ -99,6 +99,12 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write into an OUT made with different output settings",
     )
+    g.add_argument(
+        "--allow-unterminated-tar",
+        action="store_true",
+        default=None,
+        help="accept tars without an end-of-archive marker (for writers that omit it; a cut-off copy then passes)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
 
@@ -132,6 +138,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "limit_shards": args.limit_shards,
             "reprocess_changed": args.reprocess_changed,
             "allow_config_change": args.allow_config_change,
+            "allow_unterminated_tar": args.allow_unterminated_tar,
         },
     }
 
@@ -201,6 +208,8 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"samples: {d['samples']} read, {d['rows']} rows, {d['errors']} errors")
         for reason, n in d["errors_by_reason"].items():
             print(f"  {reason}: {n}")
+        if d["ignored_members"]:
+            print(f"ignored: {d['ignored_members']} tar members in no sample {d['ignored_by_reason']}")
         for shard_id, reason in d["failed_shards"].items():
             print(f"failed:  {shard_id}: {reason}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE

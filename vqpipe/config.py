@@ -79,6 +79,7 @@ class RunConfig:
     limit_shards: int | None = None
     reprocess_changed: bool = False  # redo done shards whose input changed since (size/mtime/ETag)
     allow_config_change: bool = False  # let a rerun into OUT use a different fingerprint
+    allow_unterminated_tar: bool = False  # accept tars without an end-of-archive marker (cut copies too)
     progress_interval_s: float = 10.0
     placement_timeout_s: float = 900.0  # give up when no replica can be placed (autoscaling may take minutes)
     stop_grace_s: float = 20.0  # after SIGTERM/SIGINT: how long running shards may take to commit

@@ -129,6 +129,7 @@ class Status:
     rows: int = 0
     errors_by_reason: Counter = field(default_factory=Counter)
     data_bytes: int = 0
+    ignored_by_reason: Counter = field(default_factory=Counter)  # tar members in no sample
 
     @property
     def complete(self) -> bool:
@@ -148,7 +149,13 @@ class Status:
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "data_bytes": self.data_bytes,
             "failed_shards": {k: v.get("reason") for k, v in sorted(self.failed.items())},
+            **ignored_members(self.ignored_by_reason),
         }
+
+
+def ignored_members(by_reason: Counter) -> dict[str, Any]:
+    """Status entries for tar members that are in no sample (directories, names without an extension, ...)."""
+    return {"ignored_members": sum(by_reason.values()), "ignored_by_reason": dict(sorted(by_reason.items()))}
 
 
 def read_status(ledger: Ledger) -> Status:
@@ -170,6 +177,7 @@ def read_status(ledger: Ledger) -> Status:
         st.rows += rec["rows"]
         st.data_bytes += rec.get("data_bytes", 0)
         st.errors_by_reason.update(rec.get("errors_by_reason", {}))
+        st.ignored_by_reason.update(rec.get("ignored_by_reason", {}))
     st.failed = {
         i: storage.read_json(ledger.failed_url(i), ledger.storage_options) for i in sorted(failed_ids)
     }

@@ -23,6 +23,9 @@ ERROR_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string(), nullable=False),
+        # the key's exact bytes when the tar member name was not UTF-8 (reason bad_key); `key` is then the
+        # bytes with invalid ones written as \xNN (docs/reliability.md, "Every member accounted")
+        pa.field("key_raw", pa.binary()),
     ]
 )
 
