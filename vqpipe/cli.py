@@ -1,4 +1,5 @@
-"""`vqpipe tokenize | status | sample`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config."""
+"""`vqpipe tokenize | status | sample`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config,
+3 OUT in use by another run."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import os
 import sys
 from typing import Any
 
-from .errors import IncompleteRunError, VqpipeError
+from .errors import IncompleteRunError, LeaseError, VqpipeError
 from .logs import setup_logging
 
 logger = logging.getLogger("vqpipe.cli")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_BUSY = 3  # another run holds OUT's lease (or this run lost it): try again later
 
 
 def tokenize_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +98,13 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write into an OUT made with different output settings",
     )
+    g.add_argument(
+        "--wait-for-lease",
+        dest="wait_for_lease_s",
+        type=float,
+        metavar="SECONDS",
+        help="when another run is writing into OUT, wait this long for it to end (default: refuse at once)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
 
@@ -129,6 +138,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "limit_shards": args.limit_shards,
             "reprocess_changed": args.reprocess_changed,
             "allow_config_change": args.allow_config_change,
+            "wait_for_lease_s": args.wait_for_lease_s,
         },
     }
 
@@ -189,6 +199,14 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"  {reason}: {n}")
         for shard_id, reason in d["failed_shards"].items():
             print(f"failed:  {shard_id}: {reason}")
+        outside = d["outside_plan"]
+        if outside["done"] or outside["failed_shards"]:
+            print(
+                f"outside the latest plan (earlier runs): {outside['done']} done, "
+                f"{len(outside['failed_shards'])} failure record(s) (not counted above)"
+            )
+        if d["active_run"]:
+            print(f"active:  {d['active_run']['description']}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
 
 
@@ -232,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except IncompleteRunError as e:
         logger.error("%s", e)
         return EXIT_INCOMPLETE
+    except LeaseError as e:
+        logger.error("%s", e)
+        return EXIT_BUSY
     except VqpipeError as e:
         logger.error("%s", e)
         return EXIT_USAGE

@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
 from .config import CPU_ALLOCATOR_ENV, JobConfig
-from .errors import CheckpointError, ShardError
+from .errors import PERMANENT_REASONS, CheckpointError, ShardError
 from .plan import Shard
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class Dispatcher:
                 self.recovering[self.actors[task.actor].setup.remote()] = task.actor
             if sid in committed or twins:  # a twin is still running or already won: nothing to do
                 return
-            if self.attempts[sid] >= self.config.run.max_attempts:
+            if self.attempts[sid] >= self.config.run.max_attempts or reason in PERMANENT_REASONS:
                 self.on_failed(
                     task.shard, {"reason": reason, "detail": detail, "attempts": self.attempts[sid]}
                 )

@@ -15,8 +15,9 @@ from typing import Any
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
 from .errors import ConfigError
+from .lease import Lease
 from .ledger import Ledger, Status, read_status
-from .plan import Plan, Shard, make_plan
+from .plan import Plan, Shard, legacy_stem, make_plan
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +132,31 @@ def tokenize(cfg: JobConfig) -> Summary:
     ledger = Ledger(cfg.output, cfg.storage_options)
     sha = model_sha256(cfg)
     record = run_record(cfg, sha)
+    # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
+    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
+    lease.acquire(wait_s=cfg.run.wait_for_lease_s)
+    with lease:
+        return _tokenize_holding(cfg, sha, ledger, record, lease, t0)
+
+
+def _tokenize_holding(
+    cfg: JobConfig, sha: str, ledger: Ledger, record: dict[str, Any], lease: Lease, t0: float
+) -> Summary:
+    previous = ledger.read_run()
+    # Format-1.0 outputs may hold a plain-stem data file whose done marker a kill prevented; its input now
+    # gets a new id, so that file must go before it is redone (sticky: set once, for that OUT's lifetime).
+    record["legacy_stem_ids"] = bool(previous) and previous.get("legacy_stem_ids", True)
+    record["run_id"] = lease.run_id
     ledger.start_run(record, allow_change=cfg.run.allow_config_change)
     logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record["fingerprint"])
 
     inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed)
     ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
+    if record["legacy_stem_ids"]:
+        done = ledger.done_ids()
+        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - done):
+            ledger.remove_uncommitted(stem)
     for shard in plan.changed:
         action = (
             "reprocessing it" if cfg.run.reprocess_changed else "kept (use --reprocess-changed to redo it)"
@@ -149,7 +169,8 @@ def tokenize(cfg: JobConfig) -> Summary:
 
     failed: dict[str, dict[str, Any]] = {}
     if plan.todo:
-        failed = _dispatch(cfg, sha, ledger, plan.todo)
+        failed = _dispatch(cfg, sha, ledger, plan.todo, lease.check)
+        lease.check()  # a run that lost its lease leaves OUT to the new holder
         # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt this
         # run started has returned by now, so none is a live write: remove them instead of leaving them in OUT.
         ledger.remove_temporaries()
@@ -157,7 +178,9 @@ def tokenize(cfg: JobConfig) -> Summary:
     return Summary(plan, status, failed, time.monotonic() - t0)
 
 
-def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> dict[str, dict[str, Any]]:
+def _dispatch(
+    cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard], check_lease=lambda: None
+) -> dict[str, dict[str, Any]]:
     from . import cluster
 
     progress = Progress(total=len(todo), interval_s=cfg.run.progress_interval_s)
@@ -181,6 +204,11 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
         )
 
     cluster.connect(cfg.run.address)
-    cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick).run(todo)
+
+    def tick(replicas: int) -> None:
+        check_lease()  # raises once the lease is lost: the dispatcher stops and kills its actors
+        progress.tick(replicas)
+
+    cluster.Dispatcher(cfg, sha, on_done, on_failed, tick).run(todo)
     logger.info("progress: %s", progress.line())
     return failed
