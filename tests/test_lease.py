@@ -137,7 +137,9 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
         lease.acquire()
         assert read_lease(output).run_id == "next"
     # ... but a live process with that record is (this test's own pid)
-    put_record(output, None, stale_record(host=socket.gethostname(), pid=os.getpid(), namespace=_pid_namespace()))
+    put_record(
+        output, None, stale_record(host=socket.gethostname(), pid=os.getpid(), namespace=_pid_namespace())
+    )
     record = json.loads((tmp_path / "out" / "lease.json").read_text())
     record["expires"] = time.time() + 60
     (tmp_path / "out" / "lease.json").write_text(json.dumps(record))
@@ -156,7 +158,9 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
     s3.seed({"night/in/part-000000.tar": b"x"})
     night1 = Lease(output, options, ttl_s=1.0, run_id="night1")
     night1.acquire()
-    upload = storage.atomic_write(f"{output}/data/part-000000-0123abcd.parquet", options, block_size=5 * 2**20)
+    upload = storage.atomic_write(
+        f"{output}/data/part-000000-0123abcd.parquet", options, block_size=5 * 2**20
+    )
     f = upload.__enter__()
     f.write(os.urandom(6 * 2**20))  # one part sent: the multipart upload is live
     client = s3.boto3_client()
@@ -185,7 +189,9 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
     # Night 1 dies (no release, no heartbeat) in the middle of another upload.
     night1._stop.set()
     night1._thread.join()
-    upload = storage.atomic_write(f"{output}/data/part-000001-4567cdef.parquet", options, block_size=5 * 2**20)
+    upload = storage.atomic_write(
+        f"{output}/data/part-000001-4567cdef.parquet", options, block_size=5 * 2**20
+    )
     upload.__enter__().write(os.urandom(6 * 2**20))
     time.sleep(1.1)
     night3 = Lease(output, options, ttl_s=30)
