@@ -131,3 +131,55 @@ def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path):
     assert d["outside_plan"] == {"done": 1, "failed_shards": {f"junk-{i}": "not_a_tar" for i in range(3)}}
     assert d["active_run"] is None and not st.complete
     json.dumps(d)
+
+
+@pytest.mark.slow
+def test_nightly_rerun_over_a_second_same_named_shard_duplicates_nothing(ray_session, tmp_path, capsys):
+    """Issue 10 item 1 end to end: night 1 (written by format 1.0: plain-stem ids) tokenized
+    in/day1/part-000000.tar; night 2's pattern also matches in/day2/part-000000.tar."""
+    import pyarrow.parquet as pq
+    from shards import good_image_bytes, write_shard
+    from test_job import job_config, tar_keys
+
+    from vqpipe.cli import main
+    from vqpipe.job import tokenize
+
+    def write(path, n, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_shard(
+            path, [{"__key__": f"{seed}_{i:03d}", "png": good_image_bytes(seed + i, "png")} for i in range(n)]
+        )
+
+    day1, day2, out = (
+        tmp_path / "in/day1/part-000000.tar",
+        tmp_path / "in/day2/part-000000.tar",
+        tmp_path / "out",
+    )
+    write(day1, 3, 100)
+    pattern = str(tmp_path / "in/*/part-*.tar")
+    assert tokenize(job_config([pattern], out)).ok
+    for sub, ext in (
+        ("data", "parquet"),
+        ("errors", "parquet"),
+        ("done", "json"),
+    ):  # as format 1.0 named them
+        (out / sub / f"{shard_id(str(day1))}.{ext}").rename(out / sub / f"part-000000.{ext}")
+    committed = (out / "done/part-000000.json").stat().st_mtime_ns
+
+    write(day2, 2, 200)
+    night2 = tokenize(job_config([pattern], out))
+    assert night2.ok
+    assert [s.url for s in night2.plan.todo] == [str(day2)] and [s.shard_id for s in night2.plan.done] == [
+        "part-000000"
+    ]
+    assert (out / "done/part-000000.json").stat().st_mtime_ns == committed  # not redone
+    keys = [
+        k
+        for p in sorted((out / "data").glob("*.parquet"))
+        for k in pq.read_table(p).column("key").to_pylist()
+    ]
+    assert sorted(keys) == sorted(tar_keys(day1) + tar_keys(day2))  # each row once
+    assert main(["status", str(out)]) == 0
+    assert "2 done, 0 failed, 0 pending (of 2 planned)" in capsys.readouterr().out
+    # night 3: nothing new, nothing to do
+    assert not tokenize(job_config([pattern], out)).plan.todo
