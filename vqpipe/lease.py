@@ -62,9 +62,11 @@ class LeaseRecord:
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
+        left = self.expires - now
+        expiry = f"expires in {left:.0f}s" if left >= 0 else f"expired {-left:.0f}s ago (that run is gone)"
         return (
             f"run {self.run_id} on host {self.host} (pid {self.pid}), started {now - self.started:.0f}s ago, "
-            f"last heartbeat {now - self.heartbeat:.0f}s ago, expires in {self.expires - now:.0f}s"
+            f"last heartbeat {now - self.heartbeat:.0f}s ago, {expiry}"
         )
 
 

@@ -82,7 +82,8 @@ class Ledger:
     def remove_temporaries(self) -> None:
         """Remove what attempts killed mid-write left (temporary files/keys, unfinished uploads).
 
-        Only safe while no attempt is writing: at the start of a run, and after every attempt has returned."""
+        Only safe while no attempt is writing: while this run holds the lease (no other run is live), at its
+        start and after every attempt it started has returned."""
         storage.cleanup_temporaries(self.output, self.storage_options)
         for sub in _SUBDIRS:
             storage.cleanup_temporaries(self.path(sub), self.storage_options)
