@@ -202,3 +202,17 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
     Ledger(output, options).remove_temporaries()  # what a run does once it holds the lease
     assert live_uploads() == []
     night3.release()
+
+
+def test_cli_exits_3_naming_the_holder(tmp_path, caplog):
+    from vqpipe.cli import EXIT_BUSY, main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "part-0.tar").write_bytes(b"x")
+    out = str(tmp_path / "out")
+    with Lease(out, ttl_s=30, run_id="nightly-1") as holder:
+        holder.acquire()
+        args = ["tokenize", str(tmp_path / "in"), "-o", out, "--model", "tiny", "--random-weights"]
+        assert main([*args, "--wait-for-lease", "0.2"]) == EXIT_BUSY == 3
+    assert "is in use by run nightly-1 on host" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # the refused run wrote nothing
