@@ -1,6 +1,7 @@
 """The run lease on OUT: one holder at a time, on a local disk and on S3 (moto); no Ray needed."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -65,14 +66,14 @@ def test_concurrent_start_lets_exactly_one_run_in(out):
 
 def test_heartbeat_keeps_a_live_holder_and_a_waiter_gets_in_after_release(out):
     output, options = out
-    holder = Lease(output, options, ttl_s=0.6, run_id="holder")
+    holder = Lease(output, options, ttl_s=1.5, run_id="holder")
     holder.acquire()
-    time.sleep(1.0)  # longer than the TTL: only the heartbeat keeps the lease live
-    assert read_lease(output, options).heartbeat > time.time() - 0.6
+    time.sleep(2.0)  # longer than the TTL: only the heartbeat keeps the lease live
+    assert read_lease(output, options).heartbeat > time.time() - 1.5
     with pytest.raises(LeaseError, match="in use by run holder"):
-        Lease(output, options, ttl_s=0.6, run_id="second").acquire(wait_s=0)
+        Lease(output, options, ttl_s=1.5, run_id="second").acquire(wait_s=0)
     threading.Timer(0.3, holder.release).start()
-    waiter = Lease(output, options, ttl_s=0.6, run_id="waiter")
+    waiter = Lease(output, options, ttl_s=1.5, run_id="waiter")
     t0 = time.monotonic()
     waiter.acquire(wait_s=10, poll_s=0.05)
     assert 0.2 < time.monotonic() - t0 < 5
@@ -107,7 +108,7 @@ def test_an_expired_holder_is_taken_over_and_notices_it_lost(out, caplog):
 
 def test_a_holder_whose_lease_was_taken_stops_at_its_next_heartbeat(tmp_path):
     output = str(tmp_path / "out")
-    lease = Lease(output, ttl_s=0.4, run_id="victim")
+    lease = Lease(output, ttl_s=2.0, run_id="victim")
     lease.acquire()
     put_record(output, None, stale_record(run_id="intruder", age_s=0, ttl_s=60))  # e.g. a clock far off
     deadline = time.monotonic() + 5
@@ -156,7 +157,7 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
 
     output, options = s3.url("night/out"), s3.storage_options
     s3.seed({"night/in/part-000000.tar": b"x"})
-    night1 = Lease(output, options, ttl_s=1.0, run_id="night1")
+    night1 = Lease(output, options, ttl_s=4.0, run_id="night1")  # beats every second, even on a busy machine
     night1.acquire()
     upload = storage.atomic_write(
         f"{output}/data/part-000000-0123abcd.parquet", options, block_size=5 * 2**20
@@ -174,7 +175,7 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
             "inputs": [s3.url("night/in/*.tar")],
             "output": output,
             "model": {"preset": "tiny", "random_weights": True},
-            "run": {"wait_for_lease_s": 0.3, "lease_ttl_s": 1.0},
+            "run": {"wait_for_lease_s": 0.3},
             "storage_options": options,
         }
     )
@@ -189,11 +190,9 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
     # Night 1 dies (no release, no heartbeat) in the middle of another upload.
     night1._stop.set()
     night1._thread.join()
-    upload = storage.atomic_write(
-        f"{output}/data/part-000001-4567cdef.parquet", options, block_size=5 * 2**20
-    )
-    upload.__enter__().write(os.urandom(6 * 2**20))
-    time.sleep(1.1)
+    dying = storage.atomic_write(f"{output}/data/part-000001-4567cdef.parquet", options, block_size=5 * 2**20)
+    dying.__enter__().write(os.urandom(6 * 2**20))
+    time.sleep(max(0.0, night1.record.expires - time.time()) + 0.1)
     night3 = Lease(output, options, ttl_s=30)
     night3.acquire()
     assert "took over the lease" in caplog.text and "run night1" in caplog.text
@@ -202,6 +201,9 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
     Ledger(output, options).remove_temporaries()  # what a run does once it holds the lease
     assert live_uploads() == []
     night3.release()
+    with caplog.at_level(logging.ERROR):  # night 1's writer, long dead, gives up (nothing committed)
+        assert dying.__exit__(RuntimeError, RuntimeError("killed"), None) is False
+    assert not storage.exists(f"{output}/data/part-000001-4567cdef.parquet", options)
 
 
 def test_cli_exits_3_naming_the_holder(tmp_path, caplog):
