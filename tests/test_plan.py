@@ -183,3 +183,21 @@ def test_nightly_rerun_over_a_second_same_named_shard_duplicates_nothing(ray_ses
     assert "2 done, 0 failed, 0 pending (of 2 planned)" in capsys.readouterr().out
     # night 3: nothing new, nothing to do
     assert not tokenize(job_config([pattern], out)).plan.todo
+
+
+def test_planning_costs_one_listing_plus_a_read_per_committed_input(s3):
+    """Issue 16 will need no-op reruns to scale: new inputs cost no request, committed ones one marker read."""
+    out = s3.url("plancost/out")
+    inputs = [
+        (s3.url(f"plancost/in/day{d}/part-{i:06d}.tar"), {"size": 1}) for d in (1, 2) for i in range(50)
+    ]
+    ledger = Ledger(out, s3.storage_options)
+    for url, _ in inputs[:5]:
+        commit(ledger, shard_id(url), url)
+    commit(ledger, "part-000007", inputs[7][0])  # a format-1.0 plain-stem marker
+    start = len(s3.requests)
+    plan = make_plan(inputs, ledger)
+    cost = s3.requests[start:]
+    assert len(plan.done) == 6 and len(plan.todo) == 94
+    assert sum(1 for method, _ in cost if method == "GET" and "list-type" in _) == 1, cost
+    assert len(cost) <= 1 + 2 * 6, cost  # the listing, then per marker at most a HEAD and a GET
