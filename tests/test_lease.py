@@ -218,3 +218,20 @@ def test_cli_exits_3_naming_the_holder(tmp_path, caplog):
         assert main([*args, "--wait-for-lease", "0.2"]) == EXIT_BUSY == 3
     assert "is in use by run nightly-1 on host" in caplog.text
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # the refused run wrote nothing
+
+
+def test_conditional_writes_on_a_store_without_them_are_checked_and_said_to_be_best_effort(caplog):
+    url = f"memory://lease-{time.time_ns()}/out/lease.json"
+    v1 = storage.write_if(url, b"one", if_version=None)
+    with pytest.raises(storage.WriteConflict, match="already exists"):
+        storage.write_if(url, b"two", if_version=None)
+    v2 = storage.write_if(url, b"two", if_version=v1)
+    with pytest.raises(storage.WriteConflict, match="changed meanwhile"):
+        storage.write_if(url, b"three", if_version=v1)
+    with pytest.raises(storage.WriteConflict):
+        storage.remove_if(url, if_version=v1)
+    storage.remove_if(url, if_version=v2)
+    assert storage.read_versioned(url) is None
+    assert "memory:// has no conditional writes here: the run lease is best effort" in caplog.text or (
+        "memory" in storage._warned_unconditional  # said once per process, maybe by an earlier test
+    )
