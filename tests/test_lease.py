@@ -214,10 +214,14 @@ def test_cli_exits_3_naming_the_holder(tmp_path, caplog):
     out = str(tmp_path / "out")
     with Lease(out, ttl_s=30, run_id="nightly-1") as holder:
         holder.acquire()
-        args = ["tokenize", str(tmp_path / "in"), "-o", out, "--model", "tiny", "--random-weights"]
-        assert main([*args, "--wait-for-lease", "0.2"]) == EXIT_BUSY == 3
+        with storage.atomic_write(f"{out}/data/part-0-01234567.parquet") as f:  # the holder, mid-write
+            f.write(b"rows")
+            args = ["tokenize", str(tmp_path / "in"), "-o", out, "--model", "tiny", "--random-weights"]
+            assert main([*args, "--wait-for-lease", "0.2"]) == EXIT_BUSY == 3
+            f.write(b" more rows")  # its temporary file was left alone
     assert "is in use by run nightly-1 on host" in caplog.text
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # the refused run wrote nothing
+    assert (tmp_path / "out/data/part-0-01234567.parquet").read_bytes() == b"rows more rows"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data"]  # the refused run wrote nothing
 
 
 def test_conditional_writes_on_a_store_without_them_are_checked_and_said_to_be_best_effort(caplog):

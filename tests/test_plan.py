@@ -115,7 +115,7 @@ def test_globs_and_directories_plan_only_tars(tmp_path, caplog):
     assert {"not_a_tar", "bad_tar"} <= PERMANENT_REASONS and "truncated_tar" not in PERMANENT_REASONS
 
 
-def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path):
+def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path, capsys):
     ledger = Ledger(str(tmp_path / "out"))
     ledger.mark_done("a-1", {"samples": 3, "rows": 2, "errors": 1, "errors_by_reason": {"decode_error": 1}})
     ledger.mark_done("old-1", {"samples": 5, "rows": 5, "errors": 0, "errors_by_reason": {}})
@@ -131,6 +131,14 @@ def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path):
     assert d["outside_plan"] == {"done": 1, "failed_shards": {f"junk-{i}": "not_a_tar" for i in range(3)}}
     assert d["active_run"] is None and not st.complete
     json.dumps(d)
+    from vqpipe.cli import main
+
+    ledger.mark_done("b-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
+    ledger.mark_done("c-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
+    assert main(["status", ledger.output]) == 0  # the corrected run's inputs are all done: complete
+    text = capsys.readouterr().out
+    assert "3 done, 0 failed, 0 pending (of 3 planned)" in text
+    assert "outside the latest plan (earlier runs): 1 done, 3 failure record(s)" in text
 
 
 @pytest.mark.slow
