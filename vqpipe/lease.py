@@ -180,7 +180,10 @@ class Lease:
     def _heartbeat(self) -> None:
         interval = self.ttl_s / 4
         while not self._stop.wait(interval):
-            self.renew()
+            try:
+                self.renew()
+            except Exception as e:  # never let the thread die silently: check() then notices the expiry
+                logger.warning("lease heartbeat failed (%s); retrying", storage.redact(str(e)))
             if self._lost:
                 return
 
@@ -208,7 +211,9 @@ class Lease:
         logger.error("%s; stopping", self._lost)
 
     def check(self) -> None:
-        """Raise LeaseError if the lease was lost: the run must stop writing."""
+        """Raise LeaseError if the lease was lost, or ran out unrenewed: the run must stop writing."""
+        if not self._lost and self.record is not None and time.time() > self.record.expires:
+            self._lose(f"it was not renewed within {self.ttl_s:.0f}s")
         if self._lost:
             raise LeaseError(self._lost)
 
