@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
+from .errors import ConfigError
 from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ def make_plan(
     Costs one listing of done/ plus one marker read per input already committed (to notice a changed input);
     a legacy plain-stem id is only looked at when it is in that listing."""
     shards = sorted((Shard(shard_id(u), u, fp) for u, fp in inputs), key=lambda s: s.shard_id)
+    for a, b in zip(shards, shards[1:]):  # 8 hex digits under one stem: never seen, but never silently merged
+        if a.shard_id == b.shard_id:
+            raise ConfigError(
+                f"inputs {storage.redact(a.url)} and {storage.redact(b.url)} get one id {a.shard_id}"
+            )
     if limit is not None:
         shards = shards[:limit]
     done_ids = ledger.done_ids()
