@@ -82,7 +82,7 @@ def test_failures_retry_with_exponential_backoff_then_give_up():
     decisions = []
     for _ in range(3):
         p.next_attempt("bad")
-        decisions.append(p.failed("bad", "not_a_tar", twin_running=False))
+        decisions.append(p.failed("bad", "truncated_tar", twin_running=False))
     assert decisions == [Retry(2.0), Retry(4.0), GiveUp(3)]
 
 
@@ -94,11 +94,11 @@ def test_a_failure_is_ignored_when_another_copy_committed_or_still_runs():
     assert p.failed("s", "worker_error", twin_running=False) == Ignore()
 
 
-def test_a_permanent_reason_is_not_retried(monkeypatch):
-    monkeypatch.setattr(errors, "PERMANENT_SHARD_REASONS", frozenset({"unsupported"}))
+def test_a_permanent_reason_is_not_retried():
+    assert {"not_a_tar", "bad_tar"} <= errors.PERMANENT_SHARD_REASONS
     p = policy()
     p.next_attempt("s")
-    assert p.failed("s", "unsupported", twin_running=False) == GiveUp(1)
+    assert p.failed("s", "not_a_tar", twin_running=False) == GiveUp(1)
     p.next_attempt("t")
     assert p.failed("t", "worker_error", twin_running=False) == Retry(2.0)
 

@@ -111,7 +111,8 @@ def test_a_full_disk_at_the_start_is_one_clear_error(one_shard, tiny_disk, drive
     rc = main(["tokenize", str(one_shard), "--output", str(out), *TINY, "--random-weights"])
     assert rc == 2
     errors = [r.getMessage() for r in driver_log if r.levelno >= logging.ERROR]
-    assert errors == [f"{out}/run.json: cannot write (OSError: [Errno 28] No space left on device)"]
+    # The run's lease is the first thing it writes into OUT.
+    assert errors == [f"{out}/lease.json: cannot write (OSError: [Errno 28] No space left on device)"]
     assert all(r.exc_info is None for r in driver_log)
 
 

@@ -16,6 +16,7 @@ from vqpipe.cli import main
 from vqpipe.config import CPU_ALLOCATOR_ENV, build_config
 from vqpipe.job import tokenize
 from vqpipe.model import build_model, exact_mode
+from vqpipe.plan import shard_id as url_shard_id
 from vqpipe.preprocess import IMAGE_EXTENSIONS, preprocess
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,11 @@ def job_config(inputs, output, **sections):
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
     return build_config(data)
+
+
+def sid(d, name):
+    """The shard id of input `d/<name>.tar`."""
+    return url_shard_id(str(d / f"{name}.tar"))
 
 
 def tar_keys(path):
@@ -62,30 +68,34 @@ def first_run(ray_session, shard_dir, tmp_path_factory):
     return summary, out, expected
 
 
-def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run):
+def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run, shard_dir):
     summary, out, _ = first_run
+    d, _ = shard_dir
     assert not summary.ok
-    assert sorted(summary.failed) == ["part-000003", "part-000004"]
-    assert summary.failed["part-000003"]["reason"] == "not_a_tar"
-    assert summary.failed["part-000004"]["reason"] == "truncated_tar"
-    assert summary.failed["part-000003"]["attempts"] == 2
-    assert sorted(p.stem for p in (out / "data").iterdir()) == ["part-000000", "part-000001", "part-000002"]
-    assert sorted(p.stem for p in (out / "failed").iterdir()) == ["part-000003", "part-000004"]
+    bad, cut = sid(d, "part-000003"), sid(d, "part-000004")
+    assert sorted(summary.failed) == [bad, cut]
+    assert summary.failed[bad]["reason"] == "not_a_tar"
+    assert summary.failed[cut]["reason"] == "truncated_tar"
+    assert summary.failed[bad]["attempts"] == 1  # a permanent reason: not retried
+    assert summary.failed[cut]["attempts"] == 2
+    assert sorted(p.stem for p in (out / "data").iterdir()) == [sid(d, f"part-00000{i}") for i in range(3)]
+    assert sorted(p.stem for p in (out / "failed").iterdir()) == [bad, cut]
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
 
 
 def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir):
     _, out, expected = first_run
     d, _ = shard_dir
-    for shard_id, reasons in expected.items():
+    for name, reasons in expected.items():
+        shard_id = sid(d, name)
         rows = pq.read_table(out / "data" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
         errors = pq.read_table(out / "errors" / f"{shard_id}.parquet").to_pylist()
         assert len(rows) == len(set(rows))
-        assert sorted(rows + [e["key"] for e in errors]) == tar_keys(d / f"{shard_id}.tar")
+        assert sorted(rows + [e["key"] for e in errors]) == tar_keys(d / f"{name}.tar")
         assert {e["key"]: e["reason"] for e in errors} == {k: r for k, r in reasons.items() if r is not None}
         assert all(e["detail"] for e in errors)
         done = json.loads((out / "done" / f"{shard_id}.json").read_text())
-        assert done["samples"] == len(tar_keys(d / f"{shard_id}.tar"))
+        assert done["samples"] == len(tar_keys(d / f"{name}.tar"))
         assert done["rows"] + done["errors"] == done["samples"]
         assert set(done["seconds"]) >= {"read", "decode", "encode", "write"}
         assert done["allocator_env"] == CPU_ALLOCATOR_ENV  # CPU replicas keep freed memory by default
@@ -96,7 +106,7 @@ def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_
     _, out, _ = first_run
     d, _ = shard_dir
     model = build_model("tiny", seed=0)
-    table = pq.read_table(out / "data" / "part-000001.parquet")
+    table = pq.read_table(out / "data" / f"{sid(d, 'part-000001')}.parquet")
     members = {}
     with tarfile.open(d / "part-000001.tar") as tf:
         for m in tf.getmembers():
@@ -121,9 +131,11 @@ def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_
         assert np.array_equal(var_inputs[start : start + batch], expected_vi)
 
 
-def test_file_metadata_describes_the_tokens(first_run):
+def test_file_metadata_describes_the_tokens(first_run, shard_dir):
     _, out, _ = first_run
-    meta = json.loads(pq.read_schema(out / "data" / "part-000000.parquet").metadata[b"vqpipe"])
+    meta = json.loads(
+        pq.read_schema(out / "data" / f"{sid(shard_dir[0], 'part-000000')}.parquet").metadata[b"vqpipe"]
+    )
     assert meta["patch_nums"] == [1, 2, 3, 4]
     assert meta["scale_offsets"] == [0, 1, 5, 14, 30]
     assert meta["vocab_size"] == 64 and meta["cvae"] == 8 and meta["resolution"] == 64
@@ -138,7 +150,7 @@ def test_output_reads_without_vqpipe(first_run):
     _, out, _ = first_run
     code = f"""
 import sys, pyarrow.parquet as pq, pandas as pd, duckdb
-path = {str(out / "data" / "part-000000.parquet")!r}
+path = {str(sorted((out / "data").glob("part-000000-*.parquet"))[0])!r}
 t = pq.read_table(path)
 vi = t.column("var_input").combine_chunks().to_numpy_ndarray()
 assert vi.shape == (t.num_rows, 29, 8) and vi.dtype.name == "float16", vi.shape
@@ -158,9 +170,9 @@ def test_rerun_skips_done_shards_and_retries_only_failed_ones(first_run, shard_d
     d, _ = shard_dir
     before = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
     again = tokenize(job_config([d], out))
-    assert {s.shard_id for s in again.plan.todo} == {"part-000003", "part-000004"}
+    assert {s.shard_id for s in again.plan.todo} == {sid(d, "part-000003"), sid(d, "part-000004")}
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
-    assert sorted(again.failed) == ["part-000003", "part-000004"]
+    assert sorted(again.failed) == [sid(d, "part-000003"), sid(d, "part-000004")]
 
 
 def test_cli_exit_codes_and_status(first_run, shard_dir, capsys):
@@ -299,7 +311,7 @@ def test_fast_modes_are_recorded_and_measured_against_exact(ray_session, shard_d
         run={"tune_cpu_allocator": False},
     )
     assert tokenize(cfg).ok
-    done = json.loads((out / "done" / "part-000000.json").read_text())
+    done = json.loads((out / "done" / f"{sid(d, 'part-000000')}.json").read_text())
     assert done["precision"] == "bf16+channels_last"
     agreement = done["agreement_with_exact"]
     assert agreement["mode"] == "bf16+channels_last" and len(agreement["per_scale"]) == 4

@@ -1,7 +1,8 @@
 """`vqpipe tokenize | status | inspect | decode | sample`: the command line.
 
 Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
-(nothing was written), 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun to resume)."""
+(nothing was written), 3 OUT in use by another run, 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun
+to resume)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import os
 import sys
 from typing import Any
 
-from .errors import ConfigError, IncompleteRunError, VqpipeError
+from .errors import ConfigError, IncompleteRunError, LeaseError, VqpipeError
 from .logs import setup_logging
 
 logger = logging.getLogger("vqpipe.cli")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_BUSY = 3  # another run holds OUT's lease (or this run lost it): try again later
 
 
 def tokenize_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,6 +107,13 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="accept tars without an end-of-archive marker (for writers that omit it; a cut-off copy then passes)",
     )
+    p.add_argument(
+        "--wait-for-lease",
+        dest="wait_for_lease_s",
+        type=float,
+        metavar="SECONDS",
+        help="when another run is writing into OUT, wait this long for it to end (default: refuse at once)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
 
@@ -139,6 +148,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "reprocess_changed": args.reprocess_changed,
             "allow_config_change": args.allow_config_change,
             "allow_unterminated_tar": args.allow_unterminated_tar,
+            "wait_for_lease_s": args.wait_for_lease_s,
         },
     }
 
@@ -212,6 +222,14 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"ignored: {d['ignored_members']} tar members in no sample {d['ignored_by_reason']}")
         for shard_id, reason in d["failed_shards"].items():
             print(f"failed:  {shard_id}: {reason}")
+        outside = d["outside_plan"]
+        if outside["done"] or outside["failed_shards"]:
+            print(
+                f"outside the latest plan (earlier runs): {outside['done']} done, "
+                f"{len(outside['failed_shards'])} failure record(s) (not counted above)"
+            )
+        if d["active_run"]:
+            print(f"active:  {d['active_run']['description']}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
 
 
@@ -320,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except IncompleteRunError as e:
         logger.error("%s", e)
         return EXIT_INCOMPLETE
+    except LeaseError as e:
+        logger.error("%s", e)
+        return EXIT_BUSY
     except VqpipeError as e:
         logger.error("%s", e)
         return EXIT_USAGE

@@ -81,6 +81,10 @@ class RunConfig:
     allow_config_change: bool = False  # let a rerun into OUT use a different fingerprint
     allow_unterminated_tar: bool = False  # accept tars without an end-of-archive marker (cut copies too)
     progress_interval_s: float = 10.0
+    # The run lease on OUT (docs/reliability.md): a holder silent this long is taken for gone; a second run
+    # waits this long for a live holder to finish, then refuses (0: refuse at once).
+    lease_ttl_s: float = 120.0
+    wait_for_lease_s: float = 0.0
     placement_timeout_s: float = 900.0  # give up when no replica can be placed (autoscaling may take minutes)
     stop_grace_s: float = 20.0  # after SIGTERM/SIGINT: how long running shards may take to commit
     # CPU replicas keep freed activation memory (CPU_ALLOCATOR_ENV): about 2x encoder speed
@@ -229,6 +233,8 @@ def _validate(cfg: JobConfig) -> None:
     _positive("run.progress_interval_s", r.progress_interval_s)
     _positive("run.placement_timeout_s", r.placement_timeout_s)
     _at_least("run.stop_grace_s", r.stop_grace_s, 0)
+    _positive("run.lease_ttl_s", r.lease_ttl_s)
+    _at_least("run.wait_for_lease_s", r.wait_for_lease_s, 0)
     if not 0.0 <= r.max_error_rate <= 1.0:
         raise ConfigError(f"run.max_error_rate: must be between 0 and 1, got {r.max_error_rate}")
     if r.limit_shards is not None:

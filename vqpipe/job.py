@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
 from .errors import ConfigError, StorageError
+from .lease import Lease
 from .ledger import Ledger, Status, read_status
-from .plan import Plan, Shard, make_plan
+from .plan import Plan, Shard, legacy_stem, make_plan
 from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -143,11 +145,37 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     sha = model_sha256(cfg)
     ledger = Ledger(cfg.output, cfg.storage_options)
     record = run_record(cfg, sha)
+    # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
+    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
+    lease.acquire(wait_s=cfg.run.wait_for_lease_s)
+    with lease:
+        return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
+
+
+def _tokenize_holding(
+    cfg: JobConfig,
+    sha: str,
+    ledger: Ledger,
+    record: dict[str, Any],
+    inputs: list[tuple[str, dict[str, Any]]],
+    lease: Lease,
+    stop: StopRequest | None,
+    t0: float,
+) -> Summary:
+    previous = ledger.read_run()
+    # Format-1.0 outputs may hold a plain-stem data file whose done marker a kill prevented; its input now
+    # gets a new id, so that file must go before it is redone (sticky: set once, for that OUT's lifetime).
+    record["legacy_stem_ids"] = bool(previous) and previous.get("legacy_stem_ids", True)
+    record["run_id"] = lease.run_id
     ledger.start_run(record, allow_change=cfg.run.allow_config_change)
     logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record["fingerprint"])
 
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed)
     ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
+    if record["legacy_stem_ids"]:
+        done = ledger.done_ids()
+        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - done):
+            ledger.remove_uncommitted(stem)
     for shard in plan.changed:
         action = (
             "reprocessing it" if cfg.run.reprocess_changed else "kept (use --reprocess-changed to redo it)"
@@ -162,9 +190,10 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     error = None
     if plan.todo and not (stop and stop.requested):
         try:
-            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed)
+            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check)
         except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
             error, stopped = str(e), True
+        lease.check()  # a run that lost its lease leaves OUT to the new holder
         if not stopped:
             # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt
             # this run started has returned by now, so none is a live write: remove them instead of leaving
@@ -181,6 +210,7 @@ def _dispatch(
     todo: list[Shard],
     stop: StopRequest | None,
     failed: dict[str, dict[str, Any]],
+    check_lease: Callable[[], None] = lambda: None,
 ) -> bool:
     """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
     early); returns whether a stop left shards running."""
@@ -214,7 +244,12 @@ def _dispatch(
             stop.install()  # again: ray.init replaced the SIGTERM handler with one that exits at once
             if stop.requested:  # it came while Ray was starting
                 return False
-        dispatcher = cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick, stop)
+
+        def tick(replicas: int) -> None:
+            check_lease()  # raises once the lease is lost: the dispatcher stops and kills its actors
+            progress.tick(replicas)
+
+        dispatcher = cluster.Dispatcher(cfg, sha, on_done, on_failed, tick, stop)
         dispatcher.run(todo)
     finally:
         if progress.renderer is not None:
