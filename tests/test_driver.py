@@ -15,6 +15,7 @@ from test_cluster import check_exactly_once, write_good_shard
 
 from vqpipe.cli import main
 from vqpipe.model import build_model
+from vqpipe.plan import shard_id
 
 TINY = ["--model", "tiny", "--batch-size", "2"]
 
@@ -155,7 +156,8 @@ def test_a_full_disk_mid_run_ends_with_the_error_and_the_summary(ray_session, tm
     log = [r.getMessage() for r in driver_log]
     assert any(m.startswith("summary: ") and "/2 shards done" in m for m in log), log
     want = (
-        f"the driver cannot write the output: {out}/failed/bad-0000.json: cannot write "
+        f"the driver cannot write the output: {out}/failed/{shard_id(str(shard_dir / 'bad-0000.tar'))}.json: "
+        "cannot write "
         "(OSError: [Errno 28] No space left on device); rerun to resume"
     )
     assert want in log, log
