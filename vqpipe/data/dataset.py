@@ -1,0 +1,332 @@
+"""`TokenDataset`: a torch IterableDataset over the committed shards of a vqpipe OUT (local path or fsspec URL).
+
+Streaming: one row group is decoded at a time, into a shuffle window of `shuffle_buffer` rows, so memory is about
+(shuffle_buffer + 2 row groups) x bytes per row whatever the dataset's size. Ranks, workers and epoch order come
+from `epoch.py`; resume is exact because a window's order is a function of its position alone (see state_dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .. import storage
+from ..errors import StorageError
+from ..ledger import Ledger
+from ..schema import read_metadata
+from .epoch import EpochPlan, make_plan, row_group_order, window_order
+from .rows import RowBlock, to_block
+
+logger = logging.getLogger(__name__)
+
+READABLE_COLUMNS = ("label", "codes", "var_input", "meta")
+_STATE_VERSION = 1
+
+
+class TokenDataset(IterableDataset):
+    """Rows of an OUT as `{"key", "label", "codes", "var_input"?, "meta"?}`, sharded like DistributedSampler.
+
+    - Only shards with a done marker at construction are read; rows per shard come from the markers.
+    - `rank`/`world_size` default to torch.distributed's when it is initialised, else 0/1; DataLoader workers
+      split a rank's rows further. Every rank yields `len(self)` rows; `drop_last=False` fills the last round by
+      repeating rows from the epoch's start, `drop_last=True` drops the tail.
+    - `shuffle=True`: seeded permutation of shards, of each shard's row groups, and of every window of
+      `shuffle_buffer` consecutive rows. Call `set_epoch(e)` before each epoch.
+    - A null label becomes `label_fill` (VAR's trainer takes `num_classes` as its "no class" index).
+    - `batch_size`: yield ready batches (use `DataLoader(ds, batch_size=None)`), much cheaper per row than
+      collating single items; the same rows in the same order either way.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        columns: Sequence[str] = ("codes", "label"),
+        label_fill: int = -1,
+        shuffle_buffer: int = 4096,
+        batch_size: int | None = None,
+        shards: Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        unknown = [c for c in columns if c not in READABLE_COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; readable: {', '.join(READABLE_COLUMNS)}")
+        if seed < 0 or shuffle_buffer < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError("seed must be >= 0, shuffle_buffer and batch_size >= 1")
+        self.out, self.storage_options = out, storage_options
+        self.columns = ("key", *dict.fromkeys(columns))
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.label_fill, self.shuffle_buffer, self.batch_size = label_fill, shuffle_buffer, batch_size
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.epoch = 0
+        self._resume: dict[str, Any] | None = None
+        self._yielded = 0
+        ledger = Ledger(out, storage_options)
+        if ledger.read_run() is None:
+            raise StorageError(f"{out}: not a vqpipe output (no run.json)")
+        committed = sorted(ledger.done_ids())
+        if shards is not None:
+            missing = sorted(set(shards) - set(committed))
+            if missing:
+                raise ValueError(f"{out}: shard(s) not committed: {', '.join(missing[:5])}")
+            committed = sorted(set(shards))
+        markers = ledger.read_done_many(committed)
+        self.shard_ids = tuple(committed)
+        self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
+        self.data_urls = tuple(ledger.data_url(s) for s in committed)
+        self.metadata = self._check_columns()
+        self._digest = hashlib.sha256(repr(list(zip(self.shard_ids, self.shard_rows))).encode()).hexdigest()
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Rows this rank yields per epoch (all its DataLoader workers together)."""
+        return self._plan().per_rank
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.shard_rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None  # a state loaded for another epoch does not apply to this one
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this (rank, worker) stands: call it in the training loop (num_workers=0), or let torchdata's
+        StatefulDataLoader call it inside each worker (num_workers > 0)."""
+        num_workers, worker = _worker()
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "yielded": self._yielded,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "shuffle_buffer": self.shuffle_buffer,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_workers": num_workers,
+            "worker": worker,
+            "shards_digest": self._digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration continues right after the last row the saved iteration yielded."""
+        mine = self.state_dict()
+        for key in ("version", "seed", "shuffle", "drop_last", "shuffle_buffer", "world_size", "rank"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"state was saved with {key}={state.get(key)!r}, this dataset has {mine[key]!r}"
+                )
+        if state["shards_digest"] != self._digest:
+            raise ValueError(
+                f"{self.out}: the committed shards changed since the state was saved (now {len(self.shard_ids)}); "
+                "build the dataset with shards= the saved run's shard_ids to finish that epoch"
+            )
+        self.epoch = state["epoch"]
+        self._resume = dict(state)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self._plan()
+        num_workers, worker = _worker()
+        begin, end = plan.worker_range(self.rank, worker, num_workers)
+        start = self._take_resume(num_workers, worker)
+        self._yielded = start
+        reader = _ShardReader(self)
+        window = self.shuffle_buffer
+        first = begin + (start // window) * window
+        skip = start % window
+        pending: list[RowBlock] = []
+        have = 0
+        for wstart in range(first, end, window):
+            wend = min(end, wstart + window)
+            block = reader.read(plan, wstart, wend)
+            order = window_order(
+                wend - wstart, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, window_start=wstart
+            )
+            block = block.take(order[skip:])
+            skip = 0
+            if self.batch_size is None:
+                yield from self._items(block)
+                continue
+            pos = 0
+            while pos < len(block):
+                piece = block.take(slice(pos, pos + self.batch_size - have))
+                pos += len(piece)
+                pending.append(piece)
+                have += len(piece)
+                if have == self.batch_size:
+                    yield self._batch(RowBlock.concat(pending))
+                    pending, have = [], 0
+        if pending:
+            yield self._batch(RowBlock.concat(pending))
+        reader.close()
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _plan(self) -> EpochPlan:
+        return make_plan(
+            self.shard_rows,
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+
+    def _take_resume(self, num_workers: int, worker: int) -> int:
+        state, self._resume = self._resume, None
+        if state is None or state["epoch"] != self.epoch:
+            return 0
+        if (state["num_workers"], state["worker"]) != (num_workers, worker):
+            raise ValueError(
+                f"state was saved by worker {state['worker']} of {state['num_workers']}, loaded into worker "
+                f"{worker} of {num_workers}: resume with the same num_workers (StatefulDataLoader does this)"
+            )
+        return int(state["yielded"])
+
+    def _items(self, block: RowBlock) -> Iterator[dict[str, Any]]:
+        cols = self._tensors(block)
+        for i in range(len(block)):
+            self._yielded += 1  # counted before the yield: state_dict() taken after a fetch includes this row
+            yield {name: (col[i] if name != "label" else int(col[i])) for name, col in cols.items()}
+
+    def _batch(self, block: RowBlock) -> dict[str, Any]:
+        self._yielded += len(block)
+        out = self._tensors(block)
+        if "label" in out:
+            out["label"] = torch.from_numpy(out["label"])
+        return out
+
+    def _tensors(self, block: RowBlock) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": block.keys.tolist()}
+        if "label" in self.columns:
+            out["label"] = block.labels
+        if "codes" in self.columns:
+            out["codes"] = torch.from_numpy(block.codes.astype(np.int64))
+        if "var_input" in self.columns:
+            out["var_input"] = torch.from_numpy(np.ascontiguousarray(block.var_input))
+        if "meta" in self.columns:
+            out["meta"] = [m if m is not None else "" for m in block.metas]
+        return out
+
+    def _check_columns(self) -> dict[str, Any]:
+        """The first non-empty data file's vqpipe metadata; every asked column must be in it."""
+        for url, rows in zip(self.data_urls, self.shard_rows):
+            if rows:
+                f, source = _open_parquet(url, self.storage_options)
+                try:
+                    _check_file(f.schema_arrow, url, self.columns)
+                    return read_metadata(f.schema_arrow)
+                finally:
+                    f.close()
+                    if source is not None:
+                        source.close()
+        return {}
+
+
+class _ShardReader:
+    """Rows of the epoch's spans, one open data file and one decoded row group at a time."""
+
+    def __init__(self, ds: TokenDataset):
+        self.ds = ds
+        self.shard: int | None = None
+        self.file: pq.ParquetFile | None = None
+        self.source: Any = None
+        self.rg_order: np.ndarray = np.arange(0)
+        self.rg_starts: np.ndarray = np.zeros(1, dtype=np.int64)
+        self.cached: tuple[int, int, RowBlock] | None = None
+
+    def read(self, plan: EpochPlan, begin: int, end: int) -> RowBlock:
+        return RowBlock.concat([self._span(s.shard, s.start, s.stop) for s in plan.spans(begin, end)])
+
+    def _span(self, shard: int, start: int, stop: int) -> RowBlock:
+        self._open(shard)
+        parts = []
+        i = int(np.searchsorted(self.rg_starts, start, side="right")) - 1
+        while start < stop:
+            lo, hi = self.rg_starts[i], self.rg_starts[i + 1]
+            block = self._row_group(int(self.rg_order[i]))
+            parts.append(block.take(slice(start - lo, min(stop, hi) - lo)))
+            start = min(stop, hi)
+            i += 1
+        return RowBlock.concat(parts)
+
+    def _open(self, shard: int) -> None:
+        if shard == self.shard:
+            return
+        self.close()
+        ds = self.ds
+        url, rows = ds.data_urls[shard], ds.shard_rows[shard]
+        self.file, self.source = _open_parquet(url, ds.storage_options)
+        meta = self.file.metadata
+        if meta.num_rows != rows:
+            raise StorageError(f"{url}: {meta.num_rows} rows, but its done marker says {rows}")
+        _check_file(self.file.schema_arrow, url, ds.columns)
+        order = row_group_order(
+            ds.shard_ids[shard], meta.num_row_groups, shuffle=ds.shuffle, seed=ds.seed, epoch=ds.epoch
+        )
+        sizes = [meta.row_group(int(g)).num_rows for g in order]
+        self.shard, self.rg_order = shard, order
+        self.rg_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _row_group(self, group: int) -> RowBlock:
+        if self.cached is None or self.cached[:2] != (self.shard, group):
+            table = self.file.read_row_group(group, columns=[c for c in self.ds.columns])
+            self.cached = (self.shard, group, to_block(table, self.ds.label_fill))
+        return self.cached[2]
+
+    def close(self) -> None:
+        for f in (self.file, self.source):
+            if f is not None:
+                f.close()
+        self.file, self.source, self.shard, self.cached = None, None, None, None
+
+
+def _open_parquet(url: str, storage_options: dict[str, Any] | None) -> tuple[pq.ParquetFile, Any]:
+    """The file and, for remote ones, the stream under it (to close). Local files go to pyarrow's own reader
+    (memory-mapped); others stream through vqpipe's storage layer (range reads, retries)."""
+    try:
+        if storage.is_local(url):
+            return pq.ParquetFile(url, memory_map=True), None
+        source = storage.open_input(url, storage_options)
+        return pq.ParquetFile(source), source
+    except FileNotFoundError:
+        raise StorageError(f"{url}: no such file (its shard has a done marker)") from None
+
+
+def _check_file(schema, url: str, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise StorageError(f"{url}: no column(s) {', '.join(missing)} (it has {', '.join(schema.names)})")
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.num_workers, info.id) if info is not None else (1, 0)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
