@@ -30,7 +30,9 @@ def shard_rows(shard_id: str, n: int, seed: int, labeled: bool = True, var_input
     """keys, labels, metas, codes (n, 30) uint16, var_input (n, 29, 8) float16 of one synthetic shard."""
     rng = np.random.default_rng(seed)
     keys = [f"{shard_id}/{i:05d}" for i in range(n)]
-    labels = [int(x) if labeled and x % 5 else None for x in rng.integers(0, 1000, n)] if labeled else [None] * n
+    labels = (
+        [int(x) if labeled and x % 5 else None for x in rng.integers(0, 1000, n)] if labeled else [None] * n
+    )
     metas = [json.dumps({"i": i}) for i in range(n)]
     codes = rng.integers(0, TINY.vocab_size, (n, TINY.seq_len)).astype(np.uint16)
     vi = None
@@ -93,7 +95,9 @@ def write_out(
             for s in range(0, n, batch):
                 sl = slice(s, s + batch)
                 if legacy:
-                    writer._pending.append(_legacy_table(schema, keys[sl], labels[sl], metas[sl], codes[sl], vi[sl]))
+                    writer._pending.append(
+                        _legacy_table(schema, keys[sl], labels[sl], metas[sl], codes[sl], vi[sl])
+                    )
                     writer._pending_rows += len(keys[sl])
                     writer.rows += len(keys[sl])
                     if writer._pending_rows >= rows_per_group:
