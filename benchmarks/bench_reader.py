@@ -71,6 +71,18 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
+def interleaved(runs: dict, n: int, repeats: int) -> dict[str, float]:
+    """Rows/s of each run, best of `repeats` rounds; the runs alternate within a round, so that load from other
+    processes on a shared machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            assert fn() == n, name
+            times[name].append(time.perf_counter() - t)
+    return {name: n / min(ts) for name, ts in times.items()}
+
+
 def pyarrow_read(files: list[str], columns: list[str]) -> int:
     n = 0
     for f in files:
@@ -149,10 +161,13 @@ def main() -> None:
             files = write_out(out, args.shards, rows, var_input)
             cols = ("codes", "label", "var_input") if var_input else ("codes", "label")
             n = args.shards * rows
-            base = n / best(lambda f=files, c=cols: pyarrow_read(f, list(c)), args.repeats)
-            items = n / best(lambda o=out, c=cols: loader_read(str(o), c, args.batch, False), args.repeats)
-            batches = n / best(lambda o=out, c=cols: loader_read(str(o), c, args.batch, True), args.repeats)
-            results.append((label, n, base, items, batches))
+            runs = {
+                "pyarrow": lambda f=files, c=cols: pyarrow_read(f, list(c)),
+                "items": lambda o=out, c=cols: loader_read(str(o), c, args.batch, False),
+                "batches": lambda o=out, c=cols: loader_read(str(o), c, args.batch, True),
+            }
+            rates = interleaved(runs, n, args.repeats)
+            results.append((label, n, rates["pyarrow"], rates["items"], rates["batches"]))
         layout_rows = layouts(tmp, args.vi_rows, args.repeats)
     builder = VarInputBuilder("var256")
     codes = torch.randint(0, P.vocab_size, (args.builder_rows, P.seq_len))

@@ -1,7 +1,7 @@
 """`TokenDataset`: a torch IterableDataset over the committed shards of a vqpipe OUT (local path or fsspec URL).
 
-Streaming: one row group is decoded at a time, into a shuffle window of `shuffle_buffer` rows, so memory is about
-(shuffle_buffer + 2 row groups) x bytes per row whatever the dataset's size. Ranks, workers and epoch order come
+Streaming: the row groups behind one shuffle window of `shuffle_buffer` rows are decoded at a time, so memory is
+about (2 x shuffle_buffer + 2 row groups) x bytes per row, whatever the dataset's size. Ranks, workers and epoch order come
 from `epoch.py`; resume is exact because a window's order is a function of its position alone (see state_dict).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -140,7 +141,7 @@ class TokenDataset(IterableDataset):
         self.epoch = state["epoch"]
         self._resume = dict(state)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | TokenBatch]:
         plan = self._plan()
         num_workers, worker = _worker()
         begin, end = plan.worker_range(self.rank, worker, num_workers)
@@ -205,12 +206,12 @@ class TokenDataset(IterableDataset):
             self._yielded += 1  # counted before the yield: state_dict() taken after a fetch includes this row
             yield {name: (col[i] if name != "label" else int(col[i])) for name, col in cols.items()}
 
-    def _batch(self, block: RowBlock) -> dict[str, Any]:
+    def _batch(self, block: RowBlock) -> TokenBatch:
         self._yielded += len(block)
         out = self._tensors(block)
         if "label" in out:
             out["label"] = torch.from_numpy(out["label"])
-        return out
+        return TokenBatch(**out)
 
     def _tensors(self, block: RowBlock) -> dict[str, Any]:
         out: dict[str, Any] = {"key": block.keys.tolist()}
@@ -239,6 +240,37 @@ class TokenDataset(IterableDataset):
         return {}
 
 
+@dataclass
+class TokenBatch:
+    """A batch as TokenDataset(batch_size=...) yields it: what default_collate makes of single items, readable
+    as `batch["codes"]` or `batch.codes`. Not a dict on purpose: the DataLoader passes it through untouched
+    instead of walking every key string, and `pin_memory=True` pins its tensors."""
+
+    key: list[str]
+    label: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    var_input: torch.Tensor | None = None
+    meta: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def __contains__(self, name: str) -> bool:
+        return getattr(self, name, None) is not None
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def pin_memory(self) -> TokenBatch:
+        pinned = {n: getattr(self, n).pin_memory() for n in ("label", "codes", "var_input") if n in self}
+        return replace(self, **pinned)
+
+
 class _ShardReader:
     """Rows of the epoch's spans, one open data file and one decoded row group at a time."""
 
@@ -249,22 +281,38 @@ class _ShardReader:
         self.source: Any = None
         self.rg_order: np.ndarray = np.arange(0)
         self.rg_starts: np.ndarray = np.zeros(1, dtype=np.int64)
-        self.cached: tuple[int, int, RowBlock] | None = None
+        self.groups: dict[int, RowBlock] = {}  # decoded row groups of the open shard
+        self.last: int | None = None
 
     def read(self, plan: EpochPlan, begin: int, end: int) -> RowBlock:
         return RowBlock.concat([self._span(s.shard, s.start, s.stop) for s in plan.spans(begin, end)])
 
     def _span(self, shard: int, start: int, stop: int) -> RowBlock:
         self._open(shard)
+        first = int(np.searchsorted(self.rg_starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.rg_starts, stop, side="left"))  # one past the last row group needed
+        self._load([int(g) for g in self.rg_order[first:last]])
         parts = []
-        i = int(np.searchsorted(self.rg_starts, start, side="right")) - 1
-        while start < stop:
+        for i in range(first, last):
             lo, hi = self.rg_starts[i], self.rg_starts[i + 1]
-            block = self._row_group(int(self.rg_order[i]))
-            parts.append(block.take(slice(start - lo, min(stop, hi) - lo)))
-            start = min(stop, hi)
-            i += 1
+            block = self.groups[int(self.rg_order[i])]
+            parts.append(block.take(slice(max(start, lo) - lo, min(stop, hi) - lo)))
         return RowBlock.concat(parts)
+
+    def _load(self, groups: list[int]) -> None:
+        """Decode the row groups a span needs in one call (pyarrow decodes them in parallel); keep only those
+        and the last one, which the next window may start in."""
+        keep = {g: b for g, b in self.groups.items() if g in groups or g == self.last}
+        missing = [g for g in groups if g not in keep]
+        if missing:
+            table = self.file.read_row_groups(missing, columns=list(self.ds.columns))
+            block = to_block(table, self.ds.label_fill)
+            offset = 0
+            for g in missing:
+                n = self.file.metadata.row_group(g).num_rows
+                keep[g] = block.take(slice(offset, offset + n))
+                offset += n
+        self.groups, self.last = keep, groups[-1] if groups else self.last
 
     def _open(self, shard: int) -> None:
         if shard == self.shard:
@@ -284,17 +332,11 @@ class _ShardReader:
         self.shard, self.rg_order = shard, order
         self.rg_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
-    def _row_group(self, group: int) -> RowBlock:
-        if self.cached is None or self.cached[:2] != (self.shard, group):
-            table = self.file.read_row_group(group, columns=[c for c in self.ds.columns])
-            self.cached = (self.shard, group, to_block(table, self.ds.label_fill))
-        return self.cached[2]
-
     def close(self) -> None:
         for f in (self.file, self.source):
             if f is not None:
                 f.close()
-        self.file, self.source, self.shard, self.cached = None, None, None, None
+        self.file, self.source, self.shard, self.groups, self.last = None, None, None, {}, None
 
 
 def _open_parquet(url: str, storage_options: dict[str, Any] | None) -> tuple[pq.ParquetFile, Any]:
