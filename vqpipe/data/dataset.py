@@ -159,14 +159,14 @@ class TokenDataset(IterableDataset):
             order = window_order(
                 wend - wstart, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, window_start=wstart
             )
-            block = block.take(order[skip:])
+            order = order[skip:]
             skip = 0
             if self.batch_size is None:
-                yield from self._items(block)
+                yield from self._items(block.take(order))
                 continue
             pos = 0
-            while pos < len(block):
-                piece = block.take(slice(pos, pos + self.batch_size - have))
+            while pos < len(order):  # gather each batch straight from the window: one copy per row
+                piece = block.take(order[pos : pos + self.batch_size - have])
                 pos += len(piece)
                 pending.append(piece)
                 have += len(piece)
