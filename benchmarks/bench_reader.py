@@ -118,9 +118,9 @@ def layouts(tmp: Path, rows: int, repeats: int) -> list[tuple[str, float, float,
         ),
         "flat fixed_size_list[21728]": pa.FixedSizeListArray.from_arrays(flat, 679 * 32),
     }
-    out = []
-    for name, arr in arrays.items():
-        path = tmp / f"layout-{len(out)}.parquet"
+    runs, sizes = {}, {}
+    for i, (name, arr) in enumerate(arrays.items()):
+        path = tmp / f"layout-{i}.parquet"
         # The writer's settings for var_input (vqpipe/writer.py): zstd, no statistics, no dictionary.
         pq.write_table(
             pa.table({"var_input": arr}),
@@ -130,15 +130,13 @@ def layouts(tmp: Path, rows: int, repeats: int) -> list[tuple[str, float, float,
             write_statistics=False,
             use_dictionary=False,
         )
-        t_pa = best(lambda p=path: fixed_list_to_numpy(pq.read_table(p)["var_input"]), repeats)
-
-        def polars_read(p=path):
-            a = pl.read_parquet(p)["var_input"].to_numpy()
-            return a.reshape(rows, 679, 32)
-
-        t_pl = best(polars_read, repeats)
-        out.append((name, rows / t_pa, rows / t_pl, path.stat().st_size / rows / 1024))
-    return out
+        sizes[name] = path.stat().st_size / rows / 1024
+        runs[f"pyarrow {name}"] = lambda p=path: len(fixed_list_to_numpy(pq.read_table(p)["var_input"]))
+        runs[f"polars {name}"] = lambda p=path: len(
+            pl.read_parquet(p)["var_input"].to_numpy().reshape(rows, 679, 32)
+        )
+    rates = interleaved(runs, rows, repeats)
+    return [(name, rates[f"pyarrow {name}"], rates[f"polars {name}"], sizes[name]) for name in arrays]
 
 
 def main() -> None:
@@ -190,7 +188,8 @@ def main() -> None:
         print(
             f"| {label} | {n} | {base:,.0f} | {items:,.0f} | {batches:,.0f} | {items / base:.2f}x | {batches / base:.2f}x |"
         )
-    print(f"\nVarInputBuilder (var256, CPU, batches of 64): {builder_rps:,.0f} rows/s\n")
+    print(f"\nVarInputBuilder (var256, CPU, batches of 64): {builder_rps:,.0f} rows/s")
+    print(f"load average during the run (1/5/15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print("| var_input layout | pyarrow -> numpy, rows/s | Polars -> numpy, rows/s | KiB per row (zstd) |")
     print("|---|---:|---:|---:|")
     for name, r_pa, r_pl, kib in layout_rows:
