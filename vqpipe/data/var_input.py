@@ -85,7 +85,7 @@ class VarInputBuilder(nn.Module):
                 raise CheckpointError(f"checkpoint {checkpoint}: sha256 {digest}, expected {expected_sha256}")
         try:
             if storage.is_local(checkpoint):
-                state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+                state = _load_local(checkpoint)
             else:
                 with storage.open_input(checkpoint, storage_options) as f:
                     state = torch.load(f, map_location="cpu", weights_only=True)
@@ -129,6 +129,15 @@ def var_batch(
             "the batch has no var_input: read it (columns=(..., 'var_input')) or pass a VarInputBuilder"
         )
     return out
+
+
+def _load_local(path: str) -> Any:
+    try:  # memory-mapped: only the tensors used below are read from disk
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # files in torch's legacy (non-zip) format cannot be mapped
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
