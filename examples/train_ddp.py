@@ -11,6 +11,7 @@ Every rank sees the same number of batches (TokenDataset mirrors DistributedSamp
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -54,10 +55,17 @@ def main() -> None:
     ap.add_argument(
         "--log-keys", action="store_true", help="append each trained row's key to CKPT/keys-rankN.txt"
     )
+    ap.add_argument("--init-method", default="env://", help="torch.distributed rendezvous (torchrun: env://)")
     args = ap.parse_args()
     Path(args.ckpt).mkdir(parents=True, exist_ok=True)
 
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    # torchrun sets RANK and WORLD_SIZE (and MASTER_ADDR/PORT for env://)
+    dist.init_process_group(
+        "gloo",
+        init_method=args.init_method,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
     rank = dist.get_rank()
     device = torch.device("cpu")
     torch.manual_seed(0)
