@@ -147,34 +147,36 @@ class TokenDataset(IterableDataset):
         start = self._take_resume(num_workers, worker)
         self._yielded = start
         reader = ShardReader(self)
-        window = self.shuffle_buffer
-        first = begin + (start // window) * window
-        skip = start % window
-        pending: list[RowBlock] = []
-        have = 0
-        for wstart in range(first, end, window):
-            wend = min(end, wstart + window)
-            block = reader.read(plan, wstart, wend)
-            order = window_order(
-                wend - wstart, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, window_start=wstart
-            )
-            order = order[skip:]
-            skip = 0
-            if self.batch_size is None:
-                yield from self._items(block.take(order))
-                continue
-            pos = 0
-            while pos < len(order):  # gather each batch straight from the window: one copy per row
-                piece = block.take(order[pos : pos + self.batch_size - have])
-                pos += len(piece)
-                pending.append(piece)
-                have += len(piece)
-                if have == self.batch_size:
-                    yield self._batch(RowBlock.concat(pending))
-                    pending, have = [], 0
-        if pending:
-            yield self._batch(RowBlock.concat(pending))
-        reader.close()
+        try:
+            window = self.shuffle_buffer
+            first = begin + (start // window) * window
+            skip = start % window
+            pending: list[RowBlock] = []
+            have = 0
+            for wstart in range(first, end, window):
+                wend = min(end, wstart + window)
+                block = reader.read(plan, wstart, wend)
+                order = window_order(
+                    wend - wstart, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, window_start=wstart
+                )
+                order = order[skip:]
+                skip = 0
+                if self.batch_size is None:
+                    yield from self._items(block.take(order))
+                    continue
+                pos = 0
+                while pos < len(order):  # gather each batch straight from the window: one copy per row
+                    piece = block.take(order[pos : pos + self.batch_size - have])
+                    pos += len(piece)
+                    pending.append(piece)
+                    have += len(piece)
+                    if have == self.batch_size:
+                        yield self._batch(RowBlock.concat(pending))
+                        pending, have = [], 0
+            if pending:
+                yield self._batch(RowBlock.concat(pending))
+        finally:  # also when the loop stops early: the open data file is closed
+            reader.close()
 
     # -- internals ----------------------------------------------------------------------------------------------
 
