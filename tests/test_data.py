@@ -228,3 +228,17 @@ def test_var_input_builder_equals_the_model(tmp_path, out):
         VarInputBuilder.from_checkpoint(str(ckpt), preset="tiny", expected_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="does not fit preset var256"):
         VarInputBuilder.from_checkpoint(str(ckpt), preset="var256")
+
+
+@pytest.mark.slow
+def test_an_out_on_s3_streams_through_the_storage_layer(s3):
+    url = s3.url("tokens-data/out")
+    expected = write_out(url, {"a": 10, "b": 0, "c": 7}, storage_options=s3.storage_options)
+    for workers in (0, 2):
+        ds = TokenDataset(url, columns=ALL, world_size=2, rank=1, storage_options=s3.storage_options)
+        items = [i for b in DataLoader(ds, batch_size=4, num_workers=workers) for i in range(len(b["key"]))]
+        assert len(items) == len(ds) == 9
+    rows = list(TokenDataset(url, columns=ALL, storage_options=s3.storage_options))
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    for r in rows:
+        assert np.array_equal(r["var_input"].numpy(), expected[r["key"]]["var_input"])

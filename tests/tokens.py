@@ -68,10 +68,11 @@ def write_out(
     labeled: bool = True,
     legacy: bool = False,
     uncommitted: dict[str, int] | None = None,
+    storage_options: dict | None = None,
 ) -> dict[str, dict]:
     """An OUT with one committed shard per entry of `rows` (id -> row count) and data files without a done
     marker for `uncommitted`. Returns key -> {"label", "codes", "var_input"} of the committed rows."""
-    ledger = Ledger(str(out))
+    ledger = Ledger(str(out), storage_options)
     ledger.start_run({"fingerprint": "test", "output_settings": {"var_input": var_input}}, allow_change=False)
     lay = layout(var_input)
     expected = {}
@@ -90,7 +91,9 @@ def write_out(
         schema = data_schema(lay, meta)
         if legacy:
             schema = _legacy_schema(schema, lay)
-        writer = ShardWriter(ledger.data_url(shard_id), ledger.errors_url(shard_id), schema, rows_per_group)
+        writer = ShardWriter(
+            ledger.data_url(shard_id), ledger.errors_url(shard_id), schema, rows_per_group, storage_options
+        )
         with writer:
             for s in range(0, n, batch):
                 sl = slice(s, s + batch)
