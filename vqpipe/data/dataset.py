@@ -203,9 +203,12 @@ class TokenDataset(IterableDataset):
 
     def _items(self, block: RowBlock) -> Iterator[dict[str, Any]]:
         cols = self._tensors(block)
-        for i in range(len(block)):
+        if "label" in cols:
+            cols["label"] = cols["label"].tolist()  # Python ints
+        names = list(cols)
+        for values in zip(*cols.values()):
             self._yielded += 1  # counted before the yield: state_dict() taken after a fetch includes this row
-            yield {name: (col[i] if name != "label" else int(col[i])) for name, col in cols.items()}
+            yield dict(zip(names, values))
 
     def _batch(self, block: RowBlock) -> TokenBatch:
         self._yielded += len(block)
