@@ -242,3 +242,26 @@ def test_an_out_on_s3_streams_through_the_storage_layer(s3):
     assert sorted(r["key"] for r in rows) == sorted(expected)
     for r in rows:
         assert np.array_equal(r["var_input"].numpy(), expected[r["key"]]["var_input"])
+
+
+def test_other_columns_pass_through(tmp_path):
+    """A column this version does not know (as a later format's `view` would be) reads as plain values."""
+    import pyarrow as pa
+
+    write_out(tmp_path / "o", {"a": 5})
+    path = tmp_path / "o" / "data" / "a.parquet"
+    t = pq.read_table(path)
+    views = [{"flip": i % 2 == 1, "crop": [0, 0, 64, 64]} for i in range(t.num_rows)]
+    t = t.append_column("view", pa.array(views)).append_column(
+        "box", pa.FixedSizeListArray.from_arrays(pa.array(np.arange(4 * t.num_rows, dtype=np.int32)), 4)
+    )
+    pq.write_table(t, path)
+    items = list(TokenDataset(str(tmp_path / "o"), columns=("codes", "view", "box"), shuffle=False))
+    assert [it["view"] for it in items] == views
+    assert items[1]["box"].tolist() == [4, 5, 6, 7]
+    batch = next(
+        iter(TokenDataset(str(tmp_path / "o"), columns=("view", "box"), batch_size=5, shuffle=False))
+    )
+    assert batch["view"] == views and batch["box"].shape == (5, 4) and batch.keys()[-2:] == ["view", "box"]
+    with pytest.raises(StorageError, match="no column"):
+        TokenDataset(str(tmp_path / "o"), columns=("nothing",))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,6 @@ from .shards import ShardReader, check_file, open_parquet
 
 logger = logging.getLogger(__name__)
 
-READABLE_COLUMNS = ("label", "codes", "var_input", "meta")
 _STATE_VERSION = 1
 
 
@@ -39,6 +38,8 @@ class TokenDataset(IterableDataset):
       repeating rows from the epoch's start, `drop_last=True` drops the tail.
     - `shuffle=True`: seeded permutation of shards, of each shard's row groups, and of every window of
       `shuffle_buffer` consecutive rows. Call `set_epoch(e)` before each epoch.
+    - `columns`: any of label, codes, var_input, meta, and any other column the files have (fixed-size
+      lists as tensors, other types as Python values; nulls in those stay None).
     - A null label becomes `label_fill` (VAR's trainer takes `num_classes` as its "no class" index).
     - `batch_size`: yield ready batches (use `DataLoader(ds, batch_size=None)`), much cheaper per row than
       collating single items; the same rows in the same order either way.
@@ -61,9 +62,8 @@ class TokenDataset(IterableDataset):
         storage_options: dict[str, Any] | None = None,
     ):
         super().__init__()
-        unknown = [c for c in columns if c not in READABLE_COLUMNS]
-        if unknown:
-            raise ValueError(f"unknown column(s) {unknown}; readable: {', '.join(READABLE_COLUMNS)}")
+        if "key" in columns:
+            raise ValueError("'key' is always read; columns= names the others")
         if seed < 0 or shuffle_buffer < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError("seed must be >= 0, shuffle_buffer and batch_size >= 1")
         self.out, self.storage_options = out, storage_options
@@ -215,7 +215,11 @@ class TokenDataset(IterableDataset):
         out = self._tensors(block)
         if "label" in out:
             out["label"] = torch.from_numpy(out["label"])
-        return TokenBatch(**out)
+        named = {f.name for f in fields(TokenBatch)}
+        return TokenBatch(
+            **{k: v for k, v in out.items() if k in named},
+            extra={k: v for k, v in out.items() if k not in named},
+        )
 
     def _tensors(self, block: RowBlock) -> dict[str, Any]:
         out: dict[str, Any] = {"key": block.keys.tolist()}
@@ -227,6 +231,8 @@ class TokenDataset(IterableDataset):
             out["var_input"] = torch.from_numpy(np.ascontiguousarray(block.var_input))
         if "meta" in self.columns:
             out["meta"] = [m if m is not None else "" for m in block.metas]
+        for name, values in block.extra.items():  # other columns: tensors for fixed-size lists, else values
+            out[name] = values.tolist() if values.dtype == object else torch.from_numpy(values)
         return out
 
     def _check_columns(self) -> dict[str, Any]:
@@ -255,24 +261,29 @@ class TokenBatch:
     codes: torch.Tensor | None = None
     var_input: torch.Tensor | None = None
     meta: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other columns asked for, by name
 
     def __len__(self) -> int:
         return len(self.key)
 
     def __contains__(self, name: str) -> bool:
-        return getattr(self, name, None) is not None
+        return name in self.keys()
 
     def __getitem__(self, name: str) -> Any:
+        if name in self.extra:
+            return self.extra[name]
         if name not in self:
             raise KeyError(name)
         return getattr(self, name)
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        named = [f.name for f in fields(self) if f.name != "extra" and getattr(self, f.name) is not None]
+        return named + list(self.extra)
 
     def pin_memory(self) -> TokenBatch:
         pinned = {n: getattr(self, n).pin_memory() for n in ("label", "codes", "var_input") if n in self}
-        return replace(self, **pinned)
+        extra = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
+        return replace(self, **pinned, extra=extra)
 
 
 def _worker() -> tuple[int, int]:

@@ -6,7 +6,7 @@ both hold the same contiguous values, so either becomes one (N, L - pn0², Cvae)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,8 @@ class RowBlock:
     codes: np.ndarray | None  # (N, L) as stored (uint16 or int32)
     var_input: np.ndarray | None  # (N, L - pn0², Cvae) as stored (float16 or float32)
     metas: np.ndarray | None  # (N,) object (str or None)
+    # Any other column asked for (e.g. a later format's `view`): numpy for fixed-size lists, else objects.
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         for col in (self.keys, self.labels, self.codes, self.var_input, self.metas):
@@ -31,7 +33,8 @@ class RowBlock:
         return 0
 
     def take(self, index: np.ndarray | slice) -> RowBlock:
-        return RowBlock(*(None if c is None else c[index] for c in self._columns()))
+        extra = {k: v[index] for k, v in self.extra.items()}
+        return RowBlock(*(None if c is None else c[index] for c in self._columns()), extra=extra)
 
     def _columns(self) -> tuple:
         return (self.keys, self.labels, self.codes, self.var_input, self.metas)
@@ -41,7 +44,8 @@ class RowBlock:
         if len(blocks) == 1:
             return blocks[0]
         cols = zip(*(b._columns() for b in blocks))
-        return RowBlock(*(None if c[0] is None else np.concatenate(c) for c in cols))
+        extra = {k: np.concatenate([b.extra[k] for b in blocks]) for k in blocks[0].extra}
+        return RowBlock(*(None if c[0] is None else np.concatenate(c) for c in cols), extra=extra)
 
 
 def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -76,7 +80,16 @@ def to_block(batch: pa.Table | pa.RecordBatch, label_fill: int) -> RowBlock:
         codes=None if col("codes") is None else fixed_list_to_numpy(col("codes")),
         var_input=None if col("var_input") is None else fixed_list_to_numpy(col("var_input")),
         metas=None if metas is None else np.asarray(metas.to_pylist(), dtype=object),
+        extra={name: _any_column(batch.column(name)) for name in names if name not in COLUMNS},
     )
+
+
+def _any_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if pa.types.is_fixed_size_list(column.type) or isinstance(column.type, pa.FixedShapeTensorType):
+        return fixed_list_to_numpy(column)
+    values = np.empty(len(column), dtype=object)  # element-wise: a list of lists stays a list of lists
+    values[:] = column.to_pylist()
+    return values
 
 
 def _labels(column: pa.ChunkedArray | pa.Array, fill: int) -> np.ndarray:
