@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: var_input as nested fixed-size lists (CHANGELOG.md)
 PRECISIONS = ("exact", "tf32", "bf16")
 DECODERS = ("pil", "device")
 VAR_INPUT_DTYPES = ("float16", "float32")
