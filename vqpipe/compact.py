@@ -1,0 +1,279 @@
+"""`vqpipe compact`: copy committed shards into fewer, larger Parquet files, for readers (docs/compaction.md).
+
+Holds OUT's run lease throughout, so no tokenize run writes meanwhile and the done markers read at the start stay
+as they are. Shards not yet in the manifest (or whose marker changed since) are packed in shard-id order into new
+files `compacted/part-<n>.parquet` of about `target_bytes` (or `target_rows`), with the data files' schema and
+metadata and row groups of `row_group_rows`; a file only holds shards whose schema and metadata (apart from the
+shard's own id and URL) agree. Each file is committed atomically, and the manifest after them. Files already
+listed are never rewritten. `delete_sources` removes the data files of compacted shards, only once the manifest
+that lists them is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import ConfigError, StorageError
+from .lease import Lease
+from .ledger import Ledger
+from .manifest import (
+    COMPACTED_DIR,
+    MANIFEST_NAME,
+    Manifest,
+    Part,
+    ShardEntry,
+    Source,
+    marker_fingerprint,
+    place,
+    read_manifest,
+    sources,
+    write_manifest,
+)
+from .schema import METADATA_KEY, read_metadata
+from .writer import PARQUET_OPTIONS
+
+logger = logging.getLogger(__name__)
+
+_PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
+_MANIFEST_EVERY_S = (
+    60.0  # while writing many files, commit the manifest this often: a crash loses at most this
+)
+
+
+@dataclass(frozen=True)
+class CompactOptions:
+    output: str
+    target_bytes: int | None = (
+        256 * 2**20
+    )  # compressed bytes of the data files packed into one compacted file
+    target_rows: int | None = None  # instead of (or as well as) target_bytes: whichever is reached first
+    row_group_rows: int = 512  # as the tokenizer's rows_per_group: the training reader's memory bound
+    delete_sources: bool = False
+    storage_options: dict[str, Any] | None = None
+    wait_for_lease_s: float = 0.0
+    lease_ttl_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("target_bytes", "target_rows", "row_group_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"compact: {name} must be >= 1, got {value}")
+
+
+@dataclass
+class CompactResult:
+    new_parts: list[Part] = field(default_factory=list)
+    already_compacted: int = 0  # shards whose valid entry an earlier compaction wrote
+    stale: int = 0  # entries of earlier compactions whose shard was committed again (or removed) since
+    deleted_sources: int = 0
+
+    @property
+    def shards(self) -> int:
+        return sum(len(p.shards) for p in self.new_parts)
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.new_parts)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """A shard to compact: its marker, the footer of its data file, and what a compacted file must share."""
+
+    id: str
+    marker: dict[str, Any]
+    footer: pq.FileMetaData
+    compat: str  # schema and metadata apart from the shard itself
+
+    @property
+    def bytes(self) -> int:
+        f = self.footer
+        return sum(
+            f.row_group(g).column(c).total_compressed_size
+            for g in range(f.num_row_groups)
+            for c in range(f.num_columns)
+        )
+
+
+def compact(opts: CompactOptions) -> CompactResult:
+    """Compact OUT while holding its lease; LeaseError if another run holds it."""
+    lease = Lease(opts.output, opts.storage_options, ttl_s=opts.lease_ttl_s)
+    lease.acquire(wait_s=opts.wait_for_lease_s)
+    with lease:
+        return _compact_holding(opts, Ledger(opts.output, opts.storage_options), lease)
+
+
+def _compact_holding(opts: CompactOptions, ledger: Ledger, lease: Lease) -> CompactResult:
+    if ledger.read_run() is None:
+        raise ConfigError(f"{storage.redact(opts.output)}: not a vqpipe output (no run.json)")
+    compacted_dir = ledger.path(COMPACTED_DIR)
+    storage.cleanup_temporaries(compacted_dir, opts.storage_options)
+    markers = ledger.read_done_many(sorted(ledger.done_ids()))
+    manifest = read_manifest(ledger)
+    _remove_unlisted(ledger, manifest)
+    placed = place(manifest, markers)
+    result = CompactResult(already_compacted=len(placed.compacted), stale=len(placed.stale))
+    todo = [_footer(ledger, i, markers[i]) for i in placed.in_data]
+    parts = list(manifest.parts)
+    number = 1 + max((int(m.group(1)) for p in parts if (m := _PART_NAME.match(p.file))), default=-1)
+    last_commit = time.monotonic()
+    for group in _pack(todo, opts):
+        lease.check()  # a compaction that lost its lease stops writing
+        part = _write_part(ledger, f"part-{number:06d}.parquet", group, opts.row_group_rows)
+        parts.append(part)
+        result.new_parts.append(part)
+        number += 1
+        logger.info("%s: %d shards, %d rows, %d bytes", part.file, len(part.shards), part.rows, part.bytes)
+        if time.monotonic() - last_commit > _MANIFEST_EVERY_S:
+            write_manifest(ledger, Manifest(tuple(parts)))
+            last_commit = time.monotonic()
+    if result.new_parts:
+        lease.check()
+        write_manifest(ledger, Manifest(tuple(parts)))  # the commit point of this compaction
+    if opts.delete_sources:
+        lease.check()
+        covered = place(Manifest(tuple(parts)), markers).compacted  # only what the committed manifest lists
+        for shard_id in sorted(covered):
+            storage.remove(ledger.data_url(shard_id), opts.storage_options)
+        result.deleted_sources = len(covered)
+    return result
+
+
+def _remove_unlisted(ledger: Ledger, manifest: Manifest) -> None:
+    """Compacted files no manifest lists were written by a compaction that died before its manifest: no reader
+    can know them (listed files are never removed here). Only under the lease."""
+    listed = {p.file for p in manifest.parts}
+    for name in storage.list_files(ledger.path(COMPACTED_DIR), ".parquet", ledger.storage_options):
+        if name not in listed and name != MANIFEST_NAME:
+            logger.info("removing %s: written by an interrupted compaction, listed nowhere", name)
+            storage.remove(ledger.path(COMPACTED_DIR, name), ledger.storage_options)
+
+
+def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
+    url = ledger.data_url(shard_id)
+    try:
+        with storage.open_input(url, ledger.storage_options) as f:
+            footer = pq.ParquetFile(f).metadata
+    except FileNotFoundError:
+        raise StorageError(f"{url}: no such file, but shard {shard_id} has a done marker") from None
+    if footer.num_rows != int(marker["rows"]):
+        raise StorageError(f"{url}: {footer.num_rows} rows, but its done marker says {marker['rows']}")
+    schema = footer.schema.to_arrow_schema()
+    meta = read_metadata(schema)
+    meta.pop("shard", None)
+    compat = schema.remove_metadata().to_string() + json.dumps(meta, sort_keys=True)
+    return _Shard(shard_id, marker, footer, compat)
+
+
+def _pack(shards: list[_Shard], opts: CompactOptions) -> list[list[_Shard]]:
+    """Consecutive shards (id order) into groups up to the target size; a shard is never split."""
+    groups: list[list[_Shard]] = []
+    rows = size = 0
+    for s in shards:
+        n, b = int(s.marker["rows"]), s.bytes
+        full = groups and (
+            (opts.target_rows is not None and rows + n > opts.target_rows)
+            or (opts.target_bytes is not None and size + b > opts.target_bytes)
+        )
+        if not groups or full or groups[-1][0].compat != s.compat:
+            groups.append([])
+            rows = size = 0
+        groups[-1].append(s)
+        rows, size = rows + n, size + b
+    return groups
+
+
+def _write_part(ledger: Ledger, name: str, group: list[_Shard], row_group_rows: int) -> Part:
+    """Copy the group's rows, shard after shard, into one file committed atomically under `name`."""
+    url = ledger.path(COMPACTED_DIR, name)
+    schema = group[0].footer.schema.to_arrow_schema()
+    meta = {**read_metadata(schema), "shard": None, "compacted": {"shards": [s.id for s in group]}}
+    schema = schema.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+    entries, offset = [], 0
+    pending: list[pa.Table] = []
+    with storage.atomic_write(url, ledger.storage_options) as f:
+        writer = pq.ParquetWriter(f, schema, **PARQUET_OPTIONS)
+        for s in group:
+            with storage.open_input(ledger.data_url(s.id), ledger.storage_options) as src:
+                pf = pq.ParquetFile(src, metadata=s.footer)
+                for g in range(pf.num_row_groups):
+                    pending.append(pf.read_row_group(g).replace_schema_metadata(schema.metadata))
+                    if sum(t.num_rows for t in pending) >= row_group_rows:
+                        pending = _write_full_groups(writer, pending, row_group_rows)
+            n = int(s.marker["rows"])
+            entries.append(ShardEntry(s.id, n, offset, marker_fingerprint(s.marker)))
+            offset += n
+        table = pa.concat_tables(pending) if pending else None
+        if table is not None and table.num_rows:
+            writer.write_table(table, row_group_size=row_group_rows)
+        writer.close()
+        size = f.tell()
+    return Part(name, offset, size, tuple(entries))
+
+
+def _write_full_groups(writer: pq.ParquetWriter, pending: list[pa.Table], rows: int) -> list[pa.Table]:
+    """Write whole row groups of `rows` rows from the pending tables; return the rest."""
+    table = pa.concat_tables(pending)
+    full = table.num_rows // rows * rows
+    writer.write_table(table.slice(0, full), row_group_size=rows)
+    return [table.slice(full)] if full < table.num_rows else []
+
+
+# -- reading an OUT with SQL engines and pyarrow ---------------------------------------------------------------
+
+
+def read_sources(output: str, storage_options: dict[str, Any] | None = None) -> list[Source]:
+    """The files (and row ranges) that hold every committed row of OUT exactly once (manifest.sources)."""
+    ledger = Ledger(output, storage_options)
+    return sources(ledger, ledger.read_done_many(sorted(ledger.done_ids())))
+
+
+def duckdb_sql(srcs: list[Source]) -> str:
+    """A DuckDB query over `srcs` (read_sources): the whole files at once, plus the counted row ranges of any
+    compacted file that also holds rows of shards committed again since (filtered on file_row_number)."""
+    whole = [s.url for s in srcs if s.ranges is None and s.rows]
+    parts = []
+    if whole:
+        parts.append(f"SELECT * FROM read_parquet([{', '.join(_sql_str(u) for u in whole)}])")
+    for s in srcs:
+        if s.ranges:
+            where = " OR ".join(f"(file_row_number >= {a} AND file_row_number < {b})" for a, b in s.ranges)
+            parts.append(
+                f"SELECT * EXCLUDE (file_row_number) FROM read_parquet({_sql_str(s.url)}, file_row_number = true) "
+                f"WHERE {where}"
+            )
+    if not parts:
+        raise ValueError("no committed rows to query")
+    return "\nUNION ALL BY NAME\n".join(parts)
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def arrow_dataset(srcs: list[Source]) -> Any:
+    """A pyarrow dataset over `srcs` (read_sources): the whole files as files; the counted ranges of a compacted
+    file that also holds rows committed again since are read into memory (only such files, which are rare)."""
+    import pyarrow.dataset as pads
+
+    files = [s.url for s in srcs if s.ranges is None and s.rows]
+    if not any(s.ranges for s in srcs):
+        return pads.dataset(files, format="parquet")
+    tables = []
+    for s in srcs:
+        if s.ranges:
+            t = pq.read_table(s.url)
+            tables.extend(t.slice(a, b - a) for a, b in s.ranges)
+    children = [pads.dataset(tables)]
+    if files:
+        children.insert(0, pads.dataset(files, format="parquet"))
+    return pads.dataset(children)
