@@ -192,7 +192,7 @@ def test_an_interrupted_compaction_leaves_nothing_a_reader_sees(out):
     assert read_manifest(Ledger(str(d))).parts == ()
     check_rows(d, expected)
     run(d)
-    assert sorted(p.name for p in (d / "compacted").iterdir()) == ["manifest.json", "part-000000.parquet"]
+    assert sorted(p.name for p in (d / "compacted").iterdir()) == ["_manifest.json", "part-000000.parquet"]
     check_rows(d, expected)
 
 
@@ -240,3 +240,19 @@ def test_sql_over_a_fully_compacted_out_is_a_glob(out):
     srcs = read_sources(str(d))
     assert all(s.ranges is None and s.file_rows is not None for s in srcs)
     assert arrow_dataset(srcs).count_rows() == len(expected)
+    assert pq.read_table(d / "compacted").num_rows == len(expected)  # the directory reads as a dataset
+
+
+@pytest.mark.slow
+def test_compaction_on_s3(s3):
+    url = s3.url("tokens-compact/out")
+    opts = s3.storage_options
+    expected = write_out(url, {"a": 10, "b": 0, "c": 7}, storage_options=opts)
+    compact(CompactOptions(url, target_rows=12, row_group_rows=4, storage_options=opts))
+    expected.update(write_out(url, {"d": 5}, storage_options=opts))
+    res = compact(CompactOptions(url, delete_sources=True, storage_options=opts))
+    assert [e.id for e in res.new_parts[0].shards] == ["d"] and res.deleted_sources == 4
+    keys = [k for b in DataLoader(TokenDataset(url, storage_options=opts), batch_size=4) for k in b["key"]]
+    assert sorted(keys) == sorted(expected)
+    srcs = read_sources(url, opts)
+    assert [s.id for s in srcs] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]

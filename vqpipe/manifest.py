@@ -1,7 +1,7 @@
 """Where each committed shard's rows live: its own data file, or a range of a compacted file (docs/compaction.md).
 
 `vqpipe compact` copies committed shards into fewer, larger Parquet files under `OUT/compacted/` and records in
-`OUT/compacted/manifest.json` which shards each file holds: per shard its id, row count, first row in the file
+`OUT/compacted/_manifest.json` which shards each file holds: per shard its id, row count, first row in the file
 and a fingerprint of its done marker. The done marker stays the truth:
 
 - a shard without a done marker is read from nowhere, whatever the manifest says;
@@ -25,7 +25,7 @@ from .errors import StorageError
 from .ledger import Ledger
 
 COMPACTED_DIR = "compacted"
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "_manifest.json"  # "_": pyarrow, pandas and Spark skip it when reading the directory
 MANIFEST_VERSION = 1
 
 # The marker fields that identify one commit of a shard. A subset, so that fields a later vqpipe adds to or
