@@ -174,6 +174,10 @@ def test_resume_is_exact_on_a_compacted_out_and_a_state_from_before_is_refused(o
     assert seen + [k for b in DataLoader(resumed, batch_size=4) for k in b["key"]] == full
     with pytest.raises(ValueError, match="vqpipe compact"):
         dataset().load_state_dict(before)
+    # the epoch begun before compaction finishes from the data files (kept by default)
+    old = TokenDataset(str(d), world_size=2, rank=1, seed=7, shuffle_buffer=6, compacted=False)
+    old.load_state_dict(before)
+    assert len([k for b in DataLoader(old, batch_size=4) for k in b["key"]]) == len(old)
 
 
 def test_files_of_different_settings_are_not_mixed(out):
@@ -208,7 +212,7 @@ def test_compaction_waits_for_or_refuses_a_live_run(out):
     assert len(read_manifest(Ledger(str(d))).parts) == 3
 
 
-def test_duckdb_and_pyarrow_read_compacted_and_data_files_once(out):
+def test_duckdb_and_pyarrow_read_compacted_and_data_files_once(out, capsys):
     duckdb = pytest.importorskip("duckdb")
     d, expected = out
     run(d, target_rows=20)
@@ -222,6 +226,8 @@ def test_duckdb_and_pyarrow_read_compacted_and_data_files_once(out):
     assert "file_row_number" in sql  # part-000000 is read by ranges
     (n,) = duckdb.sql(f"SELECT count(*) FROM ({sql})").fetchall()[0]
     assert n == len(expected)
+    assert main(["compact", str(d), "--sql"]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == sql
     rows = duckdb.sql(f"SELECT key, codes FROM ({sql})").fetchall()
     assert sorted(k for k, _ in rows) == sorted(expected)
     for k, codes in rows:

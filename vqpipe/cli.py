@@ -234,8 +234,12 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_compact(args: argparse.Namespace) -> int:
-    from .compact import CompactOptions, compact
+    from .compact import CompactOptions, compact, duckdb_sql, read_sources
 
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    if args.sql:
+        print(duckdb_sql(read_sources(args.output.rstrip("/"), storage_options)))
+        return EXIT_OK
     result = compact(
         CompactOptions(
             output=args.output.rstrip("/"),
@@ -243,7 +247,7 @@ def run_compact(args: argparse.Namespace) -> int:
             target_rows=args.target_rows,
             row_group_rows=args.row_group_rows,
             delete_sources=args.delete_sources,
-            storage_options=json.loads(args.storage_options) if args.storage_options else None,
+            storage_options=storage_options,
             wait_for_lease_s=args.wait_for_lease_s,
         )
     )
@@ -341,6 +345,11 @@ def parser() -> argparse.ArgumentParser:
         "--delete-sources",
         action="store_true",
         help="delete the data files of compacted shards once the manifest lists them (default: keep them)",
+    )
+    c.add_argument(
+        "--sql",
+        action="store_true",
+        help="write nothing; print a DuckDB query over every committed row (compacted and data files)",
     )
     c.add_argument("--wait-for-lease", dest="wait_for_lease_s", type=float, default=0.0, metavar="SECONDS")
     c.add_argument("--storage-options", help="fsspec options as JSON")

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import StorageError
 from ..ledger import Ledger
-from ..manifest import Source, sources
+from ..manifest import Manifest, Source, sources
 from ..schema import read_metadata
 from .epoch import EpochPlan, make_plan, window_order
 from .rows import RowBlock
@@ -43,6 +43,7 @@ class TokenDataset(IterableDataset):
     - `columns`: any of label, codes, var_input, meta, and any other column the files have (fixed-size
       lists as tensors, other types as Python values; nulls in those stay None).
     - A null label becomes `label_fill` (VAR's trainer takes `num_classes` as its "no class" index).
+    - `compacted=False`: ignore `vqpipe compact`'s files and read data/ (to resume an epoch begun before it).
     - `batch_size`: yield ready batches (use `DataLoader(ds, batch_size=None)`), much cheaper per row than
       collating single items; the same rows in the same order either way.
     """
@@ -61,6 +62,7 @@ class TokenDataset(IterableDataset):
         shuffle_buffer: int = 4096,
         batch_size: int | None = None,
         shards: Sequence[str] | None = None,
+        compacted: bool = True,
         storage_options: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -89,7 +91,8 @@ class TokenDataset(IterableDataset):
         self.shard_ids = tuple(committed)
         self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
         # The files to read: the epoch is planned over these (a data file, or a compacted file's counted rows).
-        self.sources: tuple[Source, ...] = tuple(sources(ledger, markers))
+        # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a compaction.
+        self.sources: tuple[Source, ...] = tuple(sources(ledger, markers, None if compacted else Manifest()))
         self.metadata = self._check_columns()
         self._digest = _digest(self.shard_ids, self.shard_rows, self.sources)
 
@@ -138,8 +141,8 @@ class TokenDataset(IterableDataset):
         if state["shards_digest"] != self._digest:
             raise ValueError(
                 f"{self.out}: the committed shards changed since the state was saved (now {len(self.shard_ids)}), "
-                "or where they are stored (vqpipe compact); build the dataset with shards= the saved run's "
-                "shard_ids to finish that epoch, before compacting"
+                "or where their rows are stored (vqpipe compact); to finish that epoch, build the dataset with "
+                "shards= the saved run's shard_ids, and compacted=False if OUT was compacted since"
             )
         self.epoch = state["epoch"]
         self._resume = dict(state)
