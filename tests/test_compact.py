@@ -262,3 +262,41 @@ def test_compaction_on_s3(s3):
     assert sorted(keys) == sorted(expected)
     srcs = read_sources(url, opts)
     assert [s.id for s in srcs] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+
+
+@pytest.mark.slow
+def test_bench_compact_prints_its_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_compact.py",
+        "--shards",
+        "12",
+        "--rows",
+        "3",
+        "--target-rows",
+        "20",
+    ]
+    cmd += ["--repeats", "1", "--json", str(tmp_path / "r.json")]
+    run = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| DuckDB count(*) |" in run.stdout and "| TokenDataset epoch (batches) |" in run.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["compacted_files"] == 2 and set(results["results"]) == {
+        "DuckDB count(*)",
+        "DuckDB full codes scan",
+        "pyarrow.dataset count_rows",
+        "TokenDataset epoch (batches)",
+    }
