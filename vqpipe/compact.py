@@ -15,6 +15,9 @@ import json
 import logging
 import re
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,17 +47,18 @@ from .writer import PARQUET_OPTIONS
 logger = logging.getLogger(__name__)
 
 _PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
-_MANIFEST_EVERY_S = (
-    60.0  # while writing many files, commit the manifest this often: a crash loses at most this
-)
+_READ_THREADS = 16  # concurrent footer and shard reads: object-store latency, not bandwidth, bounds them
+_FOOTER_CHUNK = 1024
+_READ_AHEAD_BYTES = 64 * 2**20  # shards read ahead of the writer (at least one)
+# While writing many files, commit the manifest this often: a crash loses at most this much work.
+_MANIFEST_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
 class CompactOptions:
     output: str
-    target_bytes: int | None = (
-        256 * 2**20
-    )  # compressed bytes of the data files packed into one compacted file
+    # compressed bytes of the data files packed into one compacted file
+    target_bytes: int | None = 256 * 2**20
     target_rows: int | None = None  # instead of (or as well as) target_bytes: whichever is reached first
     row_group_rows: int = 512  # as the tokenizer's rows_per_group: the training reader's memory bound
     delete_sources: bool = False
@@ -93,15 +97,7 @@ class _Shard:
     marker: dict[str, Any]
     footer: pq.FileMetaData
     compat: str  # schema and metadata apart from the shard itself
-
-    @property
-    def bytes(self) -> int:
-        f = self.footer
-        return sum(
-            f.row_group(g).column(c).total_compressed_size
-            for g in range(f.num_row_groups)
-            for c in range(f.num_columns)
-        )
+    bytes: int  # compressed size of its row groups
 
 
 def compact(opts: CompactOptions) -> CompactResult:
@@ -122,7 +118,7 @@ def _compact_holding(opts: CompactOptions, ledger: Ledger, lease: Lease) -> Comp
     _remove_unlisted(ledger, manifest)
     placed = place(manifest, markers)
     result = CompactResult(already_compacted=len(placed.compacted), stale=len(placed.stale))
-    todo = [_footer(ledger, i, markers[i]) for i in placed.in_data]
+    todo = _footers(ledger, placed.in_data, markers)
     parts = list(manifest.parts)
     number = 1 + max((int(m.group(1)) for p in parts if (m := _PART_NAME.match(p.file))), default=-1)
     last_commit = time.monotonic()
@@ -158,6 +154,14 @@ def _remove_unlisted(ledger: Ledger, manifest: Manifest) -> None:
             storage.remove(ledger.path(COMPACTED_DIR, name), ledger.storage_options)
 
 
+def _footers(ledger: Ledger, shard_ids: list[str], markers: dict[str, dict[str, Any]]) -> Iterator[_Shard]:
+    """The shards' footers in order, read concurrently (on an object store each is a round trip or two)."""
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        for start in range(0, len(shard_ids), _FOOTER_CHUNK):  # bounded: footers of 1M shards do not fit
+            chunk = shard_ids[start : start + _FOOTER_CHUNK]
+            yield from pool.map(lambda i: _footer(ledger, i, markers[i]), chunk)
+
+
 def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
     url = ledger.data_url(shard_id)
     try:
@@ -171,25 +175,47 @@ def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
     meta = read_metadata(schema)
     meta.pop("shard", None)
     compat = schema.remove_metadata().to_string() + json.dumps(meta, sort_keys=True)
-    return _Shard(shard_id, marker, footer, compat)
+    size = sum(
+        footer.row_group(g).column(c).total_compressed_size
+        for g in range(footer.num_row_groups)
+        for c in range(footer.num_columns)
+    )
+    return _Shard(shard_id, marker, footer, compat, size)
 
 
-def _pack(shards: list[_Shard], opts: CompactOptions) -> list[list[_Shard]]:
-    """Consecutive shards (id order) into groups up to the target size; a shard is never split."""
-    groups: list[list[_Shard]] = []
+def _pack(shards: Iterable[_Shard], opts: CompactOptions) -> Iterator[list[_Shard]]:
+    """Consecutive shards (id order) in groups up to the target size; a shard is never split."""
+    group: list[_Shard] = []
     rows = size = 0
     for s in shards:
-        n, b = int(s.marker["rows"]), s.bytes
-        full = groups and (
-            (opts.target_rows is not None and rows + n > opts.target_rows)
-            or (opts.target_bytes is not None and size + b > opts.target_bytes)
+        n = int(s.marker["rows"])
+        full = (opts.target_rows is not None and rows + n > opts.target_rows) or (
+            opts.target_bytes is not None and size + s.bytes > opts.target_bytes
         )
-        if not groups or full or groups[-1][0].compat != s.compat:
-            groups.append([])
-            rows = size = 0
-        groups[-1].append(s)
-        rows, size = rows + n, size + b
-    return groups
+        if group and (full or group[0].compat != s.compat):
+            yield group
+            group, rows, size = [], 0, 0
+        group.append(s)
+        rows, size = rows + n, size + s.bytes
+    if group:
+        yield group
+
+
+def _read_ahead(group: list[_Shard], load: Callable[[_Shard], pa.Table]) -> Iterator[tuple[_Shard, pa.Table]]:
+    """load(s) for the group's shards in order, in threads, up to _READ_AHEAD_BYTES (compressed) ahead."""
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        queue: deque = deque()
+        ahead = 0
+        for s in group:
+            while queue and ahead + s.bytes > _READ_AHEAD_BYTES:
+                done, future = queue.popleft()
+                ahead -= done.bytes
+                yield done, future.result()
+            queue.append((s, pool.submit(load, s)))
+            ahead += s.bytes
+        while queue:
+            done, future = queue.popleft()
+            yield done, future.result()
 
 
 def _write_part(ledger: Ledger, name: str, group: list[_Shard], row_group_rows: int) -> Part:
@@ -202,13 +228,10 @@ def _write_part(ledger: Ledger, name: str, group: list[_Shard], row_group_rows: 
     pending: list[pa.Table] = []
     with storage.atomic_write(url, ledger.storage_options) as f:
         writer = pq.ParquetWriter(f, schema, **PARQUET_OPTIONS)
-        for s in group:
-            with storage.open_input(ledger.data_url(s.id), ledger.storage_options) as src:
-                pf = pq.ParquetFile(src, metadata=s.footer)
-                for g in range(pf.num_row_groups):
-                    pending.append(pf.read_row_group(g).replace_schema_metadata(schema.metadata))
-                    if sum(t.num_rows for t in pending) >= row_group_rows:
-                        pending = _write_full_groups(writer, pending, row_group_rows)
+        for s, table in _read_ahead(group, lambda s: _read_shard(ledger, s)):
+            pending.append(table.replace_schema_metadata(schema.metadata))
+            if sum(t.num_rows for t in pending) >= row_group_rows:
+                pending = _write_full_groups(writer, pending, row_group_rows)
             n = int(s.marker["rows"])
             entries.append(ShardEntry(s.id, n, offset, marker_fingerprint(s.marker)))
             offset += n
@@ -218,6 +241,16 @@ def _write_part(ledger: Ledger, name: str, group: list[_Shard], row_group_rows: 
         writer.close()
         size = f.tell()
     return Part(name, offset, size, tuple(entries))
+
+
+def _read_shard(ledger: Ledger, s: _Shard) -> pa.Table:
+    with storage.open_input(ledger.data_url(s.id), ledger.storage_options) as src:
+        table = pq.ParquetFile(src, metadata=s.footer).read()
+    if table.num_rows != int(s.marker["rows"]):
+        raise StorageError(
+            f"{ledger.data_url(s.id)}: {table.num_rows} rows, its done marker says {s.marker['rows']}"
+        )
+    return table
 
 
 def _write_full_groups(writer: pq.ParquetWriter, pending: list[pa.Table], rows: int) -> list[pa.Table]:
