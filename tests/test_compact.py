@@ -292,11 +292,12 @@ def test_bench_compact_prints_its_table(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| DuckDB count(*) |" in run.stdout and "| TokenDataset epoch (batches) |" in run.stdout
+    assert "| DuckDB count(*) |" in run.stdout and "| TokenDataset: build + epoch |" in run.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["compacted_files"] == 2 and set(results["results"]) == {
         "DuckDB count(*)",
         "DuckDB full codes scan",
         "pyarrow.dataset count_rows",
-        "TokenDataset epoch (batches)",
+        "TokenDataset: build + epoch",
+        "TokenDataset: epoch of a built dataset",
     }
