@@ -301,3 +301,29 @@ def test_bench_compact_prints_its_table(tmp_path):
         "TokenDataset: build + epoch",
         "TokenDataset: epoch of a built dataset",
     }
+
+
+def test_other_columns_are_copied_and_read(tmp_path):
+    """Columns are copied generically: a later format's `view` column survives compaction."""
+    import pyarrow as pa
+
+    d = tmp_path / "o"
+    write_out(d, {"a": 5, "b": 3})
+    views = {}
+    for sid in ("a", "b"):
+        path = d / "data" / f"{sid}.parquet"
+        f = pq.ParquetFile(path)
+        t = f.read()
+        v = [{"flip": i % 2 == 1, "crop": [i, 0, 64, 64]} for i in range(t.num_rows)]
+        views.update(zip(t["key"].to_pylist(), v))
+        t = t.append_column("view", pa.array(v)).replace_schema_metadata(f.schema_arrow.metadata)
+        pq.write_table(t, path)
+    run(d)
+    assert len(read_manifest(Ledger(str(d))).parts) == 1
+    items = list(TokenDataset(str(d), columns=("codes", "view")))
+    assert {it["key"]: it["view"] for it in items} == views and len(items) == 8
+
+
+def test_not_an_out_is_a_usage_error(tmp_path):
+    assert main(["compact", str(tmp_path)]) == 2
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a lease

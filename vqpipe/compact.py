@@ -101,15 +101,16 @@ class _Shard:
 
 def compact(opts: CompactOptions) -> CompactResult:
     """Compact OUT while holding its lease; LeaseError if another run holds it."""
+    ledger = Ledger(opts.output, opts.storage_options)
+    if ledger.read_run() is None:  # checked before the lease: nothing is written into what is not an OUT
+        raise ConfigError(f"{storage.redact(opts.output)}: not a vqpipe output (no run.json)")
     lease = Lease(opts.output, opts.storage_options, ttl_s=opts.lease_ttl_s)
     lease.acquire(wait_s=opts.wait_for_lease_s)
     with lease:
-        return _compact_holding(opts, Ledger(opts.output, opts.storage_options), lease)
+        return _compact_holding(opts, ledger, lease)
 
 
 def _compact_holding(opts: CompactOptions, ledger: Ledger, lease: Lease) -> CompactResult:
-    if ledger.read_run() is None:
-        raise ConfigError(f"{storage.redact(opts.output)}: not a vqpipe output (no run.json)")
     compacted_dir = ledger.path(COMPACTED_DIR)
     storage.cleanup_temporaries(compacted_dir, opts.storage_options)
     markers = ledger.read_done_many(sorted(ledger.done_ids()))
