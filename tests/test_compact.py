@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from vqpipe.cli import EXIT_BUSY, EXIT_OK, main
 from vqpipe.compact import CompactOptions, arrow_dataset, compact, duckdb_sql, read_sources
 from vqpipe.data import TokenDataset
-from vqpipe.errors import LeaseError
+from vqpipe.errors import LeaseError, StorageError
 from vqpipe.lease import Lease
 from vqpipe.ledger import Ledger
 from vqpipe.manifest import read_manifest
@@ -327,3 +327,28 @@ def test_other_columns_are_copied_and_read(tmp_path):
 def test_not_an_out_is_a_usage_error(tmp_path):
     assert main(["compact", str(tmp_path)]) == 2
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a lease
+
+
+def test_a_compaction_that_fails_midway_commits_nothing_and_the_next_one_recovers(out, monkeypatch):
+    import vqpipe.compact
+
+    d, expected = out
+    monkeypatch.setattr(vqpipe.compact, "_FOOTER_CHUNK", 2)  # footers read as the files are written
+    good = (d / "data" / "f.parquet").read_bytes()
+    (d / "data" / "f.parquet").write_bytes(b"not parquet")
+    with pytest.raises(StorageError, match="f.parquet: not a readable Parquet file"):
+        run(d, target_rows=20)
+    assert sorted(p.name for p in (d / "compacted").iterdir()) == [
+        "part-000000.parquet",
+        "part-000001.parquet",
+    ]
+    assert read_manifest(Ledger(str(d))).parts == ()  # never listed: no reader uses them
+    (d / "data" / "f.parquet").write_bytes(good)
+    check_rows(d, expected)
+    res = run(d, target_rows=20)
+    assert [p.file for p in res.new_parts] == [
+        "part-000000.parquet",
+        "part-000001.parquet",
+        "part-000002.parquet",
+    ]
+    check_rows(d, expected)

@@ -172,6 +172,8 @@ def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
             footer = pq.ParquetFile(f).metadata
     except FileNotFoundError:
         raise StorageError(f"{url}: no such file, but shard {shard_id} has a done marker") from None
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"{url}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     if footer.num_rows != int(marker["rows"]):
         raise StorageError(f"{url}: {footer.num_rows} rows, but its done marker says {marker['rows']}")
     schema = footer.schema.to_arrow_schema()
@@ -247,8 +249,11 @@ def _write_part(ledger: Ledger, name: str, group: list[_Shard], row_group_rows: 
 
 
 def _read_shard(ledger: Ledger, s: _Shard) -> pa.Table:
-    with storage.open_input(ledger.data_url(s.id), ledger.storage_options) as src:
-        table = pq.ParquetFile(src, metadata=s.footer).read()
+    try:
+        with storage.open_input(ledger.data_url(s.id), ledger.storage_options) as src:
+            table = pq.ParquetFile(src, metadata=s.footer).read()
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"{ledger.data_url(s.id)}: cannot read ({type(e).__name__}: {e})") from None
     if table.num_rows != int(s.marker["rows"]):
         raise StorageError(
             f"{ledger.data_url(s.id)}: {table.num_rows} rows, its done marker says {s.marker['rows']}"
