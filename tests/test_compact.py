@@ -182,9 +182,13 @@ def test_resume_is_exact_on_a_compacted_out_and_a_state_from_before_is_refused(o
 
 def test_files_of_different_settings_are_not_mixed(out):
     d, expected = out
-    expected.update(write_out(d, {"k": 5}, batch=2))  # other file metadata (batch_size)
+    expected.update(write_out(d, {"ca": 4, "k": 5}, batch=2))  # other file metadata (batch_size), interleaved
     res = run(d)
-    assert [[e.id for e in p.shards] for p in res.new_parts] == [["a", "b", "c", "d", "e", "f"], ["k"]]
+    assert [[e.id for e in p.shards] for p in res.new_parts] == [["a", "b", "c", "d", "e", "f"], ["ca", "k"]]
+    assert {
+        json.loads(pq.read_schema(d / "compacted" / p.file).metadata[b"vqpipe"])["batch_size"]
+        for p in res.new_parts
+    } == {2, 4}
     check_rows(d, expected)
 
 

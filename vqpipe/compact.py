@@ -189,21 +189,24 @@ def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
 
 
 def _pack(shards: Iterable[_Shard], opts: CompactOptions) -> Iterator[list[_Shard]]:
-    """Consecutive shards (id order) in groups up to the target size; a shard is never split."""
-    group: list[_Shard] = []
-    rows = size = 0
+    """Shards (in id order) into groups up to the target size, one open group per kind of file (schema and
+    metadata), so that shards of interleaved settings (e.g. two GPU types) still fill large files; a shard is
+    never split."""
+    open_groups: dict[str, tuple[list[_Shard], list[int]]] = {}  # compat -> (shards, [rows, bytes])
     for s in shards:
         n = int(s.marker["rows"])
-        full = (opts.target_rows is not None and rows + n > opts.target_rows) or (
-            opts.target_bytes is not None and size + s.bytes > opts.target_bytes
+        group, size = open_groups.get(s.compat, ([], [0, 0]))
+        full = (opts.target_rows is not None and size[0] + n > opts.target_rows) or (
+            opts.target_bytes is not None and size[1] + s.bytes > opts.target_bytes
         )
-        if group and (full or group[0].compat != s.compat):
+        if group and full:
             yield group
-            group, rows, size = [], 0, 0
+            group, size = [], [0, 0]
         group.append(s)
-        rows, size = rows + n, size + s.bytes
-    if group:
-        yield group
+        size[0] += n
+        size[1] += s.bytes
+        open_groups[s.compat] = (group, size)
+    yield from sorted((g for g, _ in open_groups.values() if g), key=lambda g: g[0].id)
 
 
 def _read_ahead(group: list[_Shard], load: Callable[[_Shard], pa.Table]) -> Iterator[tuple[_Shard, pa.Table]]:
