@@ -67,6 +67,7 @@ class GCSServer:
     bucket: str
     storage: Storage
     requests: list[tuple[str, str]] = field(default_factory=list)
+    authorizations: list[str] = field(default_factory=list)  # the Authorization header of each request
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -100,6 +101,7 @@ class _RequestHandler(emulator.RequestHandler):
         ok = super().parse_request()
         if ok:
             self.server.request_log.append((self.command, self.path))  # type: ignore[attr-defined]
+            self.server.auth_log.append(self.headers.get("Authorization", ""))  # type: ignore[attr-defined]
         return ok
 
 
@@ -120,15 +122,16 @@ def gcs_server() -> Iterator[GCSServer]:
     _add_cancel_route()
     storage = Storage(use_memory_fs=True)
     log: list[tuple[str, str]] = []
+    auth: list[str] = []
     httpd = _Server(("127.0.0.1", 0), partial(_RequestHandler, storage))
-    httpd.request_log = log  # type: ignore[attr-defined]
+    httpd.request_log, httpd.auth_log = log, auth  # type: ignore[attr-defined]
     host, port = httpd.server_address[:2]
     assert host == "127.0.0.1", host
     thread = threading.Thread(target=httpd.serve_forever, name="gcs-emulator", daemon=True)
     thread.start()
     saved = os.environ.get("NO_PROXY")
     os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-    gcs = GCSServer(f"http://127.0.0.1:{port}", f"vqpipe-{uuid.uuid4().hex[:12]}", storage, log)
+    gcs = GCSServer(f"http://127.0.0.1:{port}", f"vqpipe-{uuid.uuid4().hex[:12]}", storage, log, auth)
     try:
         buckets.create_bucket(gcs.bucket, storage)
         yield gcs
