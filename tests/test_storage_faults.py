@@ -61,6 +61,94 @@ def keys(s3: S3Server, prefix: str) -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
+# ---------------------------------------------------------------- which errors vqpipe itself retries
+
+
+def _s3_error(code: str, status: int) -> BaseException:
+    """What s3fs raises for an S3 error answer, once botocore and s3fs have given up retrying it."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, "GetObject"))  # type: ignore[arg-type]
+
+
+def _gcs_error(status: int) -> BaseException:
+    gcsfs_retry = pytest.importorskip("gcsfs.retry")
+    return gcsfs_retry.HttpError({"code": status, "message": "Please reduce your request rate."})
+
+
+def _transient_cases() -> list[tuple[str, BaseException, bool]]:
+    import http.client
+
+    import aiohttp
+    from botocore.exceptions import EndpointConnectionError
+
+    return [
+        # dropped connections and timeouts while a body streams: no client retries those for an open file
+        ("connection reset", ConnectionResetError("reset by peer"), True),
+        ("incomplete read", http.client.IncompleteRead(b"partial", 10), True),
+        ("timeout", TimeoutError("read timed out"), True),
+        ("aiohttp payload cut", aiohttp.ClientPayloadError("Response payload is not completed"), True),
+        ("aiohttp disconnect", aiohttp.ServerDisconnectedError(), True),
+        # answered by the store: botocore (5 attempts) and s3fs (5 rounds for SlowDown) already retried
+        # these with backoff; another round here would multiply the wait on a store that is down
+        ("503 SlowDown, after client retries", _s3_error("SlowDown", 503), False),
+        ("500 InternalError, after client retries", _s3_error("InternalError", 500), False),
+        ("connect failed, after client retries", EndpointConnectionError(endpoint_url="http://x"), False),
+        # permanent
+        ("403 AccessDenied", _s3_error("AccessDenied", 403), False),
+        ("404 NoSuchKey", _s3_error("NoSuchKey", 404), False),
+        ("NoSuchBucket", _s3_error("NoSuchBucket", 404), False),
+        ("bad argument", ValueError("bad range"), False),
+        # gcsfs: HTTP errors come back after its own 6 attempts (1, 2, 4, 8, 16 s backoff)
+        ("GCS 503, after client retries", _gcs_error(503), False),
+        ("GCS 403", OSError("Forbidden: b/o"), False),
+    ]
+
+
+def test_transient_error_classification() -> None:
+    got = {name: storage._is_transient(e) for name, e, _ in _transient_cases()}
+    assert got == {name: want for name, _, want in _transient_cases()}
+    assert isinstance(_s3_error("AccessDenied", 403), PermissionError)
+    assert isinstance(_s3_error("NoSuchBucket", 404), FileNotFoundError)
+
+
+def test_retrying_backs_off_on_transient_errors_and_gives_up_on_permanent_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+
+    def failing(errors: list[BaseException]) -> Any:
+        calls = {"n": 0}
+
+        def fn() -> str:
+            calls["n"] += 1
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+
+        return fn, calls
+
+    fn, calls = failing([ConnectionResetError("a"), TimeoutError("b")])
+    assert storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5) == "ok"
+    assert calls["n"] == 3 and sleeps == [0.5, 1.0]  # doubling backoff
+
+    for permanent in (_s3_error("AccessDenied", 403), ValueError("x"), _s3_error("SlowDown", 503)):
+        fn, calls = failing([permanent])
+        with pytest.raises(StorageError, match=r"^s3://b/k: cannot read \("):
+            storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
+        assert calls["n"] == 1
+    fn, calls = failing([_s3_error("NoSuchKey", 404)])
+    with pytest.raises(FileNotFoundError):  # callers turn it into their own message ("no such file")
+        storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
+    fn, calls = failing([ConnectionResetError(str(i)) for i in range(4)])
+    with pytest.raises(StorageError, match="ConnectionResetError: 3"):
+        storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
+    assert calls["n"] == 4
+
+
 # ------------------------------------------------------------------------------ retried and not retried
 
 
@@ -159,6 +247,7 @@ def test_multipart_writes_commit_or_vanish_under_faults(
             f.write(os.urandom(11 * MiB))  # two parts uploaded, then the writer fails
             raise RuntimeError("writer died")
     proxy.rate = 0.0
+    print(f"multipart writes under faults: {proxy.stats.summary()}")
     client = s3.boto3_client()
     assert keys(s3, f"{prefix}/") == sorted(written)
     for key, data in written.items():
@@ -237,7 +326,7 @@ def test_job_completes_exactly_once_with_a_tenth_of_requests_failing(
     summary = tokenize(build_config(_job_settings(s3, prefix, via(s3, proxy))))
     stats = proxy.stats
     proxy.rate = 0.0
-    logging.getLogger("vqpipe").info("fault proxy: %s", stats.summary())
+    print(f"S3 job under faults: {stats.summary()}; {summary.status.rows} rows in {summary.seconds:.1f} s")
     assert summary.ok, summary.failed
     assert stats.failure_rate >= 0.10 and stats.requests >= 100, stats.summary()
 
