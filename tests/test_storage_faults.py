@@ -78,6 +78,21 @@ def _gcs_error(status: int) -> BaseException:
     return gcsfs_retry.HttpError({"code": status, "message": "Please reduce your request rate."})
 
 
+def _aiohttp_connect_error() -> BaseException:
+    import types
+
+    import aiohttp
+
+    key = types.SimpleNamespace(host="127.0.0.1", port=9, ssl=None)
+    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connect call failed"))  # type: ignore[arg-type]
+
+
+def _requests_error(name: str) -> BaseException:
+    import requests.exceptions
+
+    return getattr(requests.exceptions, name)("injected")
+
+
 def _transient_cases() -> list[tuple[str, BaseException, bool]]:
     import http.client
 
@@ -104,6 +119,9 @@ def _transient_cases() -> list[tuple[str, BaseException, bool]]:
         # gcsfs: HTTP errors come back after its own 6 attempts (1, 2, 4, 8, 16 s backoff)
         ("GCS 503, after client retries", _gcs_error(503), False),
         ("GCS 403", OSError("Forbidden: b/o"), False),
+        ("GCS connect failed, after client retries", _aiohttp_connect_error(), False),
+        ("GCS 502, after client retries", _requests_error("ProxyError"), False),
+        ("GCS read timed out", _requests_error("ReadTimeout"), True),
     ]
 
 
