@@ -13,7 +13,8 @@ answers a fraction of them with what a struggling object store sends instead:
 - "forbidden": 403 (S3: `<Code>AccessDenied</Code>`), a permanent error no layer may retry. Only used in
   `script`, a list of faults applied to the next requests in order, before the seeded schedule resumes.
 
-`down = True` answers every request with a 503 (a store that stays unavailable). `stats` counts requests
+`down = True` answers every request with a 503 (a store that stays unavailable); `down_after = n` does so
+from the n+1-th request on. `stats` counts requests
 and injected faults per kind so a test can check the fault rate it actually ran at.
 
 Requests are forwarded unchanged, Host header included: clients sign for the proxy's address and the test
@@ -91,6 +92,7 @@ class FaultProxy:
     delay_s: float
     endpoint_url: str = ""
     down: bool = False
+    down_after: int | None = None  # go down for good once this many requests were served
     script: list[str] = field(default_factory=list)
     stats: ProxyStats = field(default_factory=ProxyStats)
 
@@ -102,6 +104,8 @@ class FaultProxy:
         """The fault for the next request ("" for none), drawn from the seeded schedule, and counted."""
         with self._lock:
             self.stats.requests += 1
+            if self.down_after is not None and self.stats.requests > self.down_after:
+                self.down = True
             if self.down:
                 fault = "slowdown"
             elif self.script:

@@ -384,3 +384,46 @@ def test_job_fails_cleanly_when_the_store_is_down(
     assert "Traceback" not in err and SECRET not in err
     assert keys(s3, f"{prefix}/out/") == [] and uploads(s3, prefix) == []
     assert proxy.stats.requests >= 2  # it did try, through the client's retries
+
+
+@pytest.mark.slow
+def test_store_going_down_mid_job_fails_it_and_a_rerun_completes_exactly_once(
+    ray_session: Any, s3: S3Server, proxy: FaultProxy, prefix: str, tmp_path: Any
+) -> None:
+    from vqpipe.config import build_config
+    from vqpipe.errors import VqpipeError
+    from vqpipe.job import tokenize
+
+    _seed_job(s3, prefix, tmp_path)
+    settings = _job_settings(s3, prefix, via(s3, proxy, **FAST_GIVE_UP))
+    settings["run"]["max_attempts"] = 2
+    proxy.down_after = 30  # past the model, the run record and the plan: while shards are being written
+    try:
+        summary = tokenize(build_config(settings))
+    except VqpipeError as e:  # the driver could not even record the failure
+        print(f"store down mid-job: the job raised {e}")
+        assert f"s3://{s3.bucket}/{prefix}/" in str(e), e
+    else:
+        print(f"store down mid-job: failed shards {summary.failed}")
+        assert not summary.ok and summary.failed, summary
+    assert proxy.stats.requests > 30 and proxy.stats.faults["slowdown"] > 0
+    out = keys(s3, f"{prefix}/out/")
+    done = {os.path.basename(k)[: -len(".json")] for k in out if "/out/done/" in k}
+    data = {os.path.basename(k)[: -len(".parquet")] for k in out if "/out/data/" in k}
+    assert done <= data and len(done) < 3, out  # a done marker only ever follows its data
+    print(f"committed before the outage: {sorted(done)}; unfinished uploads: {uploads(s3, prefix)}")
+
+    proxy.down_after, proxy.down = None, False  # the store is back: the rerun finishes the job
+    summary = tokenize(build_config(settings))
+    assert summary.ok, summary.failed
+    out = keys(s3, f"{prefix}/out/")
+    assert len([k for k in out if "/out/done/" in k]) == 3
+    assert not [k for k in out if os.path.basename(k).startswith(storage.TMP_PREFIX)]
+    assert uploads(s3, prefix) == []  # uploads the outage kept from being aborted are cleaned up
+    client = s3.boto3_client()
+    rows = []
+    for key in out:
+        if "/out/data/" in key:
+            body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+            rows += pq.read_table(io.BytesIO(body), columns=["key"]).column("key").to_pylist()
+    assert len(rows) == len(set(rows)) == summary.status.rows > 0
