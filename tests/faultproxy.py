@@ -227,6 +227,12 @@ class _ProxyServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.proxy = proxy
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):  # a socket this proxy reset on purpose: no traceback
+            super().handle_error(request, client_address)
+
 
 @contextlib.contextmanager
 def fault_proxy(
