@@ -377,7 +377,13 @@ def test_job_fails_cleanly_when_the_store_is_down(
     settings = _job_settings(s3, prefix, via(s3, proxy, **FAST_GIVE_UP))
     config.write_text(json.dumps(settings))
     caplog.set_level(logging.ERROR, logger="vqpipe")
-    code = cli.main(["tokenize", "--config", str(config)])
+    vqpipe_logger = logging.getLogger("vqpipe")
+    handlers, level = list(vqpipe_logger.handlers), vqpipe_logger.level
+    try:
+        code = cli.main(["tokenize", "--config", str(config)])
+    finally:  # the CLI adds a stderr handler bound to this test's captured stderr: later tests must not use it
+        vqpipe_logger.handlers[:] = handlers
+        vqpipe_logger.setLevel(level)
     err = capsys.readouterr().err + caplog.text
     assert code != 0
     assert f"ERROR vqpipe.cli -- s3://{s3.bucket}/{prefix}/" in err and "Service Unavailable" in err, err
