@@ -130,7 +130,7 @@ def test_file_metadata_describes_the_tokens(first_run):
     assert meta["var_input"] == {"shape": [29, 8], "dtype": "float16"}
     assert meta["precision"]["mode"] == "exact"
     assert meta["model"]["sha256"]
-    assert meta["format_version"] == "1.0"
+    assert meta["format_version"] == "1.1"
 
 
 def test_output_reads_without_vqpipe(first_run):

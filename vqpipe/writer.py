@@ -63,8 +63,9 @@ class ShardWriter:
         metas: Sequence[str | None],
         codes: np.ndarray,
         var_input: np.ndarray | None,
+        views: Sequence[str] | None = None,
     ) -> None:
-        self._pending.append(data_table(self.schema, keys, labels, metas, codes, var_input))
+        self._pending.append(data_table(self.schema, keys, labels, metas, codes, var_input, views))
         self._pending_rows += len(keys)
         self.rows += len(keys)
         if self._pending_rows >= self.rows_per_group:
