@@ -205,7 +205,7 @@ class ShardWorker:
                     out.put((keys, labels, metas, codes, var_input, views))
                     images = views.count(self.config.encode.views[0])  # each image has one row per view
                     counts["images"] += images
-                    if on_progress:
+                    if on_progress and images:  # a batch of crops may hold no first view; Ray's inc(0) raises
                         on_progress(images)
                     if committed_elsewhere():
                         raise _Superseded
