@@ -189,6 +189,9 @@ def test_worker_writes_one_row_per_view_and_one_error_per_bad_image(tmp_path, on
     assert table.column_names[:2] == ["key", "view"] and table.num_rows == done["rows"]
     pairs = list(zip(table.column("key").to_pylist(), table.column("view").to_pylist()))
     assert len(set(pairs)) == len(pairs) and set(pairs) == {(k, v) for k in good for v in views}
+    # Rows come grouped by image, its views consecutive in canonical order (docs/views.md relies on it).
+    assert [v for _, v in pairs] == list(views) * len(good)
+    assert all(len({k for k, _ in pairs[i : i + len(views)]}) == 1 for i in range(0, len(pairs), len(views)))
     meta = json.loads(table.schema.metadata[b"vqpipe"])
     assert meta["views"] == list(views) and meta["format_version"] == "1.1"
     assert any("tl+hflip" in step for step in meta["preprocessing"]["steps"])
