@@ -195,6 +195,7 @@ def test_worker_writes_one_row_per_view_and_one_error_per_bad_image(tmp_path, on
     meta = json.loads(table.schema.metadata[b"vqpipe"])
     assert meta["views"] == list(views) and meta["format_version"] == "1.1"
     assert any("tl+hflip" in step for step in meta["preprocessing"]["steps"])
+    assert meta["preprocessing"]["transform"] == "var_val_views"
     labels = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))
     assert all(labels[k] == int(next(s for s in samples if s["__key__"] == k)["cls"]) for k in good)
 

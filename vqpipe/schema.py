@@ -149,7 +149,7 @@ def file_metadata(
             else None
         ),
         "preprocessing": {
-            "transform": "var_val",
+            "transform": "var_val" if tuple(views) == DEFAULT_VIEWS else "var_val_views",
             "steps": [
                 "PIL Image.open(...).convert('RGB') (no EXIF transpose, alpha dropped)",
                 f"resize shorter side to round(1.125*{resolution}) = {mid} with LANCZOS",
