@@ -70,6 +70,11 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--decode", help="pil (default, VAR-exact) or device (JPEGs decoded on the GPU; not VAR-exact)"
     )
+    g.add_argument(
+        "--views",
+        help="augmented views, one row each, comma-separated: center (default), hflip, tl, tr, bl, br, "
+        "X+hflip, crops5, crops10 (docs/views.md)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
@@ -136,6 +141,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "var_input": args.var_input,
             "var_input_dtype": args.var_input_dtype,
             "decode": args.decode,
+            "views": args.views,
         },
         "run": {
             "address": args.address,
