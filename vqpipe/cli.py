@@ -207,7 +207,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     options = json.loads(args.storage_options) if args.storage_options else None
     keys = ("checkpoint", "steps", "lr", "batch_size", "seed", "recon_loss", "vq_weight", "hflip", "device")
-    keys += ("log_every",)
+    keys += ("log_every", "eval_every")
     cfg = FinetuneConfig(
         inputs=tuple(args.inputs), out=args.out, preset=args.preset, storage_options=options,
         eval_images=args.eval_images, **{k: getattr(args, k) for k in keys},
@@ -229,6 +229,7 @@ def finetune_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--vq-weight", type=float, default=1.0, help="weight of VAR's VQ loss (default 1)")
     f.add_argument("--hflip", action="store_true", help="random horizontal flips (VAR's --hflip)")
     f.add_argument("--eval-images", type=int, default=32, help="images for the PSNR report (0: none)")
+    f.add_argument("--eval-every", type=int, default=0, help="also report PSNR every N steps")
     f.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default 10)")
     f.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     f.add_argument("--storage-options", help="fsspec options as JSON")

@@ -51,6 +51,7 @@ class FinetuneConfig:
     hflip: bool = False  # VAR's --hflip (off by default there too)
     shuffle_buffer: int = 64
     eval_images: int = 32  # images (validation transform) on which PSNR is reported before and after
+    eval_every: int = 0  # also report PSNR every N steps (0: only before and after)
     log_every: int = 10
     device: str = "auto"
     storage_options: dict[str, Any] | None = field(default=None, hash=False)
@@ -67,19 +68,28 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "shuffle_buffer", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"finetune: {name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_images < 0 or not (self.lr > 0) or not (self.vq_weight >= 0):
-            raise ConfigError("finetune: eval_images, vq_weight must be >= 0 and lr > 0")
+        if min(self.eval_images, self.eval_every) < 0 or not (self.lr > 0) or not (self.vq_weight >= 0):
+            raise ConfigError("finetune: eval_images, eval_every and vq_weight must be >= 0, lr > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"finetune: device must be auto, cpu or cuda, got {self.device!r}")
 
 
+@dataclass(frozen=True)
+class EvalPoint:
+    """Reconstruction PSNR after `step` steps, and the time spent until then (wall and this process's CPU)."""
+
+    step: int
+    psnr: float
+    seconds: float
+    cpu_seconds: float
+
+
 @dataclass
 class FinetuneResult:
-    """Losses per step and reconstruction PSNR (dB, on the eval images) before and after."""
+    """Losses per step and reconstruction PSNR (dB, on the eval images) before, during and after."""
 
     losses: list[float]
-    psnr_before: float | None
-    psnr_after: float | None
+    evals: list[EvalPoint]
     usages: list[float]  # per scale, % of the codebook in use at the end (VAR's usage EMA)
     images_seen: int
     skipped_samples: int
@@ -206,7 +216,7 @@ def save_checkpoint(model: VQVAE, url: str, storage_options: dict[str, Any] | No
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Train for cfg.steps steps, save the checkpoint to cfg.out, and report losses and PSNR."""
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("finetune: --device cuda but CUDA is not available")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -217,7 +227,16 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     source = ShardImages(urls, cfg.storage_options, cfg.seed)
     model = build_trainable(cfg, device)
     held_out = eval_images(source, resolution, cfg.eval_images) if cfg.eval_images else None
-    psnr_before = reconstruction_psnr(model, held_out.to(device)) if held_out is not None else None
+    evals: list[EvalPoint] = []
+
+    def evaluate(step: int) -> None:
+        if held_out is not None:
+            psnr = reconstruction_psnr(model, held_out.to(device))
+            now, cpu = time.monotonic() - start, time.process_time() - cpu_start
+            evals.append(EvalPoint(step, psnr, now, cpu))
+            logger.info("step %d: reconstruction PSNR %.2f dB (%.0fs, %.0f CPU s)", step, psnr, now, cpu)
+
+    evaluate(0)
     torch.manual_seed(cfg.seed)  # dropout, if the preset has any
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     recon = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
@@ -241,12 +260,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 step, cfg.steps, losses[-1], cfg.recon_loss, recon_loss.item(), vq_loss.item(),
                 [round(u, 1) for u in usages],
             )  # fmt: skip
-    psnr_after = reconstruction_psnr(model, held_out.to(device)) if held_out is not None else None
+        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            evaluate(step)
     save_checkpoint(model, cfg.out, cfg.storage_options)
     result = FinetuneResult(
         losses=losses,
-        psnr_before=psnr_before,
-        psnr_after=psnr_after,
+        evals=evals,
         usages=usages,
         images_seen=cfg.steps * cfg.batch_size,
         skipped_samples=source.skipped,
@@ -255,10 +274,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     logger.info(
         "saved %s after %d steps (%.0fs); reconstruction PSNR on %d images: %s -> %s dB",
         cfg.out, cfg.steps, result.seconds, 0 if held_out is None else len(held_out),
-        _db(psnr_before), _db(psnr_after),
+        _db(evals[0] if evals else None), _db(evals[-1] if evals else None),
     )  # fmt: skip
     return result
 
 
-def _db(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _db(point: EvalPoint | None) -> str:
+    return "n/a" if point is None else f"{point.psnr:.2f}"
