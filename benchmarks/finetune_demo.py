@@ -23,6 +23,7 @@ from vqpipe.finetune import FinetuneConfig, ShardImages, eval_images, finetune
 from vqpipe.logs import setup_logging
 from vqpipe.model import PRESETS, build_model, load_checkpoint
 from vqpipe.sample import write_sample_dataset
+from vqpipe.storage import expand_inputs
 
 
 def _grid(rows: list[torch.Tensor], path: str) -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     p.add_argument("--grid", help="write originals / before / after reconstructions to this PNG")
     p.add_argument("--json", help="write the measurements to this file")
     args = p.parse_args()
-    setup_logging("WARNING")
+    setup_logging("INFO")
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +57,7 @@ def main() -> None:
         cfg = FinetuneConfig(
             inputs=(shards,), out=out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
             recon_loss=args.recon_loss, eval_images=args.eval_images, eval_every=args.eval_every,
-            log_every=args.steps,
+            log_every=args.eval_every or args.steps,
         )  # fmt: skip
         result = finetune(cfg)
         print(
@@ -66,8 +67,8 @@ def main() -> None:
         for e in result.evals:
             print(f"{e.step:>5} {e.psnr:>8.2f} {e.seconds:>7.0f} {e.cpu_seconds:>7.0f}")
         if args.grid:
-            images = eval_images(ShardImages([shards], None, 0), PRESETS["tiny"].resolution, 8)
-            before = build_model("tiny", seed=cfg.seed)
+            images = eval_images(ShardImages(expand_inputs([shards]), None, 0), PRESETS["tiny"].resolution, 8)
+            before = build_model("tiny", seed=cfg.seed)  # (its codebook is not the data-drawn one)
             after = build_model("tiny")
             load_checkpoint(after, out)
             with torch.no_grad():

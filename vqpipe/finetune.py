@@ -196,6 +196,21 @@ def reconstruction_psnr(model: VQVAE, images: torch.Tensor, batch_size: int = 32
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
+@torch.no_grad()
+def init_codebook_from_latents(model: VQVAE, images: torch.Tensor, rng: np.random.Generator) -> None:
+    """Replace the codebook by V latent vectors of these images (drawn without replacement when there are
+    enough). A random codebook sits far from a random encoder's small latents, so every token would pick
+    the same few codes and nothing would reach the decoder; latents drawn from data are all in reach."""
+    was_training = model.training
+    model.eval()
+    f = model.encode_latent(images).float()
+    model.train(was_training)
+    vectors = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    vocab = model.quantize.vocab_size
+    pick = rng.choice(len(vectors), size=vocab, replace=len(vectors) < vocab)
+    model.quantize.embedding.weight.copy_(vectors[torch.from_numpy(pick)])
+
+
 def build_trainable(cfg: FinetuneConfig, device: torch.device) -> VQVAE:
     """The preset with the given checkpoint (or its seeded random init), unfrozen, in training mode."""
     model = build_model(cfg.preset, seed=cfg.seed)
@@ -236,13 +251,19 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             evals.append(EvalPoint(step, psnr, now, cpu))
             logger.info("step %d: reconstruction PSNR %.2f dB (%.0fs, %.0f CPU s)", step, psnr, now, cpu)
 
+    batches = training_batches(source, resolution, cfg.batch_size, cfg.shuffle_buffer, cfg.hflip, cfg.seed)
+    if not cfg.checkpoint:
+        latent_side = PRESETS[cfg.preset].patch_nums[-1]
+        wanted = min(64, math.ceil(4 * model.quantize.vocab_size / latent_side**2))
+        first = [next(batches) for _ in range(math.ceil(wanted / cfg.batch_size))]
+        init_codebook_from_latents(model, torch.cat(first).to(device), np.random.default_rng(cfg.seed))
+        logger.info("random init: codebook drawn from the latents of %d images", sum(map(len, first)))
     evaluate(0)
     torch.manual_seed(cfg.seed)  # dropout, if the preset has any
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     recon = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
     losses: list[float] = []
     usages: list[float] = []
-    batches = training_batches(source, resolution, cfg.batch_size, cfg.shuffle_buffer, cfg.hflip, cfg.seed)
     for step in range(1, cfg.steps + 1):
         x = next(batches).to(device)
         log_now = step % cfg.log_every == 0 or step == cfg.steps
