@@ -206,6 +206,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, finetune
 
     options = json.loads(args.storage_options) if args.storage_options else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     keys = ("checkpoint", "steps", "lr", "batch_size", "seed", "recon_loss", "vq_weight", "hflip", "device")
     keys += ("log_every", "eval_every")
     cfg = FinetuneConfig(
@@ -232,6 +236,7 @@ def finetune_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--eval-every", type=int, default=0, help="also report PSNR every N steps")
     f.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default 10)")
     f.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    f.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     f.add_argument("--storage-options", help="fsspec options as JSON")
     f.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
