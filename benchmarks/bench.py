@@ -47,6 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from vqpipe.config import CPU_ALLOCATOR_ENV, EncodeConfig, JobConfig, build_config  # noqa: E402
+from vqpipe.data import fixed_list_to_numpy  # noqa: E402
 from vqpipe.encode import Encoder, build_encoder  # noqa: E402
 from vqpipe.errors import SampleError  # noqa: E402
 from vqpipe.preprocess import IMAGE_EXTENSIONS, preprocess  # noqa: E402
@@ -482,10 +483,8 @@ def read_outputs(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray | No
 
 def _to_numpy(column: pa.ChunkedArray, n: int) -> np.ndarray:
     arr = column.combine_chunks()
-    if isinstance(arr.type, pa.FixedShapeTensorType):
-        return arr.to_numpy_ndarray()
-    if pa.types.is_fixed_size_list(arr.type):
-        return np.asarray(arr.flatten()).reshape(n, -1)
+    if isinstance(arr.type, pa.FixedShapeTensorType) or pa.types.is_fixed_size_list(arr.type):
+        return fixed_list_to_numpy(arr)  # vqpipe's codes and var_input, format 1.0 or 1.1
     return np.asarray(arr.to_numpy())  # Ray's ArrowTensorArray
 
 

@@ -3,7 +3,8 @@
     ray job submit --working-dir . -- python jobs/tokenize.py --config jobs/example.toml
 
 Inside a Ray job (RAY_ADDRESS is set by the job supervisor) it joins that cluster; otherwise it starts a local one.
-The exit code is the job's status: 0 only when every shard is done.
+The exit code is the job's status: 0 only when every shard is done; `ray job stop` sends SIGTERM, which ends the
+job with its summary and exit code 143 if RAY_JOB_STOP_WAIT_TIME_S leaves it the time (docs/reliability.md).
 """
 
 import os

@@ -8,6 +8,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# gcsfs: no gRPC "zonal bucket" probe (60 s per call against the GCS emulator); see tests/gcsserver.py
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from pathlib import Path  # noqa: E402
 
@@ -66,3 +68,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real, nearly full filesystem: a 256 KiB tmpfs mounted under tmp_path (needs root; skipped without)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

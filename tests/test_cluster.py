@@ -27,11 +27,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-from shards import defect_samples, good_image_bytes, write_not_a_tar, write_shard
+from shards import defect_samples, good_image_bytes, write_shard, write_truncated_tar
 from test_job import job_config, tar_keys
 
 from vqpipe.cli import main
 from vqpipe.job import tokenize
+from vqpipe.plan import shard_id as url_shard_id
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def write_good_shard(path: Path, n: int) -> None:
 def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
     """Every tar key is exactly one data row or one error row of its shard; done markers == data files == the
     input shards; nothing half-written is left. Returns the done records."""
-    expected = {p.stem: tar_keys(p) for p in shard_dir.glob("*.tar")}
+    expected = {url_shard_id(str(p)): tar_keys(p) for p in shard_dir.glob("*.tar")}
     done = {
         p.stem: json.loads(p.read_text()) for p in (out / "done").glob("*.json") if not p.name.startswith(".")
     }
@@ -463,7 +464,11 @@ class TestFailures:
 
         # Freeze the replica that runs the big shard, as a sick node would: only a copy can finish it.
         pid = wait_for(
-            lambda: shards_being_written(out / "data", encoder_actors()).get("z-big"), 120, "z-big"
+            lambda: shards_being_written(out / "data", encoder_actors()).get(
+                url_shard_id(str(shard_dir / "z-big.tar"))
+            ),
+            120,
+            "z-big",
         )
         os.kill(pid, signal.SIGSTOP)
         try:  # the job ends while the original is still frozen: a losing copy is not waited for
@@ -474,9 +479,11 @@ class TestFailures:
         assert summary.ok
         done = check_exactly_once(out, shard_dir)
         assert not failed_attempts(driver_log) and {r["attempt"] for r in done.values()} == {1}
-        assert done["z-big"]["pid"] != pid and done["z-big"]["rows"] == 120
+        big = url_shard_id(str(shard_dir / "z-big.tar"))
+        assert done[big]["pid"] != pid and done[big]["rows"] == 120
         log = messages(driver_log)
-        assert any(m.startswith("z-big: slow") and "speculative copy" in m for m in log), log
+        copies = [m for m in log if m.startswith(f"{big}: slow") and "speculative copy" in m]
+        assert len(copies) == 1, log  # one copy per shard, never one of a committed shard
 
     def test_shard_that_keeps_failing_is_retried_with_backoff_then_reported(
         self, two_workers, tmp_path, driver_log
@@ -484,7 +491,14 @@ class TestFailures:
         shard_dir = tmp_path / "shards"
         shard_dir.mkdir()
         write_good_shard(shard_dir / "good-0000.tar", 5)
-        write_not_a_tar(shard_dir / "bad-0000.tar")
+        # A tar cut short may be a copy still in progress: retried (not_a_tar would fail at once, for good)
+        write_truncated_tar(
+            shard_dir / "bad-0000.tar", [{"__key__": f"k{i}", "jpg": good_image_bytes(i)} for i in range(4)]
+        )
+        bad, good = (
+            url_shard_id(str(shard_dir / "bad-0000.tar")),
+            url_shard_id(str(shard_dir / "good-0000.tar")),
+        )
         config = tmp_path / "job.toml"
         config.write_text("[run]\nretry_backoff_s = 1.0\n")
         out = tmp_path / "out"
@@ -496,17 +510,17 @@ class TestFailures:
         cpu = time.process_time() - cpu
         assert rc == 1
         log = messages(driver_log)
-        assert any(m.startswith("failed shard bad-0000: not_a_tar") for m in log), log
-        assert any("1 shard(s) failed: bad-0000" in m for m in log), log
-        failed = json.loads((out / "failed" / "bad-0000.json").read_text())
-        assert failed["reason"] == "not_a_tar" and failed["attempts"] == 3
-        assert not (out / "done" / "bad-0000.json").exists()
-        assert json.loads((out / "done" / "good-0000.json").read_text())["attempt"] == 1
-        assert all(m.startswith("bad-0000: ") for m in failed_attempts(driver_log))
+        assert any(m.startswith(f"failed shard {bad}: truncated_tar") for m in log), log
+        assert any(f"1 shard(s) failed: {bad}" in m for m in log), log
+        failed = json.loads((out / "failed" / f"{bad}.json").read_text())
+        assert failed["reason"] == "truncated_tar" and failed["attempts"] == 3
+        assert not (out / "done" / f"{bad}.json").exists()
+        assert json.loads((out / "done" / f"{good}.json").read_text())["attempt"] == 1
+        assert all(m.startswith(f"{bad}: ") for m in failed_attempts(driver_log))
         # exponential backoff: 1 s, then 2 s between the attempts
-        fails = [r for r in driver_log if r.getMessage().startswith("bad-0000: attempt")]
+        fails = [r for r in driver_log if r.getMessage().startswith(f"{bad}: attempt")]
         assert [r.getMessage().split("retry in ")[1] for r in fails] == ["1.0s", "2.0s"]
-        final = next(r for r in driver_log if r.getMessage().startswith("bad-0000: failed after 3 attempts"))
+        final = next(r for r in driver_log if r.getMessage().startswith(f"{bad}: failed after 3 attempts"))
         assert fails[1].created - fails[0].created >= 1.0 and final.created - fails[1].created >= 2.0
         # Nothing runs during the 3 s of backoff: the driver sleeps through it (it used to spin a core on
         # ray.wait([]), which returns at once).

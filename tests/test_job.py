@@ -14,8 +14,10 @@ from shards import defect_samples, write_not_a_tar, write_shard, write_truncated
 
 from vqpipe.cli import main
 from vqpipe.config import CPU_ALLOCATOR_ENV, build_config
+from vqpipe.data import fixed_list_to_numpy
 from vqpipe.job import tokenize
 from vqpipe.model import build_model, exact_mode
+from vqpipe.plan import shard_id as url_shard_id
 from vqpipe.preprocess import IMAGE_EXTENSIONS, preprocess
 
 pytestmark = pytest.mark.slow
@@ -32,6 +34,11 @@ def job_config(inputs, output, **sections):
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
     return build_config(data)
+
+
+def sid(d, name):
+    """The shard id of input `d/<name>.tar`."""
+    return url_shard_id(str(d / f"{name}.tar"))
 
 
 def tar_keys(path):
@@ -62,30 +69,34 @@ def first_run(ray_session, shard_dir, tmp_path_factory):
     return summary, out, expected
 
 
-def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run):
+def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run, shard_dir):
     summary, out, _ = first_run
+    d, _ = shard_dir
     assert not summary.ok
-    assert sorted(summary.failed) == ["part-000003", "part-000004"]
-    assert summary.failed["part-000003"]["reason"] == "not_a_tar"
-    assert summary.failed["part-000004"]["reason"] == "truncated_tar"
-    assert summary.failed["part-000003"]["attempts"] == 2
-    assert sorted(p.stem for p in (out / "data").iterdir()) == ["part-000000", "part-000001", "part-000002"]
-    assert sorted(p.stem for p in (out / "failed").iterdir()) == ["part-000003", "part-000004"]
+    bad, cut = sid(d, "part-000003"), sid(d, "part-000004")
+    assert sorted(summary.failed) == [bad, cut]
+    assert summary.failed[bad]["reason"] == "not_a_tar"
+    assert summary.failed[cut]["reason"] == "truncated_tar"
+    assert summary.failed[bad]["attempts"] == 1  # a permanent reason: not retried
+    assert summary.failed[cut]["attempts"] == 2
+    assert sorted(p.stem for p in (out / "data").iterdir()) == [sid(d, f"part-00000{i}") for i in range(3)]
+    assert sorted(p.stem for p in (out / "failed").iterdir()) == [bad, cut]
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
 
 
 def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir):
     _, out, expected = first_run
     d, _ = shard_dir
-    for shard_id, reasons in expected.items():
+    for name, reasons in expected.items():
+        shard_id = sid(d, name)
         rows = pq.read_table(out / "data" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
         errors = pq.read_table(out / "errors" / f"{shard_id}.parquet").to_pylist()
         assert len(rows) == len(set(rows))
-        assert sorted(rows + [e["key"] for e in errors]) == tar_keys(d / f"{shard_id}.tar")
+        assert sorted(rows + [e["key"] for e in errors]) == tar_keys(d / f"{name}.tar")
         assert {e["key"]: e["reason"] for e in errors} == {k: r for k, r in reasons.items() if r is not None}
         assert all(e["detail"] for e in errors)
         done = json.loads((out / "done" / f"{shard_id}.json").read_text())
-        assert done["samples"] == len(tar_keys(d / f"{shard_id}.tar"))
+        assert done["samples"] == len(tar_keys(d / f"{name}.tar"))
         assert done["rows"] + done["errors"] == done["samples"]
         assert set(done["seconds"]) >= {"read", "decode", "encode", "write"}
         assert done["allocator_env"] == CPU_ALLOCATOR_ENV  # CPU replicas keep freed memory by default
@@ -96,7 +107,7 @@ def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_
     _, out, _ = first_run
     d, _ = shard_dir
     model = build_model("tiny", seed=0)
-    table = pq.read_table(out / "data" / "part-000001.parquet")
+    table = pq.read_table(out / "data" / f"{sid(d, 'part-000001')}.parquet")
     members = {}
     with tarfile.open(d / "part-000001.tar") as tf:
         for m in tf.getmembers():
@@ -106,7 +117,7 @@ def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_
     meta = json.loads(table.schema.metadata[b"vqpipe"])
     offsets, batch = meta["scale_offsets"], meta["batch_size"]
     rows = table.to_pylist()
-    var_inputs = table.column("var_input").combine_chunks().to_numpy_ndarray()
+    var_inputs = fixed_list_to_numpy(table.column("var_input"))
     pixels = np.stack([preprocess(members[r["key"]], 64) for r in rows])
     # Same batches as the job (SPEC §4: bitwise results are defined per device, dtype and batch composition).
     for start in range(0, len(rows), batch):
@@ -121,31 +132,35 @@ def test_codes_and_var_input_equal_the_model_computed_directly(first_run, shard_
         assert np.array_equal(var_inputs[start : start + batch], expected_vi)
 
 
-def test_file_metadata_describes_the_tokens(first_run):
+def test_file_metadata_describes_the_tokens(first_run, shard_dir):
     _, out, _ = first_run
-    meta = json.loads(pq.read_schema(out / "data" / "part-000000.parquet").metadata[b"vqpipe"])
+    meta = json.loads(
+        pq.read_schema(out / "data" / f"{sid(shard_dir[0], 'part-000000')}.parquet").metadata[b"vqpipe"]
+    )
     assert meta["patch_nums"] == [1, 2, 3, 4]
     assert meta["scale_offsets"] == [0, 1, 5, 14, 30]
     assert meta["vocab_size"] == 64 and meta["cvae"] == 8 and meta["resolution"] == 64
     assert meta["var_input"] == {"shape": [29, 8], "dtype": "float16"}
     assert meta["precision"]["mode"] == "exact"
     assert meta["model"]["sha256"]
-    assert meta["format_version"] == "1.0"
+    assert meta["format_version"] == "1.1"
 
 
 def test_output_reads_without_vqpipe(first_run):
-    """pyarrow (tensor shape intact), pandas and DuckDB read the files in a process that never imports vqpipe."""
+    """pyarrow (var_input 2-D per row), pandas and DuckDB read the files in a process that never imports vqpipe."""
     _, out, _ = first_run
     code = f"""
 import sys, pyarrow.parquet as pq, pandas as pd, duckdb
-path = {str(out / "data" / "part-000000.parquet")!r}
+path = {str(sorted((out / "data").glob("part-000000-*.parquet"))[0])!r}
 t = pq.read_table(path)
-vi = t.column("var_input").combine_chunks().to_numpy_ndarray()
+vi = t.column("var_input").combine_chunks().flatten().flatten().to_numpy().reshape(t.num_rows, 29, 8)
 assert vi.shape == (t.num_rows, 29, 8) and vi.dtype.name == "float16", vi.shape
 df = pd.read_parquet(path)
 assert len(df) == t.num_rows and len(df.codes[0]) == 30
-(n, L), = duckdb.sql(f"select count(*), max(len(codes)) from '{{path}}'").fetchall()
-assert (n, L) == (t.num_rows, 30)
+(n, L, R, C), = duckdb.sql(
+    f"select count(*), max(len(codes)), max(len(var_input)), max(len(var_input[1])) from '{{path}}'"
+).fetchall()
+assert (n, L, R, C) == (t.num_rows, 30, 29, 8)
 assert not [m for m in sys.modules if m.startswith("vqpipe")]
 print("ok")
 """
@@ -158,9 +173,9 @@ def test_rerun_skips_done_shards_and_retries_only_failed_ones(first_run, shard_d
     d, _ = shard_dir
     before = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
     again = tokenize(job_config([d], out))
-    assert {s.shard_id for s in again.plan.todo} == {"part-000003", "part-000004"}
+    assert {s.shard_id for s in again.plan.todo} == {sid(d, "part-000003"), sid(d, "part-000004")}
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
-    assert sorted(again.failed) == ["part-000003", "part-000004"]
+    assert sorted(again.failed) == [sid(d, "part-000003"), sid(d, "part-000004")]
 
 
 def test_cli_exit_codes_and_status(first_run, shard_dir, capsys):
@@ -238,33 +253,41 @@ def test_rerun_with_different_output_settings_is_refused(first_run, shard_dir, c
     assert "different settings" in caplog.text and "var_input" in caplog.text
 
 
-def test_ray_data_and_a_plain_torch_dataset_read_the_output(first_run):
-    """Ray Data keeps var_input's shape; a torch Dataset of a few pyarrow lines (the README's) serves rows."""
+def test_ray_data_recipe_and_token_dataset_read_the_output(first_run):
+    """Ray Data with docs/training.md's collate recipe (int64 codes, 2-D var_input, strings left out), and
+    vqpipe.data.TokenDataset, on a Ray-made OUT: the same rows as pyarrow reads."""
+    import pyarrow as pa
     import ray.data
-    from torch.utils.data import DataLoader, Dataset
+    from ray.data.collate_fn import ArrowBatchCollateFn
+    from torch.utils.data import DataLoader
+
+    from vqpipe.data import TokenDataset
 
     _, out, _ = first_run
-    rows = ray.data.read_parquet(str(out / "data")).take(2)
-    assert rows[0]["var_input"].shape == (29, 8) and len(rows[0]["codes"]) == 30
 
-    class TokenDataset(Dataset):  # as in the README
-        def __init__(self, paths):
-            table = pq.ParquetDataset(paths).read(columns=["codes", "label"])
-            self.codes = (
-                table.column("codes").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-            )
-            self.labels = table.column("label").to_numpy(zero_copy_only=False)
+    class VarCollate(ArrowBatchCollateFn):  # as in docs/training.md
+        def __call__(self, t: pa.Table) -> dict:
+            return {
+                "label": torch.from_numpy(t["label"].fill_null(-1).to_numpy()),
+                "codes": torch.from_numpy(fixed_list_to_numpy(t["codes"]).astype(np.int64)),
+                "var_input": torch.from_numpy(fixed_list_to_numpy(t["var_input"])),
+            }
 
-        def __len__(self):
-            return len(self.codes)
+    ds = ray.data.read_parquet(str(out / "data"), columns=["label", "codes", "var_input"])
+    batch = next(iter(ds.iter_torch_batches(batch_size=8, collate_fn=VarCollate())))
+    assert batch["codes"].dtype == torch.int64 and batch["codes"].shape == (8, 30)
+    assert batch["var_input"].shape == (8, 29, 8) and batch["var_input"].dtype == torch.float16
+    assert batch["label"].dtype == torch.int64
 
-        def __getitem__(self, i):
-            return torch.from_numpy(self.codes[i].astype(np.int64)), int(self.labels[i])
-
-    ds = TokenDataset(sorted(str(p) for p in (out / "data").glob("*.parquet")))
-    codes, labels = next(iter(DataLoader(ds, batch_size=8)))
-    assert codes.shape == (8, 30) and codes.dtype == torch.int64 and int(codes.max()) < 64
-    assert len(ds) == sum(pq.read_metadata(p).num_rows for p in (out / "data").glob("*.parquet"))
+    table = pq.ParquetDataset(str(out / "data")).read()
+    by_key = dict(zip(table["key"].to_pylist(), fixed_list_to_numpy(table["codes"])))
+    loader = DataLoader(TokenDataset(str(out), columns=("codes", "label", "var_input")), batch_size=8)
+    seen = 0
+    for b in loader:
+        for key, codes in zip(b["key"], b["codes"]):
+            assert codes.tolist() == by_key[key].tolist()
+            seen += 1
+    assert seen == table.num_rows == len(by_key)
 
 
 def test_a_replica_that_cannot_be_placed_fails_the_run_with_the_numbers(
@@ -299,7 +322,7 @@ def test_fast_modes_are_recorded_and_measured_against_exact(ray_session, shard_d
         run={"tune_cpu_allocator": False},
     )
     assert tokenize(cfg).ok
-    done = json.loads((out / "done" / "part-000000.json").read_text())
+    done = json.loads((out / "done" / f"{sid(d, 'part-000000')}.json").read_text())
     assert done["precision"] == "bf16+channels_last"
     agreement = done["agreement_with_exact"]
     assert agreement["mode"] == "bf16+channels_last" and len(agreement["per_scale"]) == 4

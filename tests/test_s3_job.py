@@ -14,7 +14,7 @@ from shards import write_shard as write_local_shard
 from vqpipe.config import build_config
 from vqpipe.job import tokenize
 from vqpipe.model import build_model
-from vqpipe.plan import Shard
+from vqpipe.plan import Shard, shard_id
 from vqpipe.worker import ShardWorker
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,11 @@ def s3_config(s3, prefix, pattern="part-*.tar", **run):
     )
 
 
+def sid(s3, prefix, i):
+    """The shard id of input part-<i>.tar under the test's prefix."""
+    return shard_id(s3.url(f"{prefix}/shards/part-{i:06d}.tar"))
+
+
 def objects(s3, prefix):
     client = s3.boto3_client()
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=f"{prefix}/")
@@ -81,11 +86,12 @@ def test_shards_checkpoint_and_output_on_s3_exactly_once_without_leaking_credent
     assert summary.ok, summary.failed
     names = objects(s3, bucket)
     assert {n for n in names if n.startswith("out/data/")} == {
-        f"out/data/part-{i:06d}.parquet" for i in range(3)
+        f"out/data/{sid(s3, bucket, i)}.parquet" for i in range(3)
     }
     assert {n for n in names if n.startswith("out/done/")} == {
-        f"out/done/part-{i:06d}.json" for i in range(3)
+        f"out/done/{sid(s3, bucket, i)}.json" for i in range(3)
     }
+    assert "out/lease.json" not in names  # released at the end
     keys = read_keys(s3, bucket)
     assert len(keys) == len(set(keys)) == summary.status.rows
     client = s3.boto3_client()
@@ -141,20 +147,20 @@ def test_rerun_processes_only_new_shards_and_reports_changed_ones(ray_session, s
     s3.seed({f"{bucket}/shards/part-000003.tar": shard_bytes(3, tmp_path)})  # a new shard arrives
     again = tokenize(s3_config(s3, bucket))
     assert again.ok
-    assert [s.shard_id for s in again.plan.todo] == ["part-000003"]
+    assert [s.shard_id for s in again.plan.todo] == [sid(s3, bucket, 3)]
     after = {n: o["ETag"] for n, o in objects(s3, bucket).items() if n.startswith("out/")}
     untouched = {n for n in before if n.startswith(("out/data/", "out/errors/", "out/done/"))}
     assert {n: after[n] for n in untouched} == {n: before[n] for n in untouched}
-    assert "out/data/part-000003.parquet" in after
+    assert f"out/data/{sid(s3, bucket, 3)}.parquet" in after
 
     s3.seed({f"{bucket}/shards/part-000001.tar": shard_bytes(11, tmp_path)})  # an input is rewritten
     caplog.set_level(logging.WARNING, logger="vqpipe")
     reported = tokenize(s3_config(s3, bucket))
     assert reported.ok and not reported.plan.todo
-    assert [s.shard_id for s in reported.plan.changed] == ["part-000001"]
-    assert "part-000001: input changed" in caplog.text
+    assert [s.shard_id for s in reported.plan.changed] == [sid(s3, bucket, 1)]
+    assert f"{sid(s3, bucket, 1)}: input changed" in caplog.text
     redone = tokenize(s3_config(s3, bucket, reprocess_changed=True))
-    assert [s.shard_id for s in redone.plan.todo] == ["part-000001"]
+    assert [s.shard_id for s in redone.plan.todo] == [sid(s3, bucket, 1)]
     keys = read_keys(s3, bucket)
     assert len(keys) == len(set(keys)) == redone.status.rows
     assert any(k.startswith("000011_") for k in keys)  # the new content, not the old

@@ -240,7 +240,7 @@ def test_expand_reports_what_is_missing(mem: str) -> None:
     with pytest.raises(StorageError, match="missing.tar: no such file"):
         storage.expand_inputs([f"{mem}/shards/missing.tar"])
     put(f"{mem}/empty/readme.txt")
-    with pytest.raises(StorageError, match="contains no .tar files"):
+    with pytest.raises(StorageError, match="matches no tar files .*found e.g. readme.txt"):
         storage.expand_inputs([f"{mem}/empty"])
     with pytest.raises(StorageError, match=r"10 of 10 expanded names"):
         storage.expand_inputs([f"{mem}/no-such-dir/part-{{0..9}}.tar"])
@@ -659,3 +659,24 @@ def test_s3_credentials_never_appear_in_errors(
     public = json.dumps(storage.public_storage_options(opts))
     assert SECRET_CANARY not in public and KEY_CANARY not in public
     assert s3.endpoint_url in public  # what is not secret stays readable
+
+
+@pytest.mark.parametrize("chunk", [300 * 1024, 4096])  # one write too big, or the buffer filling the disk
+def test_atomic_write_on_a_full_disk_is_one_clear_storage_error(tiny_disk: Any, chunk: int) -> None:
+    target = tiny_disk / "run.json"
+    target.write_bytes(b"older")
+    with pytest.raises(StorageError) as err, storage.atomic_write(str(target)) as f:
+        for _ in range(300 * 1024 // chunk):
+            f.write(b"x" * chunk)
+    assert str(err.value) == f"{target}: cannot write (OSError: [Errno 28] No space left on device)"
+    shown = "".join(traceback.format_exception(err.value))
+    assert "During handling" not in shown and "direct cause" not in shown  # one error, not a chain
+    assert target.read_bytes() == b"older"  # the older file is untouched
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["run.json"]  # no temporary left
+
+
+def test_atomic_write_whose_commit_flush_hits_a_full_disk(tiny_disk: Any) -> None:
+    (tiny_disk / "filler").write_bytes(b"f" * 256 * 1024)  # the disk is full
+    with pytest.raises(StorageError, match="plan.json: cannot write .*No space left on device"):
+        storage.write_bytes_atomic(str(tiny_disk / "plan.json"), b"p" * 3000)  # buffered: fails on commit
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]

@@ -1,4 +1,8 @@
-"""`vqpipe tokenize | status | sample | finetune`: the command line. Exit codes: 0 done, 1 incomplete run, 2 bad usage/config."""
+"""`vqpipe tokenize | status | inspect | decode | sample | finetune`: the command line.
+
+Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
+(nothing was written), 3 OUT in use by another run, 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun
+to resume)."""
 
 from __future__ import annotations
 
@@ -9,12 +13,13 @@ import os
 import sys
 from typing import Any
 
-from .errors import IncompleteRunError, VqpipeError
+from .errors import ConfigError, IncompleteRunError, LeaseError, VqpipeError
 from .logs import setup_logging
 
 logger = logging.getLogger("vqpipe.cli")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_BUSY = 3  # another run holds OUT's lease (or this run lost it): try again later
 
 
 def tokenize_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +101,19 @@ def tokenize_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="write into an OUT made with different output settings",
     )
+    g.add_argument(
+        "--allow-unterminated-tar",
+        action="store_true",
+        default=None,
+        help="accept tars without an end-of-archive marker (for writers that omit it; a cut-off copy then passes)",
+    )
+    p.add_argument(
+        "--wait-for-lease",
+        dest="wait_for_lease_s",
+        type=float,
+        metavar="SECONDS",
+        help="when another run is writing into OUT, wait this long for it to end (default: refuse at once)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
 
@@ -129,6 +147,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             "limit_shards": args.limit_shards,
             "reprocess_changed": args.reprocess_changed,
             "allow_config_change": args.allow_config_change,
+            "allow_unterminated_tar": args.allow_unterminated_tar,
+            "wait_for_lease_s": args.wait_for_lease_s,
         },
     }
 
@@ -150,8 +170,14 @@ def run_tokenize(args: argparse.Namespace) -> int:
     cfg = from_sources(args.config, overrides(args))
     prepare_local_ray(cfg.run.address)
     from .job import tokenize
+    from .stop import StopRequest
 
-    summary = tokenize(cfg)
+    stop = StopRequest()
+    stop.install()
+    try:
+        summary = tokenize(cfg, stop)
+    finally:
+        stop.restore()
     st = summary.status
     logger.info(
         "summary: %d/%d shards done, %d rows, %d sample errors %s, %.1fs",
@@ -166,6 +192,11 @@ def run_tokenize(args: argparse.Namespace) -> int:
         return EXIT_OK
     for shard_id, info in sorted(summary.failed.items()):
         logger.error("failed shard %s: %s: %s", shard_id, info["reason"], info["detail"])
+    if summary.error:
+        raise IncompleteRunError(f"the driver cannot write the output: {summary.error}; rerun to resume")
+    if summary.interrupted:
+        logger.error("%s: interrupted; rerun to resume", stop.name)
+        return stop.exit_code
     raise IncompleteRunError(
         f"{len(summary.failed)} shard(s) failed: {', '.join(sorted(summary.failed))}; rerun to retry only those"
     )
@@ -177,7 +208,7 @@ def run_status(args: argparse.Namespace) -> int:
     storage_options = json.loads(args.storage_options) if args.storage_options else None
     st = read_status(Ledger(args.output.rstrip("/"), storage_options))
     if args.json:
-        print(json.dumps(st.to_dict(), indent=2))
+        print(json.dumps({**st.to_dict(), "complete": st.complete}, indent=2))
     else:
         d = st.to_dict()
         s = d["shards"]
@@ -187,9 +218,65 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"samples: {d['samples']} read, {d['rows']} rows, {d['errors']} errors")
         for reason, n in d["errors_by_reason"].items():
             print(f"  {reason}: {n}")
+        if d["ignored_members"]:
+            print(f"ignored: {d['ignored_members']} tar members in no sample {d['ignored_by_reason']}")
         for shard_id, reason in d["failed_shards"].items():
             print(f"failed:  {shard_id}: {reason}")
+        outside = d["outside_plan"]
+        if outside["done"] or outside["failed_shards"]:
+            print(
+                f"outside the latest plan (earlier runs): {outside['done']} done, "
+                f"{len(outside['failed_shards'])} failure record(s) (not counted above)"
+            )
+        if d["active_run"]:
+            print(f"active:  {d['active_run']['description']}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUT")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help="the tokenizer checkpoint the tokens were made with (path or URL)")
+    g.add_argument("--random-weights", action="store_true", help="the preset's fixed-seed random weights")
+    p.add_argument("--model", dest="preset", help="preset (default: the one the data files name)")
+    p.add_argument("--storage-options", help="fsspec options as JSON")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import InspectOptions, inspect
+
+    opts = InspectOptions(
+        output=args.output.rstrip("/"),
+        report_dir=args.report,
+        checkpoint=args.checkpoint,
+        preset=args.preset,
+        random_weights=args.random_weights,
+        samples=args.samples,
+        grid_rows=args.grid,
+        seed=args.seed,
+        usage_rows=args.usage_rows,
+        storage_options=json.loads(args.storage_options) if args.storage_options else None,
+    )
+    out_dir = inspect(opts)
+    print(os.path.join(out_dir, "index.html"))
+    return EXIT_OK
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from .reconstruct import decode_keys
+
+    keys = [k for k in args.keys.split(",") if k]
+    if not args.checkpoint and not args.random_weights:
+        raise ConfigError("decode needs the tokenizer: --checkpoint URL (or --random-weights)")
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    paths, missing = decode_keys(args.output, keys, args.to, args.preset, args.checkpoint, storage_options)
+    for path in paths:
+        print(path)
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} key(s) not in any committed shard of {args.output}: {', '.join(missing)}"
+        )
+    return EXIT_OK
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -254,6 +341,25 @@ def parser() -> argparse.ArgumentParser:
         "--storage-options", help="fsspec options as JSON (credentials normally come from the environment)"
     )
     s.set_defaults(func=run_status, log_level=None)
+    i = sub.add_parser(
+        "inspect", help="a report on an output: reconstructions, codebook usage, errors, speed"
+    )
+    _model_arguments(i)
+    i.add_argument(
+        "--samples", type=int, default=32, help="rows whose reconstruction is measured (default 32)"
+    )
+    i.add_argument(
+        "--grid", type=int, default=8, help="of those, rows drawn in reconstructions.png (default 8)"
+    )
+    i.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
+    i.add_argument("--usage-rows", type=int, default=1_000_000, help="rows counted for codebook usage")
+    i.add_argument("--report", help="local report directory (default OUT/report)")
+    i.set_defaults(func=run_inspect, log_level=None)
+    d = sub.add_parser("decode", help="PNGs of the decoded codes of some keys, for spot checks")
+    _model_arguments(d)
+    d.add_argument("--keys", required=True, help="comma-separated keys")
+    d.add_argument("--to", required=True, help="directory for <key>.png")
+    d.set_defaults(func=run_decode, log_level=None)
     m = sub.add_parser("sample", help="write a small WebDataset of real photos for demos and tests")
     m.add_argument("dir")
     m.add_argument("--shards", type=int, default=4)
@@ -274,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except IncompleteRunError as e:
         logger.error("%s", e)
         return EXIT_INCOMPLETE
+    except LeaseError as e:
+        logger.error("%s", e)
+        return EXIT_BUSY
     except VqpipeError as e:
         logger.error("%s", e)
         return EXIT_USAGE

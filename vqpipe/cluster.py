@@ -3,7 +3,9 @@
 The driver keeps a few shards in flight per actor (so the next one streams while one encodes), retries a shard on
 another actor when a task or an actor fails (backoff, attempt limit), re-issues slow tail shards to idle actors
 (first commit wins: a worker never commits a shard that already has a done marker), and adds actors when the
-cluster grows. All state that matters lives in OUT, so a killed driver resumes from OUT alone.
+cluster grows. The decisions (retry or give up, backoff, which copy commits, what to speculate) are
+dispatch_policy's; this module carries them out on Ray. All state that matters lives in OUT, so a killed driver
+resumes from OUT alone.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
 from .config import CPU_ALLOCATOR_ENV, JobConfig
+from .dispatch_policy import DispatchPolicy, GiveUp, Retry, Running, ShardQueue
 from .errors import CheckpointError, ShardError
 from .plan import Shard
 
@@ -29,8 +31,6 @@ logger = logging.getLogger(__name__)
 _WAIT_S = 1.0
 _PLACEMENT_LOG_S = 30.0
 _RESCALE_EVERY_S = 30.0
-_SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
-_SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -129,18 +129,23 @@ class _Task:
 
 
 class Dispatcher:
-    """Hands shards to actors and collects the outcome of each, with retries and speculation."""
+    """Hands shards to actors and collects the outcome of each; dispatch_policy decides retries and speculation.
 
-    def __init__(self, config: JobConfig, model_sha256: str, on_done, on_failed, progress):
+    A stop request (SIGTERM/SIGINT, see stop.py) ends dispatching: nothing new starts, in-flight shards get
+    run.stop_grace_s to commit, the rest stay pending for the next run."""
+
+    def __init__(self, config: JobConfig, model_sha256: str, on_done, on_failed, progress, stop=None):
         self.config, self.sha = config, model_sha256
         self.on_done, self.on_failed, self.progress = on_done, on_failed, progress
+        self.stop = stop
         self.actors: list[Any] = []
         # setup() ObjectRef -> index of an actor that died and is restarting
         self.recovering: dict[Any, int] = {}
         self.last_actor: dict[str, int] = {}
         self.running: dict[Any, _Task] = {}  # ObjectRef -> task
-        self.attempts: dict[str, int] = {}
-        self.durations: list[float] = []
+        run = config.run
+        self.policy = DispatchPolicy(run.max_attempts, run.retry_backoff_s, run.speculative)
+        self.abandoned: list[str] = []  # shards still running when a stop's grace period ended
         self._auto_cpus: int | None = None
 
     # -- actors ---------------------------------------------------------------------------------------------------
@@ -176,7 +181,8 @@ class Dispatcher:
                 if isinstance(cause, CheckpointError | RuntimeError):
                     raise CheckpointError(str(cause).splitlines()[-1]) from None
                 raise
-            logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
+            if info is not None:
+                logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
 
     def _cpus(self) -> float:
         """run.cpus_per_replica, or (not set) the share decided from the cluster as it is at the first scale."""
@@ -197,16 +203,24 @@ class Dispatcher:
             return None
         return {"env_vars": CPU_ALLOCATOR_ENV}
 
-    def _first_ready(self, ref) -> dict[str, Any]:
+    def _first_ready(self, ref) -> dict[str, Any] | None:
         """Wait for the first replica, saying why while it cannot be placed (e.g. GPUs asked, none in the
-        cluster, no autoscaler); give up after run.placement_timeout_s with the numbers."""
+        cluster, no autoscaler); give up after run.placement_timeout_s with the numbers. None on a stop request
+        (checked every _WAIT_S: loading a big checkpoint or placing a replica may take minutes)."""
         run, started = self.config.run, time.monotonic()
+        last_log = started
         while True:
             left = run.placement_timeout_s - (time.monotonic() - started)
-            ready, _ = ray.wait([ref], timeout=max(0.1, min(_PLACEMENT_LOG_S, left)))
+            ready, _ = ray.wait([ref], timeout=max(0.1, min(_WAIT_S, left)))
             if ready:
                 return ray.get(ref)
-            waited = time.monotonic() - started
+            if self._stopping():
+                return None
+            now = time.monotonic()
+            waited = now - started
+            if waited < run.placement_timeout_s and now - last_log < _PLACEMENT_LOG_S:
+                continue
+            last_log = now
             need = f"{self._cpus():g} CPU + {self._gpus():g} GPU per replica"
             have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             if waited >= run.placement_timeout_s:
@@ -227,30 +241,70 @@ class Dispatcher:
             for actor in self.actors:
                 ray.kill(actor)
 
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
     def _loop(self, shards: list[Shard]) -> None:
-        queue: deque[tuple[float, Shard]] = deque((0.0, s) for s in shards)
+        queue: ShardQueue[Shard] = ShardQueue(shards)
         self.scale()
         last_scale = time.monotonic()
-        committed: set[str] = set()
-        while queue or self._uncommitted_running(committed):
+        while queue or self._waiting():
+            if self._stopping():
+                self._drain(queue)
+                return
             now = time.monotonic()
             if now - last_scale > _RESCALE_EVERY_S:
                 self.scale()
                 last_scale = now
             self._check_recovering()
             self._assign(queue, now)
-            self._speculate(queue, committed, now)
-            self._wait(queue, committed)
+            self._speculate(queue, now)
+            self._wait(queue)
             self.progress(len(self.actors) - len(self.recovering))
 
-    def _wait(self, queue: deque, committed: set[str]) -> None:
+    def _drain(self, queue: ShardQueue) -> None:
+        """After a stop request: start nothing, give running shards run.stop_grace_s to commit (a second signal
+        ends the wait), and leave the rest pending: a rerun resumes them."""
+        grace = self.config.run.stop_grace_s
+        running = sorted({t.shard.shard_id for t in self.running.values()} - self.policy.committed)
+        logger.warning(
+            "%s: stopping; no new shards; waiting up to %.0fs for %d running shard(s)%s",
+            self.stop.name,
+            grace,
+            len(running),
+            " (send it again to stop waiting)" if running else "",
+        )
+        deadline = time.monotonic() + grace
+        while self._waiting() and time.monotonic() < deadline and not self.stop.hurry:
+            self._wait(queue, until=deadline)
+        self.abandoned = sorted({t.shard.shard_id for t in self.running.values()} - self.policy.committed)
+        if self.abandoned:
+            logger.warning(
+                "left %d running shard(s) behind (a rerun redoes each one that did not commit): %s",
+                len(self.abandoned),
+                ", ".join(self.abandoned),
+            )
+
+    def _waiting(self) -> bool:
+        return self.policy.waiting_on([self._running(t) for t in self.running.values()])
+
+    @staticmethod
+    def _running(task: _Task) -> Running:
+        return Running(task.shard.shard_id, task.actor, task.started)
+
+    def _wait(self, queue: ShardQueue, until: float | None = None) -> None:
         """Block until a shard finishes, a restarting actor answers, or a retry is due; at most _WAIT_S.
 
         Waiting on the running shards alone spun the CPU whenever none was running (retries in backoff, every
         actor restarting after a node loss): ray.wait([]) returns at once.
         """
         now = time.monotonic()
-        timeout = min([_WAIT_S, *(not_before - now for not_before, _ in queue if not_before > now)])
+        limits = [_WAIT_S]
+        if until is not None:  # draining after a stop: no retry will start, only the deadline counts
+            limits.append(until - now)
+        elif (due := queue.next_retry_in(now)) is not None:
+            limits.append(due)
+        timeout = max(0.0, min(limits))
         refs = [*self.running, *self.recovering]
         if not refs:
             time.sleep(timeout)
@@ -258,7 +312,7 @@ class Dispatcher:
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         for ref in ready:
             if ref in self.running:  # a recovering actor's answer is taken by _check_recovering
-                self._collect(ref, queue, committed)
+                self._collect(ref, queue)
 
     def _check_recovering(self) -> None:
         """An actor that died is used again once it answers a setup call after its restart."""
@@ -283,61 +337,41 @@ class Dispatcher:
         preferred = [i for i in free if i != avoid] or free
         return min(preferred, key=lambda i: load[i]) if preferred else None
 
-    def _assign(self, queue: deque, now: float) -> None:
-        for _ in range(len(queue)):
-            not_before, shard = queue[0]
-            if not_before > now:
-                queue.rotate(-1)
-                continue
+    def _assign(self, queue: ShardQueue, now: float) -> None:
+        while (shard := queue.peek(now)) is not None:
             actor = self._free_actor(avoid=self.last_actor.get(shard.shard_id))
             if actor is None:
                 return
-            queue.popleft()
+            queue.pop()
             self._submit(shard, actor)
 
-    def _submit(self, shard: Shard, actor: int) -> None:
-        attempt = self.attempts.get(shard.shard_id, 0) + 1
-        self.attempts[shard.shard_id] = attempt
+    def _submit(self, shard: Shard, actor: int, speculative: bool = False) -> None:
+        attempt = self.policy.next_attempt(shard.shard_id, speculative)
         ref = self.actors[actor].process.remote(shard, attempt)
         self.running[ref] = _Task(shard, actor, time.monotonic(), attempt)
         self.last_actor[shard.shard_id] = actor
 
-    def _speculate(self, queue: deque, committed: set[str], now: float) -> None:
-        """Give a copy of the slowest running shard to an idle actor once nothing else is waiting."""
-        if queue or not self.config.run.speculative or len(self.durations) < _SPECULATE_MIN_DONE:
-            return
-        median = sorted(self.durations)[len(self.durations) // 2]
-        counts: dict[str, int] = {}
-        for t in self.running.values():
-            counts[t.shard.shard_id] = counts.get(t.shard.shard_id, 0) + 1
-        slow = [
-            t
-            for t in self.running.values()
-            if counts[t.shard.shard_id] == 1 and now - t.started > _SPECULATE_AFTER * median
-        ]
-        for task in sorted(slow, key=lambda t: t.started):
-            actor = self._free_actor(avoid=task.actor)
-            if actor is None or actor == task.actor:
+    def _speculate(self, queue: ShardQueue, now: float) -> None:
+        """Give a copy of the slowest running shards to idle actors once nothing else is waiting."""
+        tasks = {self._running(t): t for t in self.running.values()}
+        slow = self.policy.to_speculate(list(tasks), not queue, now)
+        for r in slow:
+            actor = self._free_actor(avoid=r.actor)
+            if actor is None or actor == r.actor:
                 return
             logger.info(
                 "%s: slow (%.0fs, median %.0fs); speculative copy on replica-%d",
-                task.shard.shard_id,
-                now - task.started,
-                median,
+                r.shard_id,
+                now - r.started,
+                self.policy.durations.value,
                 actor,
             )
-            self.attempts[task.shard.shard_id] -= 1  # a speculative copy is not a retry
-            self._submit(task.shard, actor)
+            self._submit(tasks[r].shard, actor, speculative=True)
 
-    def _uncommitted_running(self, committed: set[str]) -> bool:
-        """Losing speculative copies are not waited for: a frozen one would hold the job forever; the actors
-        are killed when the run ends and the next run's cleanup removes what they were writing."""
-        return any(t.shard.shard_id not in committed for t in self.running.values())
-
-    def _collect(self, ref, queue: deque, committed: set[str]) -> None:
+    def _collect(self, ref, queue: ShardQueue) -> None:
         task = self.running.pop(ref)
         sid = task.shard.shard_id
-        twins = [r for r, t in self.running.items() if t.shard.shard_id == sid]
+        twin_running = any(t.shard.shard_id == sid for t in self.running.values())
         try:
             record = ray.get(ref)
         except (RayActorError, RayTaskError) as e:
@@ -345,24 +379,24 @@ class Dispatcher:
             if isinstance(e, RayActorError) and task.actor not in self.recovering.values():
                 logger.warning("%s: replica-%d died (%s); retrying elsewhere", sid, task.actor, detail)
                 self.recovering[self.actors[task.actor].setup.remote()] = task.actor
-            if sid in committed or twins:  # a twin is still running or already won: nothing to do
-                return
-            if self.attempts[sid] >= self.config.run.max_attempts:
-                self.on_failed(
-                    task.shard, {"reason": reason, "detail": detail, "attempts": self.attempts[sid]}
+            decision = self.policy.failed(sid, reason, twin_running)
+            if isinstance(decision, GiveUp):
+                info = {"reason": reason, "detail": detail, "attempts": decision.attempts}
+                self.on_failed(task.shard, info)
+            elif isinstance(decision, Retry):
+                logger.warning(
+                    "%s: attempt %d failed (%s: %s); retry in %.1fs",
+                    sid,
+                    task.attempt,
+                    reason,
+                    detail,
+                    decision.backoff_s,
                 )
-                return
-            backoff = self.config.run.retry_backoff_s * 2 ** (self.attempts[sid] - 1)
-            logger.warning(
-                "%s: attempt %d failed (%s: %s); retry in %.1fs", sid, task.attempt, reason, detail, backoff
-            )
-            queue.append((time.monotonic() + backoff, task.shard))
+                queue.retry_at(task.shard, time.monotonic() + decision.backoff_s)
             return
-        if sid in committed:
+        if not self.policy.succeeded(sid, time.monotonic() - task.started):
             logger.info("%s: copy on replica-%d discarded; another attempt committed first", sid, task.actor)
             return
-        committed.add(sid)
-        self.durations.append(time.monotonic() - task.started)
         # A twin still running is left to finish: its worker sees the done marker and discards its output.
         self.on_done(task.shard, record)
 

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: var_input as nested fixed-size lists (CHANGELOG.md)
 PRECISIONS = ("exact", "tf32", "bf16")
 DECODERS = ("pil", "device")
 VAR_INPUT_DTYPES = ("float16", "float32")
@@ -79,8 +79,14 @@ class RunConfig:
     limit_shards: int | None = None
     reprocess_changed: bool = False  # redo done shards whose input changed since (size/mtime/ETag)
     allow_config_change: bool = False  # let a rerun into OUT use a different fingerprint
+    allow_unterminated_tar: bool = False  # accept tars without an end-of-archive marker (cut copies too)
     progress_interval_s: float = 10.0
+    # The run lease on OUT (docs/reliability.md): a holder silent this long is taken for gone; a second run
+    # waits this long for a live holder to finish, then refuses (0: refuse at once).
+    lease_ttl_s: float = 120.0
+    wait_for_lease_s: float = 0.0
     placement_timeout_s: float = 900.0  # give up when no replica can be placed (autoscaling may take minutes)
+    stop_grace_s: float = 20.0  # after SIGTERM/SIGINT: how long running shards may take to commit
     # CPU replicas keep freed activation memory (CPU_ALLOCATOR_ENV): about 2x encoder speed
     tune_cpu_allocator: bool = True
 
@@ -226,6 +232,9 @@ def _validate(cfg: JobConfig) -> None:
     _at_least("run.retry_backoff_s", r.retry_backoff_s, 0)
     _positive("run.progress_interval_s", r.progress_interval_s)
     _positive("run.placement_timeout_s", r.placement_timeout_s)
+    _at_least("run.stop_grace_s", r.stop_grace_s, 0)
+    _positive("run.lease_ttl_s", r.lease_ttl_s)
+    _at_least("run.wait_for_lease_s", r.wait_for_lease_s, 0)
     if not 0.0 <= r.max_error_rate <= 1.0:
         raise ConfigError(f"run.max_error_rate: must be between 0 and 1, got {r.max_error_rate}")
     if r.limit_shards is not None:

@@ -47,3 +47,13 @@ class SampleError(_ReasonError):
 
 class IncompleteRunError(VqpipeError):
     """The job ended with shards that are not done."""
+
+
+class LeaseError(VqpipeError):
+    """Another run holds the output (its lease is live), or this run lost its lease to another."""
+
+
+# Shard failure reasons that no retry can change: the bytes are not a tar, or the tar is malformed. The driver
+# fails such a shard at its first attempt (dispatch_policy.DispatchPolicy.failed). `truncated_tar` is left out on purpose: an input still being
+# copied, or a read that ended early, can succeed when tried again.
+PERMANENT_SHARD_REASONS: frozenset[str] = frozenset({"not_a_tar", "bad_tar"})

@@ -5,33 +5,32 @@ Returns a summary; the entry points turn it into an exit code (0 only when every
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
+from .lease import Lease
 from .ledger import Ledger, Status, read_status
-from .plan import Plan, Shard, make_plan
+from .plan import Plan, Shard, legacy_stem, make_plan
+from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
 
-_HASH_CHUNK = 8 << 20
-
 
 def model_sha256(cfg: JobConfig) -> str:
-    """The checkpoint's sha256, streamed on the driver (actors verify they loaded the same bytes)."""
+    """The checkpoint's sha256 (actors verify they loaded the same bytes), after checking on the driver that it
+    loads strictly into the preset: a bad checkpoint fails in seconds, before OUT is touched or Ray starts."""
     if cfg.model.checkpoint is None:
         return random_weights_id(cfg.model.preset)
-    digest = hashlib.sha256()
-    with storage.open_input(cfg.model.checkpoint, cfg.storage_options) as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .model.checkpoint import verify_checkpoint
+
+    return verify_checkpoint(cfg.model.checkpoint, cfg.model.preset, cfg.storage_options)
 
 
 def run_record(cfg: JobConfig, sha: str) -> dict[str, Any]:
@@ -73,6 +72,7 @@ class Progress:
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
     _last: float = 0.0
+    renderer: Any = None  # a live bar on an interactive terminal (vqpipe.progress); None: log lines
 
     def record(self, rec: dict[str, Any]) -> None:
         self.done += 1
@@ -95,6 +95,9 @@ class Progress:
         return ", ".join(p for p in parts if p)
 
     def tick(self, replicas: int) -> None:
+        if self.renderer is not None:
+            self.renderer.update(self, replicas)
+            return
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
@@ -114,29 +117,65 @@ class Summary:
     status: Status
     failed: dict[str, dict[str, Any]]
     seconds: float
+    stop: StopRequest | None = None  # set when a signal ended the run early
+    error: str | None = None  # a driver-side storage failure that ended the run (e.g. a full disk)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop is not None and self.stop.requested
 
     @property
     def ok(self) -> bool:
         planned = {s.shard_id for s in self.plan.all}
-        return not self.failed and planned <= set(self.status.done)
+        return not self.failed and not self.error and planned <= set(self.status.done)
 
 
-def tokenize(cfg: JobConfig) -> Summary:
-    """Run the whole job into cfg.output; idempotent and resumable from OUT alone."""
+def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
+    """Run the whole job into cfg.output; idempotent and resumable from OUT alone.
+
+    Everything that can be checked on the driver is checked before OUT is touched or Ray starts: the preset, the
+    inputs (at least one shard) and the checkpoint (read and checked against the preset). `stop`: a
+    StopRequest whose signal handlers the caller installed; the dispatcher honours it (see stop.py)."""
     from .model import PRESETS
 
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)}")
     t0 = time.monotonic()
-    ledger = Ledger(cfg.output, cfg.storage_options)
+    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     sha = model_sha256(cfg)
+    ledger = Ledger(cfg.output, cfg.storage_options)
     record = run_record(cfg, sha)
+    # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
+    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
+    lease.acquire(wait_s=cfg.run.wait_for_lease_s)
+    with lease:
+        return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
+
+
+def _tokenize_holding(
+    cfg: JobConfig,
+    sha: str,
+    ledger: Ledger,
+    record: dict[str, Any],
+    inputs: list[tuple[str, dict[str, Any]]],
+    lease: Lease,
+    stop: StopRequest | None,
+    t0: float,
+) -> Summary:
+    previous = ledger.read_run()
+    # Format-1.0 outputs may hold a plain-stem data file whose done marker a kill prevented; its input now
+    # gets a new id, so that file must go before it is redone (sticky: set once, for that OUT's lifetime).
+    record["legacy_stem_ids"] = bool(previous) and previous.get("legacy_stem_ids", True)
+    record["run_id"] = lease.run_id
     ledger.start_run(record, allow_change=cfg.run.allow_config_change)
     logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record["fingerprint"])
 
-    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed)
     ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
+    if record["legacy_stem_ids"]:
+        done = ledger.done_ids()
+        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - done):
+            ledger.remove_uncommitted(stem)
     for shard in plan.changed:
         action = (
             "reprocessing it" if cfg.run.reprocess_changed else "kept (use --reprocess-changed to redo it)"
@@ -148,20 +187,39 @@ def tokenize(cfg: JobConfig) -> Summary:
     logger.info("%d shards: %d already done, %d to run", len(plan.all), len(plan.done), len(plan.todo))
 
     failed: dict[str, dict[str, Any]] = {}
-    if plan.todo:
-        failed = _dispatch(cfg, sha, ledger, plan.todo)
-        # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt this
-        # run started has returned by now, so none is a live write: remove them instead of leaving them in OUT.
-        ledger.remove_temporaries()
+    error = None
+    if plan.todo and not (stop and stop.requested):
+        try:
+            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check)
+        except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
+            error, stopped = str(e), True
+        lease.check()  # a run that lost its lease leaves OUT to the new holder
+        if not stopped:
+            # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt
+            # this run started has returned by now, so none is a live write: remove them instead of leaving
+            # them in OUT. After a stop or an error, the next run's start removes them.
+            ledger.remove_temporaries()
     status = read_status(ledger)
-    return Summary(plan, status, failed, time.monotonic() - t0)
+    return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
 
 
-def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> dict[str, dict[str, Any]]:
+def _dispatch(
+    cfg: JobConfig,
+    sha: str,
+    ledger: Ledger,
+    todo: list[Shard],
+    stop: StopRequest | None,
+    failed: dict[str, dict[str, Any]],
+    check_lease: Callable[[], None] = lambda: None,
+) -> bool:
+    """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
+    early); returns whether a stop left shards running."""
     from . import cluster
+    from .progress import progress_bar
 
-    progress = Progress(total=len(todo), interval_s=cfg.run.progress_interval_s)
-    failed: dict[str, dict[str, Any]] = {}
+    progress = Progress(
+        total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))
+    )
 
     def on_done(shard: Shard, rec: dict[str, Any]) -> None:
         progress.record(rec)
@@ -169,9 +227,6 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
     def on_failed(shard: Shard, info: dict[str, Any]) -> None:
         progress.failed += 1
         failed[shard.shard_id] = info
-        ledger.mark_failed(
-            shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info}
-        )
         logger.error(
             "%s: failed after %d attempts: %s: %s",
             shard.shard_id,
@@ -179,8 +234,25 @@ def _dispatch(cfg: JobConfig, sha: str, ledger: Ledger, todo: list[Shard]) -> di
             info["reason"],
             info["detail"],
         )
+        ledger.mark_failed(
+            shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info}
+        )
 
     cluster.connect(cfg.run.address)
-    cluster.Dispatcher(cfg, sha, on_done, on_failed, progress.tick).run(todo)
+    try:
+        if stop is not None:
+            stop.install()  # again: ray.init replaced the SIGTERM handler with one that exits at once
+            if stop.requested:  # it came while Ray was starting
+                return False
+
+        def tick(replicas: int) -> None:
+            check_lease()  # raises once the lease is lost: the dispatcher stops and kills its actors
+            progress.tick(replicas)
+
+        dispatcher = cluster.Dispatcher(cfg, sha, on_done, on_failed, tick, stop)
+        dispatcher.run(todo)
+    finally:
+        if progress.renderer is not None:
+            progress.renderer.close()
     logger.info("progress: %s", progress.line())
-    return failed
+    return bool(dispatcher.abandoned)

@@ -3,6 +3,7 @@
 Layout under OUT (see README, "Output format"):
     run.json                 resolved config, output fingerprint, versions (written at the start)
     plan.json                the shards the latest run was asked to process (id -> input URL)
+    lease.json               the run writing here now, if any (vqpipe/lease.py)
     data/<shard_id>.parquet  rows
     errors/<shard_id>.parquet one row per sample that is not in data/
     done/<shard_id>.json     the commit marker, written last
@@ -15,11 +16,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import storage
 from .errors import ConfigError
+from .lease import read_lease
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ class Ledger:
     def remove_temporaries(self) -> None:
         """Remove what attempts killed mid-write left (temporary files/keys, unfinished uploads).
 
-        Only safe while no attempt is writing: at the start of a run, and after every attempt has returned."""
+        Only safe while no attempt is writing: while this run holds the lease (no other run is live), at its
+        start and after every attempt it started has returned."""
         storage.cleanup_temporaries(self.output, self.storage_options)
         for sub in _SUBDIRS:
             storage.cleanup_temporaries(self.path(sub), self.storage_options)
@@ -118,9 +121,28 @@ class Ledger:
         """Forget a shard's commit (its input changed and the user asked to reprocess it)."""
         storage.remove(self.done_url(shard_id), self.storage_options)
 
+    def remove_uncommitted(self, shard_id: str) -> None:
+        """Remove data and error files of a shard that has no done marker: an attempt killed between its
+        data commit and its marker left them. Only while holding the lease (no attempt is writing)."""
+        storage.remove(self.data_url(shard_id), self.storage_options)
+        storage.remove(self.errors_url(shard_id), self.storage_options)
+
+    def failed_ids(self) -> set[str]:
+        return {
+            n[: -len(".json")] for n in storage.list_files(self.path("failed"), ".json", self.storage_options)
+        }
+
+    def read_plan(self) -> dict[str, str] | None:
+        url = self.path("plan.json")
+        if not storage.exists(url, self.storage_options):
+            return None
+        return storage.read_json(url, self.storage_options)["shards"]
+
 
 @dataclass
 class Status:
+    """The latest plan's shards (done, failed, pending) and what OUT holds beyond that plan."""
+
     planned: int = 0
     done: list[str] = field(default_factory=list)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -129,6 +151,12 @@ class Status:
     rows: int = 0
     errors_by_reason: Counter = field(default_factory=Counter)
     data_bytes: int = 0
+    ignored_by_reason: Counter = field(default_factory=Counter)  # tar members in no sample
+    # Shards of earlier runs that the latest plan does not name (e.g. a narrower pattern): their data stays
+    # in OUT; their failure records are history, not this plan's failures.
+    done_outside_plan: list[str] = field(default_factory=list)
+    failed_outside_plan: dict[str, str] = field(default_factory=dict)  # id -> reason
+    lease: dict[str, Any] | None = None  # the run writing into OUT now, if any
 
     @property
     def complete(self) -> bool:
@@ -148,30 +176,41 @@ class Status:
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "data_bytes": self.data_bytes,
             "failed_shards": {k: v.get("reason") for k, v in sorted(self.failed.items())},
+            **ignored_members(self.ignored_by_reason),
+            "outside_plan": {
+                "done": len(self.done_outside_plan),
+                "failed_shards": dict(sorted(self.failed_outside_plan.items())),
+            },
+            "active_run": self.lease,
         }
 
 
+def ignored_members(by_reason: Counter) -> dict[str, Any]:
+    """Status entries for tar members that are in no sample (directories, names without an extension, ...)."""
+    return {"ignored_members": sum(by_reason.values()), "ignored_by_reason": dict(sorted(by_reason.items()))}
+
+
 def read_status(ledger: Ledger) -> Status:
-    """Done / failed / pending shards, rows and errors by reason, from OUT alone."""
-    plan_url = ledger.path("plan.json")
-    plan = (
-        storage.read_json(plan_url, ledger.storage_options)["shards"]
-        if storage.exists(plan_url, ledger.storage_options)
-        else {}
-    )
+    """Done / failed / pending shards of the latest plan, rows and errors by reason of its done shards, and
+    what OUT holds outside that plan; from OUT alone. Without a plan.json, every record counts as planned."""
     done = ledger.done_ids()
-    failed_ids = {
-        n[: -len(".json")] for n in storage.list_files(ledger.path("failed"), ".json", ledger.storage_options)
-    } - done
-    st = Status(planned=len(plan))
-    st.done = sorted(done)
+    failed_ids = ledger.failed_ids() - done
+    plan = ledger.read_plan()
+    planned = set(plan) if plan is not None else done | failed_ids
+    st = Status(planned=len(planned))
+    st.done = sorted(done & planned)
+    st.done_outside_plan = sorted(done - planned)
     for rec in ledger.read_done_many(st.done).values():
         st.samples += rec["samples"]
         st.rows += rec["rows"]
         st.data_bytes += rec.get("data_bytes", 0)
         st.errors_by_reason.update(rec.get("errors_by_reason", {}))
-    st.failed = {
-        i: storage.read_json(ledger.failed_url(i), ledger.storage_options) for i in sorted(failed_ids)
-    }
-    st.pending = sorted(set(plan) - done - failed_ids)
+        st.ignored_by_reason.update(rec.get("ignored_by_reason", {}))
+    records = {i: storage.read_json(ledger.failed_url(i), ledger.storage_options) for i in sorted(failed_ids)}
+    st.failed = {i: r for i, r in records.items() if i in planned}
+    st.failed_outside_plan = {i: r.get("reason", "?") for i, r in records.items() if i not in planned}
+    st.pending = sorted(planned - done - failed_ids)
+    holder = read_lease(ledger.output, ledger.storage_options)
+    if holder is not None:
+        st.lease = {**asdict(holder), "description": holder.describe()}
     return st

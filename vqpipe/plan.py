@@ -1,7 +1,11 @@
 """Which shards exist, which are done, and what to run.
 
-A shard's identity is its id, derived from its input URL alone (never from a worker index), so a rerun with
-more or fewer replicas, or over a pattern that now matches more shards, resumes exactly where it left off.
+A shard's identity is its id, a function of its input URL alone: `<stem>-<8 hex of sha1(url)>` (see
+docs/reliability.md, "Shard identity"). It never depends on which other inputs a pattern matches or on a
+worker index, so a rerun over a pattern that now matches more (or fewer) files, with any number of replicas,
+resumes exactly where it left off. Outputs written before this rule (format 1.0 used the plain stem unless two
+inputs shared it) are still recognised: a done marker `done/<stem>.json` that recorded the same input URL
+counts as that input's commit, and the shard keeps that id.
 """
 
 from __future__ import annotations
@@ -9,15 +13,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import storage
+from .errors import ConfigError
 from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
 
-TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+TAR_SUFFIXES = storage.TAR_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,13 @@ class Plan:
         return sorted(self.todo + self.done, key=lambda s: s.shard_id)
 
 
-def shard_ids(urls: list[str]) -> dict[str, str]:
-    """URL -> id: the file name without its tar suffix; names that collide get a short hash of the full URL."""
-    base = {u: _stem(u) for u in urls}
-    counts = Counter(base.values())
-    return {
-        u: b if counts[b] == 1 else f"{b}-{hashlib.sha1(u.encode()).hexdigest()[:8]}" for u, b in base.items()
-    }
+def shard_id(url: str) -> str:
+    """The id of the shard read from `url` (as listed: an absolute local path or a full URL)."""
+    return f"{legacy_stem(url)}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
-def _stem(url: str) -> str:
+def legacy_stem(url: str) -> str:
+    """The file name without its tar suffix: format 1.0's id for an input whose name no other input shared."""
     name = posixpath.basename(url.rstrip("/"))
     for suffix in TAR_SUFFIXES:
         if name.endswith(suffix):
@@ -61,18 +63,36 @@ def make_plan(
     limit: int | None = None,
     reprocess_changed: bool = False,
 ) -> Plan:
-    """Split the listed inputs (URL, fingerprint) into shards to run and shards already committed."""
-    ids = shard_ids([u for u, _ in inputs])
-    shards = sorted((Shard(ids[u], u, fp) for u, fp in inputs), key=lambda s: s.shard_id)
+    """Split the listed inputs (URL, fingerprint) into shards to run and shards already committed.
+
+    Costs one listing of done/ plus one marker read per input already committed (to notice a changed input);
+    a legacy plain-stem id is only looked at when it is in that listing."""
+    shards = sorted((Shard(shard_id(u), u, fp) for u, fp in inputs), key=lambda s: s.shard_id)
+    for a, b in zip(shards, shards[1:]):  # 8 hex digits under one stem: never seen, but never silently merged
+        if a.shard_id == b.shard_id:
+            raise ConfigError(
+                f"inputs {storage.redact(a.url)} and {storage.redact(b.url)} get one id {a.shard_id}"
+            )
     if limit is not None:
         shards = shards[:limit]
     done_ids = ledger.done_ids()
-    markers = ledger.read_done_many([s.shard_id for s in shards if s.shard_id in done_ids])
+    committed = {s.shard_id: s.shard_id for s in shards if s.shard_id in done_ids}
+    legacy = {
+        s.shard_id: legacy_stem(s.url)
+        for s in shards
+        if s.shard_id not in done_ids and legacy_stem(s.url) in done_ids
+    }
+    markers = ledger.read_done_many(sorted(set(committed.values()) | set(legacy.values())))
+    for shard in shards:  # a legacy marker counts for the one input it recorded, at most once
+        stem = legacy.get(shard.shard_id)
+        if stem and stem not in committed.values() and _legacy_match(markers[stem].get("input", {}), shard):
+            committed[shard.shard_id] = stem
     plan = Plan(todo=[], done=[], changed=[])
     for shard in shards:
-        if shard.shard_id not in done_ids:
+        if shard.shard_id not in committed:
             plan.todo.append(shard)
             continue
+        shard = Shard(committed[shard.shard_id], shard.url, shard.fingerprint)
         if _changed(markers[shard.shard_id].get("input", {}), shard):
             plan.changed.append(shard)
             if reprocess_changed:
@@ -82,9 +102,21 @@ def make_plan(
     return plan
 
 
-def _changed(recorded: dict[str, Any], shard: Shard) -> bool:
-    """True when the input's URL, size, ETag or mtime differ from what the done marker recorded."""
-    if recorded.get("url") not in (None, shard.url):
+def _legacy_match(recorded: dict[str, Any], shard: Shard) -> bool:
+    """Whether a format-1.0 marker under the plain stem is this input's commit: it recorded this URL (as
+    written, credentials masked). Where masking hid part of the URL (`.../key=2024/part-0.tar`), the
+    recorded size and ETag/mtime must match too, so another input that masks alike is not taken for it."""
+    public = storage.redact(shard.url)
+    if recorded.get("url") != public:
+        return False
+    if public == shard.url:
         return True
+    before, now = recorded.get("fingerprint", {}), shard.fingerprint
+    keys = [k for k in ("size", "etag", "mtime") if k in before and k in now]
+    return bool(keys) and all(before[k] == now[k] for k in keys)
+
+
+def _changed(recorded: dict[str, Any], shard: Shard) -> bool:
+    """True when the input's size, ETag or mtime differ from what the done marker recorded."""
     before, now = recorded.get("fingerprint", {}), shard.fingerprint
     return any(before.get(k) != now.get(k) for k in ("size", "etag", "mtime") if k in before and k in now)

@@ -1,7 +1,10 @@
 """The Parquet schema and file metadata of vqpipe's output (format documented in README, "Output format").
 
-Plain Arrow types only, so pyarrow, pandas, DuckDB, Ray Data and torch read the files without vqpipe:
-`codes` is a fixed-size list, `var_input` is Arrow's canonical `arrow.fixed_shape_tensor` extension.
+Plain Arrow types only, so pyarrow, Hugging Face `datasets`, Polars, DuckDB, pandas and Ray Data read the files
+without vqpipe: `codes` is a fixed-size list and, since format 1.1, `var_input` a fixed-size list of fixed-size
+lists (L - pn0² rows of Cvae values), which every one of them takes as a 2-D value per row. Format 1.0 stored
+`var_input` as Arrow's `arrow.fixed_shape_tensor` extension, which `datasets` cannot open and Polars/DuckDB see
+flat (CHANGELOG.md); `vqpipe.data` reads both.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ ERROR_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string(), nullable=False),
+        # the key's exact bytes when the tar member name was not UTF-8 (reason bad_key); `key` is then the
+        # bytes with invalid ones written as \xNN (docs/reliability.md, "Every member accounted")
+        pa.field("key_raw", pa.binary()),
     ]
 )
 
@@ -66,14 +72,31 @@ def data_schema(layout: TokenLayout, metadata: dict[str, Any] | None = None) -> 
         ),
     ]
     if layout.var_input:
-        tensor = pa.fixed_shape_tensor(
-            pa.from_numpy_dtype(np.dtype(layout.var_input_dtype)), layout.var_input_shape
-        )
-        cols.append(pa.field("var_input", tensor, nullable=False))
+        cols.append(pa.field("var_input", var_input_type(layout), nullable=False))
     schema = pa.schema(cols)
     if metadata is not None:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
     return schema
+
+
+def var_input_type(layout: TokenLayout) -> pa.DataType:
+    """fixed_size_list<fixed_size_list<dtype>[Cvae]>[L - pn0²]: row-major, the shape in the type itself."""
+    rows, cvae = layout.var_input_shape
+    value = pa.field("element", pa.from_numpy_dtype(np.dtype(layout.var_input_dtype)), nullable=False)
+    return pa.list_(pa.field("element", pa.list_(value, cvae), nullable=False), rows)
+
+
+def nested_list_array(values: np.ndarray, list_type: pa.DataType) -> pa.Array:
+    """A (B, d1, ..., dk) array as fixed-size lists nested k deep (zero-copy over the contiguous values)."""
+    sizes = []
+    t = list_type
+    while pa.types.is_fixed_size_list(t):
+        sizes.append(t.list_size)
+        t = t.value_type
+    arr = pa.array(np.ascontiguousarray(values).reshape(-1), t)
+    for size in reversed(sizes):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
 
 
 def data_table(
@@ -85,17 +108,14 @@ def data_table(
     var_input: np.ndarray | None,
 ) -> pa.Table:
     """One batch of rows; `codes` is (B, L) and `var_input` is (B, L - pn0², Cvae) already in the output dtype."""
-    code_type = schema.field("codes").type
     columns = [
         pa.array(keys, pa.string()),
         pa.array(labels, pa.int64()),
         pa.array(metas, pa.string()),
-        pa.FixedSizeListArray.from_arrays(
-            pa.array(codes.reshape(-1), code_type.value_type), code_type.list_size
-        ),
+        nested_list_array(codes, schema.field("codes").type),
     ]
     if "var_input" in schema.names:
-        columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(var_input)))
+        columns.append(nested_list_array(var_input, schema.field("var_input").type))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

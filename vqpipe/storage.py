@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import http.client
 import io
 import json
@@ -37,8 +38,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Retry policy for transient errors (connection reset, timeout) that escape the filesystem's own retries.
-# botocore and s3fs already retry throttling and HTTP/connect errors per request, but a connection dropped
-# while a body is being read surfaces as a plain ConnectionError and would kill a shard hours into a job.
+# botocore, s3fs and gcsfs already retry throttling, 5xx and connect errors per request, but a connection
+# dropped while a body is being read surfaces as a plain ConnectionError and would kill a shard hours into a job.
 # A few attempts with doubling backoff (0.5 + 1 + 2 s) ride out a network blip without multiplying the
 # client's own retries against a dead endpoint; past that, the job's per-shard retry takes over.
 RETRY_ATTEMPTS = 4
@@ -50,6 +51,10 @@ READ_BLOCK_SIZE = 8 * 2**20
 # Part size for uploads to object stores: the upload buffers this much in memory before sending a part.
 # S3 needs parts of at least 5 MiB and allows 10,000 of them, so 16 MiB caps an object at ~160 GB.
 WRITE_BLOCK_SIZE = 16 * 2**20
+
+# File names a glob or directory expands to shards; other matches (img2dataset's .parquet and _stats.json side
+# files) are skipped. A file named explicitly is always planned: the reader then says whether it is a tar.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 # Name prefix of temporaries left by an interrupted atomic write; `cleanup_temporaries` removes them.
 TMP_PREFIX = ".tmp-"
@@ -194,27 +199,45 @@ def _basename(fs: fsspec.AbstractFileSystem, name: str) -> str:
 
 # --------------------------------------------------------------------------------------- transient errors
 
-# Errors worth a re-open. botocore's connection errors are left out on purpose: botocore and s3fs have
-# already retried those (~7 s against a dead endpoint) and another round would multiply the wait. What
-# escapes them mid-body is a plain ConnectionError or an aiohttp error, which s3fs re-raises as is.
+# Which errors vqpipe retries itself: failures that break a call after the client library has returned a
+# response (a connection dropped or timed out while a body streams; an open file's read is retried by no
+# client). Everything the client retries per request is left out on purpose, so that a store that stays down
+# fails in the client's time, not a multiple of it: HTTP error answers (503 SlowDown, 500, 429: botocore makes
+# 5 attempts and s3fs 5 more rounds for SlowDown; gcsfs makes 6 attempts with 1-16 s backoff) and failures to
+# connect (botocore's EndpointConnectionError, aiohttp's ClientConnectorError from gcsfs). Permanent errors
+# (403, 404, NoSuchBucket, bad arguments) are retried by nobody. Past these retries, the job's per-shard retry
+# takes over. tests/test_storage_faults.py shows each case through a fault-injecting proxy.
 _OPTIONAL_TRANSIENT = (
     ("aiohttp", ("ClientPayloadError", "ClientConnectionError", "ServerTimeoutError")),
     ("requests.exceptions", ("ConnectionError", "ChunkedEncodingError", "Timeout")),
 )
+# Subclasses of the above that mean "could not connect" (gcsfs has retried them) or an HTTP 502 answer (gcsfs
+# raises requests' ProxyError for it, after its retries).
+_OPTIONAL_NOT_TRANSIENT = (
+    ("aiohttp", ("ClientConnectorError",)),
+    ("requests.exceptions", ("ProxyError",)),
+)
 
 
-def _is_transient(e: BaseException) -> bool:
-    """A dropped connection or timeout worth retrying (as opposed to missing, forbidden, malformed)."""
-    if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
-        return True
+def _is_instance_of_any(e: BaseException, classes: tuple[tuple[str, tuple[str, ...]], ...]) -> bool:
     # Client libraries are only consulted when already imported: none is a dependency of this module.
-    for module_name, names in _OPTIONAL_TRANSIENT:
+    for module_name, names in classes:
         module = sys.modules.get(module_name)
         for name in names:
             cls = getattr(module, name, None) if module is not None else None
             if isinstance(cls, type) and isinstance(e, cls):
                 return True
     return False
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A dropped connection or timeout that vqpipe retries (see above), as opposed to an error answer the
+    client already retried, or a missing, forbidden or malformed request."""
+    if _is_instance_of_any(e, _OPTIONAL_NOT_TRANSIENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
+        return True
+    return _is_instance_of_any(e, _OPTIONAL_TRANSIENT)
 
 
 def _backoff(attempt: int, backoff_s: float) -> float:
@@ -327,6 +350,7 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
                 files = [(path, _retrying(inp, "stat", lambda: _info(fs, path)))]
         if not files or files[0][1].get("type") != "file":
             raise _error(f"{inp}: matches no files")
+        files = _tars_only(inp, files)
         for name, info in files:
             yield _url(fs, _key(fs, name)), _fingerprint(info)
         return
@@ -339,11 +363,25 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
         yield _url(fs, path), _fingerprint(info)
         return
     entries = _retrying(inp, "list", lambda: _ls(fs, path))
-    tars = [e for e in entries if e.get("type") == "file" and e["name"].endswith(".tar")]
+    files = [(e["name"], e) for e in entries if e.get("type") == "file"]
+    for name, info in _tars_only(inp, files):
+        yield _url(fs, _key(fs, name)), _fingerprint(info)
+
+
+def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The tar files among what a glob or directory matched: an img2dataset folder also holds `.parquet` and
+    `_stats.json` side files, which are not shards. Skipped names are logged; no tar at all is an error."""
+    tars = [(n, i) for n, i in files if n.endswith(TAR_SUFFIXES)]
+    skipped = sorted(posixpath.basename(n.rstrip("/")) for n, _ in files if not n.endswith(TAR_SUFFIXES))
     if not tars:
-        raise _error(f"{inp}: directory contains no .tar files")
-    for e in tars:
-        yield _url(fs, _key(fs, e["name"])), _fingerprint(e)
+        raise _error(
+            f"{inp}: matches no tar files ({', '.join(TAR_SUFFIXES)}); found e.g. {', '.join(skipped[:5])}"
+        )
+    if skipped:
+        logger.info(
+            redact(f"{inp}: skipping {len(skipped)} file(s) that are not tars, e.g. {', '.join(skipped[:5])}")
+        )
+    return tars
 
 
 def expand_inputs_with_info(
@@ -553,11 +591,13 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 class _PendingFile(io.RawIOBase):
     """The file `atomic_write` yields: writes go through, but close() does not commit (writers such as
-    pyarrow may close their sink); only leaving the block normally does."""
+    pyarrow may close their sink); only leaving the block normally does. A failed write (a full disk) is a
+    StorageError naming `url`."""
 
-    def __init__(self, f: Any):
+    def __init__(self, f: Any, url: str):
         super().__init__()
-        self._f = f
+        self._f, self._url = f, url
+        self._closing = False
 
     def writable(self) -> bool:
         return True
@@ -566,15 +606,27 @@ class _PendingFile(io.RawIOBase):
         if self.closed:
             raise ValueError("write to closed file")
         n = memoryview(b).nbytes
-        self._f.write(b)
+        try:
+            self._f.write(b)
+        except OSError as e:
+            raise _error(f"{self._url}: cannot write ({_describe(e)})") from None
         return n
 
     def tell(self) -> int:
         return self._f.tell()
 
     def flush(self) -> None:
-        if not self.closed and not self._f.closed:
-            self._f.flush()
+        # Not while closing: the commit flushes, and reports a failure as a StorageError. A flush from close()
+        # ran in atomic_write's cleanup and raised the raw OSError of a full disk over the real error.
+        if not self.closed and not self._closing and not self._f.closed:
+            try:
+                self._f.flush()
+            except OSError as e:
+                raise _error(f"{self._url}: cannot write ({_describe(e)})") from None
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
 
 
 def _discard(f: Any) -> None:
@@ -622,7 +674,7 @@ def _atomic_local(url: str, path: str) -> Iterator[IO[bytes]]:
     except OSError as e:
         raise _error(f"{url}: cannot write ({_describe(e)})") from None
     try:
-        yield _PendingFile(f)  # type: ignore[misc]
+        yield _PendingFile(f, url)  # type: ignore[misc]
     except BaseException:
         _abandon_local(f, tmp)
         raise
@@ -651,7 +703,7 @@ def _atomic_upload(
     # The object appears only when close() completes the upload; discard() aborts it on error.
     f = _open_for_writing(url, fs, path, block_size)
     try:
-        yield _PendingFile(f)  # type: ignore[misc]
+        yield _PendingFile(f, url)  # type: ignore[misc]
     except BaseException:
         _discard(f)
         raise
@@ -674,7 +726,7 @@ def _atomic_via_temp_key(
         fs.makedirs(parent, exist_ok=True)
     f = _open_for_writing(url, fs, tmp, block_size)
     try:
-        yield _PendingFile(f)  # type: ignore[misc]
+        yield _PendingFile(f, url)  # type: ignore[misc]
     except BaseException:
         _discard(f)
         with contextlib.suppress(Exception):
@@ -765,3 +817,146 @@ def cleanup_temporaries(dir_url: str, storage_options: dict[str, Any] | None = N
         logger.info(redact(f"{dir_url}: removed {removed} leftover(s) of interrupted writes"))
         fs.invalidate_cache(path)
     return removed
+
+
+# ------------------------------------------------------------------------------------- conditional writes
+
+
+class WriteConflict(StorageError):
+    """A conditional write or delete found the object absent, present or changed against its condition."""
+
+
+_LOCK_STALE_S = 30.0  # a local lock file older than this was left by a process that died inside the lock
+_warned_unconditional: set[str] = set()
+
+
+def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, str] | None:
+    """`url`'s content and a version token for `write_if`/`remove_if` (S3: the ETag; elsewhere: a hash of
+    the content), or None when absent."""
+    fs, path = _fs(url, storage_options)
+    if _is_s3(fs):
+        try:  # version first, then bytes: newer bytes than the version make the next conditional write fail
+            etag = str(_retrying(url, "stat", lambda: _info(fs, path)).get("ETag", "")).strip('"')
+            data = _retrying(url, "read", lambda: fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        return data, etag
+    try:
+        data = _retrying(url, "read", lambda: fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return data, _content_version(data)
+
+
+def write_if(
+    url: str, data: bytes, storage_options: dict[str, Any] | None = None, *, if_version: str | None
+) -> str:
+    """Write `data` to `url` only if it is absent (`if_version` None) or still at version `if_version`;
+    return the new version. Raises WriteConflict otherwise.
+
+    Atomic on local disks (an exclusive lock file around check-and-replace; also on NFS) and on S3
+    (`If-None-Match: *` / `If-Match: <ETag>`, which AWS and moto honour). Other stores check, then write:
+    two writers racing within that gap may both succeed (logged once per protocol)."""
+    fs, path = _fs(url, storage_options)
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        condition = {"IfNoneMatch": "*"} if if_version is None else {"IfMatch": f'"{if_version}"'}
+        try:
+            out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except Exception as e:
+            if _condition_failed(e):
+                raise WriteConflict(redact(f"{url}: changed meanwhile (conditional write refused)")) from None
+            raise _error(f"{url}: cannot write ({_describe(e)})") from None
+        finally:
+            fs.invalidate_cache(path)
+        return str(out.get("ETag", "")).strip('"')
+    with _exclusive(url, fs, path):
+        _check_version(url, storage_options, if_version)
+        write_bytes_atomic(url, data, storage_options)
+    return _content_version(data)
+
+
+def remove_if(url: str, storage_options: dict[str, Any] | None = None, *, if_version: str) -> None:
+    """Delete `url` only if it is still at version `if_version`; WriteConflict otherwise (S3: `If-Match`
+    on the delete; stores that ignore it delete unconditionally after the check)."""
+    fs, path = _fs(url, storage_options)
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        _check_version(url, storage_options, if_version)
+        try:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{if_version}"')
+        except Exception as e:
+            if _condition_failed(e):
+                raise WriteConflict(
+                    redact(f"{url}: changed meanwhile (conditional delete refused)")
+                ) from None
+            raise _error(f"{url}: cannot remove ({_describe(e)})") from None
+        finally:
+            fs.invalidate_cache(path)
+        return
+    with _exclusive(url, fs, path):
+        _check_version(url, storage_options, if_version)
+        remove(url, storage_options)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in _protocols(fs) and hasattr(fs, "call_s3") and hasattr(fs, "split_path")
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def _condition_failed(e: BaseException) -> bool:
+    """s3fs turns a failed precondition into FileExistsError (If-None-Match) or a plain OSError; the
+    botocore error it came from has the code."""
+    if isinstance(e, FileExistsError | FileNotFoundError):
+        return True
+    cause = e.__cause__ or e
+    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def _check_version(url: str, storage_options: dict[str, Any] | None, if_version: str | None) -> None:
+    current = read_versioned(url, storage_options)
+    if if_version is None and current is not None:
+        raise WriteConflict(redact(f"{url}: already exists"))
+    if if_version is not None and (current is None or current[1] != if_version):
+        raise WriteConflict(redact(f"{url}: changed meanwhile"))
+
+
+@contextlib.contextmanager
+def _exclusive(url: str, fs: fsspec.AbstractFileSystem, path: str) -> Iterator[None]:
+    """Local: hold `<path>.lock` (O_EXCL create, atomic also over NFS) for a check-and-replace. Other
+    non-S3 stores: nothing to hold; say once that their conditional writes are only best effort."""
+    if not isinstance(fs, LocalFileSystem):
+        proto = _protocols(fs)[0]
+        if proto not in _warned_unconditional:
+            _warned_unconditional.add(proto)
+            logger.warning("%s:// has no conditional writes here: the run lease is best effort", proto)
+        yield
+        return
+    lock = path + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    deadline = time.monotonic() + 2 * _LOCK_STALE_S
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > _LOCK_STALE_S:
+                    os.unlink(lock)  # its holder died between create and unlink
+                    continue
+            if time.monotonic() > deadline:
+                raise _error(
+                    f"{url}: {lock} stays locked; remove it if no vqpipe run uses this output"
+                ) from None
+            time.sleep(0.005)
+        except OSError as e:
+            raise _error(f"{url}: cannot lock ({_describe(e)})") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)

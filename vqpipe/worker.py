@@ -30,7 +30,7 @@ from .errors import SampleError, ShardError
 from .ledger import Ledger
 from .plan import Shard
 from .preprocess import preprocess, probe_jpeg
-from .reader import RawSample, iter_samples
+from .reader import RawSample, ReadStats, iter_samples
 from .schema import data_schema, file_metadata
 from .writer import ShardWriter
 
@@ -128,19 +128,25 @@ class ShardWorker:
             self.config.storage_options,
         )
         counts: Counter = Counter()
+        stats = ReadStats()
         try:
-            sizes, errors, agreement = self._run(shard, writer, clock, counts, on_progress)
+            sizes, errors, agreement, read_fp = self._run(shard, writer, clock, counts, stats, on_progress)
         except _Superseded:
             logger.info("%s: committed meanwhile by another attempt; this copy is discarded", shard.shard_id)
             return {**self.ledger.read_done(shard.shard_id), "skipped": True}
         n_errors = sum(errors.values())
         record = {
             "shard_id": shard.shard_id,
-            "input": {"url": storage.redact(shard.url), "fingerprint": shard.fingerprint},
+            # the fingerprint of the bytes read (equal before and after reading), not the one from planning
+            "input": {"url": storage.redact(shard.url), "fingerprint": read_fp},
             "samples": counts["samples"],
             "rows": writer.rows,
             "errors": n_errors,
             "errors_by_reason": dict(sorted(errors.items())),
+            # every tar member is in a sample or counted here (docs/reliability.md, "Every member accounted")
+            "members": stats.members,
+            "ignored_members": sum(stats.ignored.values()),
+            "ignored_by_reason": dict(sorted(stats.ignored.items())),
             "input_bytes": counts["input_bytes"],
             **sizes,
             "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
@@ -168,7 +174,13 @@ class ShardWorker:
         return record
 
     def _run(
-        self, shard: Shard, writer: ShardWriter, clock: StageClock, counts: Counter, on_progress
+        self,
+        shard: Shard,
+        writer: ShardWriter,
+        clock: StageClock,
+        counts: Counter,
+        stats: ReadStats,
+        on_progress,
     ) -> tuple:
         agreement = None
         last_check = time.monotonic()
@@ -182,10 +194,14 @@ class ShardWorker:
             last_check = time.monotonic()
             return self.ledger.is_done(shard.shard_id)
 
-        with storage.open_input(shard.url, self.config.storage_options) as stream, writer:
+        opts = self.config.storage_options
+        read_fp = storage.input_fingerprint(shard.url, opts)
+        if shard.fingerprint and read_fp != shard.fingerprint:
+            logger.info("%s: input changed since planning; reading the new version", shard.shard_id)
+        with storage.open_input(shard.url, opts) as stream, writer:
             with (
                 _AsyncWriter(writer, clock) as out,
-                contextlib.closing(self._decoded(stream, shard, clock)) as decoded,
+                contextlib.closing(self._decoded(stream, shard, clock, stats)) as decoded,
             ):
                 for batch in self._batches(decoded, writer, counts):
                     if self.device_decoder is not None:
@@ -203,7 +219,13 @@ class ShardWorker:
                         on_progress(len(keys))
                     if committed_elsewhere():
                         raise _Superseded
-            errors = Counter(reason for _, reason, _ in writer.errors)
+            now = storage.input_fingerprint(shard.url, opts)
+            if now != read_fp:  # the done marker must name the version that was read, and only one was
+                raise ShardError(
+                    "input_changed",
+                    f"{shard.shard_id}: input changed while being read ({read_fp} -> {now}); retry reads it anew",
+                )
+            errors = Counter(e.reason for e in writer.errors)
             n_errors = sum(errors.values())
             if counts["samples"] and n_errors > self.config.run.max_error_rate * counts["samples"]:
                 raise ShardError(
@@ -214,7 +236,7 @@ class ShardWorker:
             if self.ledger.is_done(shard.shard_id):  # a speculative twin won: first commit wins
                 raise _Superseded
             sizes = clock.timed("write", writer.commit)
-        return sizes, errors, agreement
+        return sizes, errors, agreement, read_fp
 
     @property
     def _exact(self) -> bool:
@@ -251,12 +273,15 @@ class ShardWorker:
             pixels.append(result)
         return kept, (self.device_decoder.stack(pixels) if kept else None)
 
-    def _decoded(self, stream, shard: Shard, clock: StageClock) -> Iterator[tuple[RawSample, Any]]:
+    def _decoded(
+        self, stream, shard: Shard, clock: StageClock, stats: ReadStats
+    ) -> Iterator[tuple[RawSample, Any]]:
         """Samples in tar order with their pixels (or SampleError); reading and decoding run ahead in threads."""
         futures: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         resolution, max_pixels = self.resolution, self.config.encode.max_image_pixels
         on_device = self.device_decoder is not None
+        logged = threading.Event()
 
         def decode(sample: RawSample) -> Any:
             if sample.error is not None:
@@ -267,10 +292,15 @@ class ShardWorker:
                 return clock.timed("decode", preprocess, sample.image, resolution, max_pixels)
             except SampleError as e:
                 return e
+            except Exception as e:  # noqa: BLE001 - one sample never fails its shard; a bug shows in the log
+                if not logged.is_set():
+                    logged.set()
+                    logger.exception("%s: key %r: unexpected error decoding", shard.shard_id, sample.key)
+                return SampleError("sample_error", f"{type(e).__name__}: {e}"[:300])
 
         def read() -> None:
             try:
-                samples = iter_samples(stream, shard.shard_id)
+                samples = iter_samples(stream, shard.shard_id, stats, self.config.run.allow_unterminated_tar)
                 while not stop.is_set():
                     sample = clock.timed("read", next, samples, None)
                     if sample is None:
@@ -306,7 +336,7 @@ class ShardWorker:
             counts["samples"] += 1
             counts["input_bytes"] += len(sample.image or b"")
             if isinstance(result, SampleError):
-                writer.add_error(sample.key, result.reason, result.detail)
+                writer.add_error(sample.key, result.reason, result.detail, sample.key_raw)
                 continue
             batch.append((sample.key, sample.label, sample.meta, result))
             if len(batch) == self.config.encode.batch_size:

@@ -2,13 +2,16 @@
 
 Rows stream into row groups as they arrive, so memory stays bounded whatever the shard size. Nothing is
 visible under the final names until `commit()`; leaving the `with` block by an exception discards everything.
+A row that cannot be written (a value Arrow refuses) becomes an error record for its key, never a shard failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,16 @@ logger = logging.getLogger(__name__)
 _PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["key", "label"], "use_dictionary": ["label"]}
 
 
+@dataclass(frozen=True)
+class ErrorRecord:
+    """One row of errors/<shard>.parquet: a sample that is not in data/, and why."""
+
+    key: str
+    reason: str
+    detail: str
+    key_raw: bytes | None = None  # the key's exact bytes when they are not UTF-8 (`key` is then escaped)
+
+
 class ShardWriter:
     def __init__(
         self,
@@ -39,7 +52,9 @@ class ShardWriter:
         self.rows_per_group = rows_per_group
         self.storage_options = storage_options
         self.rows = 0
-        self.errors: list[tuple[str, str, str]] = []
+        self.errors: list[ErrorRecord] = []  # appended from the encoding and the writing thread
+        self._errors_lock = threading.Lock()
+        self._row_error_logged = False
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._stack = contextlib.ExitStack()
@@ -64,14 +79,38 @@ class ShardWriter:
         codes: np.ndarray,
         var_input: np.ndarray | None,
     ) -> None:
-        self._pending.append(data_table(self.schema, keys, labels, metas, codes, var_input))
-        self._pending_rows += len(keys)
-        self.rows += len(keys)
+        try:
+            tables = [data_table(self.schema, keys, labels, metas, codes, var_input)]
+        except Exception:  # noqa: BLE001 - some row's value: find it, keep the others
+            tables = self._rows_one_by_one(keys, labels, metas, codes, var_input)
+        for table in tables:
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+            self.rows += table.num_rows
         if self._pending_rows >= self.rows_per_group:
             self._flush()
 
-    def add_error(self, key: str, reason: str, detail: str) -> None:
-        self.errors.append((key, reason, detail))
+    def _rows_one_by_one(self, keys, labels, metas, codes, var_input) -> list[pa.Table]:
+        tables = []
+        for i, key in enumerate(keys):
+            one = None if var_input is None else var_input[i : i + 1]
+            try:
+                tables.append(data_table(self.schema, [key], [labels[i]], [metas[i]], codes[i : i + 1], one))
+            except Exception as e:  # noqa: BLE001 - this sample's row only
+                if not self._row_error_logged:
+                    self._row_error_logged = True
+                    logger.exception(
+                        "%s: a row could not be written; recorded as sample_error", self.data_url
+                    )
+                self.add_error(key, "sample_error", f"row not writable: {type(e).__name__}: {e}"[:300])
+        return tables
+
+    def add_error(self, key: str, reason: str, detail: str, key_raw: bytes | None = None) -> None:
+        """Record one sample's error; text that is not valid UTF-8 is stored with `\\xNN` escapes."""
+        if key_raw is None and _escaped(key) != key:
+            key_raw = key.encode("utf-8", "surrogateescape" if _only_escapes(key) else "backslashreplace")
+        with self._errors_lock:
+            self.errors.append(ErrorRecord(_escaped(key), reason, _escaped(detail), key_raw))
 
     def commit(self) -> dict[str, int]:
         """Close the data file under its final name, then the error file. Returns bytes written."""
@@ -80,9 +119,7 @@ class ShardWriter:
         parquet.close()
         data_bytes = self._file.tell()
         self._stack.close()  # the atomic commit of the data file
-        table = pa.Table.from_pylist(
-            [{"key": k, "reason": r, "detail": d} for k, r, d in self.errors], schema=ERROR_SCHEMA
-        )
+        table = pa.Table.from_pylist([vars(e) for e in self.errors], schema=ERROR_SCHEMA)
         with storage.atomic_write(self.errors_url, self.storage_options) as f:
             pq.write_table(table, f, compression="zstd")
             error_bytes = f.tell()
@@ -93,3 +130,22 @@ class ShardWriter:
             table = pa.concat_tables(self._pending)
             self._parquet.write_table(table, row_group_size=max(self.rows_per_group, table.num_rows))
             self._pending, self._pending_rows = [], 0
+
+
+def _escaped(text: str) -> str:
+    """`text` as valid UTF-8: bytes tarfile kept as surrogates (surrogateescape) become `\\xNN`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        if not _only_escapes(text):  # lone surrogates that stand for no byte: write their code points
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    try:
+        text.encode("utf-8", "surrogateescape")
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -37,6 +37,18 @@ def load_checkpoint(model: VQVAE, url: str, storage_options: dict[str, Any] | No
     return digest
 
 
+def verify_checkpoint(url: str, preset: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Check that the checkpoint at `url` would load strictly into `preset` and return its sha256, building
+    no weights (tensors land on the meta device): the driver's check, before OUT is touched or Ray starts."""
+    buf, digest = _read(url, storage_options)
+    state = _deserialize(buf, url, map_location="meta")
+    del buf
+    with torch.device("meta"):
+        model = VQVAE(**PRESETS[preset].model_kwargs())
+    check_state_dict(model, state, url)
+    return digest
+
+
 def _read(url: str, storage_options: dict[str, Any] | None) -> tuple[io.BytesIO, str]:
     # Hash while reading: the digest then describes exactly the bytes that were loaded.
     sha = hashlib.sha256()
@@ -54,7 +66,7 @@ def _read(url: str, storage_options: dict[str, Any] | None) -> tuple[io.BytesIO,
     return buf, sha.hexdigest()
 
 
-def _deserialize(buf: io.BytesIO, url: str) -> Any:
+def _deserialize(buf: io.BytesIO, url: str, map_location: str = "cpu") -> Any:
     head = buf.read(16)
     buf.seek(0)
     if not head:
@@ -63,7 +75,7 @@ def _deserialize(buf: io.BytesIO, url: str) -> Any:
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise CheckpointError(f"checkpoint {url}: not a PyTorch file (it starts with {head!r})")
     try:
-        return torch.load(buf, map_location="cpu", weights_only=True)
+        return torch.load(buf, map_location=map_location, weights_only=True)
     # torch raises many types for foreign bytes (UnpicklingError, RuntimeError, EOFError, ...).
     except Exception as e:
         raise CheckpointError(f"checkpoint {url}: {_load_failure(e)}") from e

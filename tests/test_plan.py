@@ -1,0 +1,214 @@
+"""Shard identity, planning against done markers (also format-1.0 ones), tar-only expansion, and status of
+records outside the plan. In-process, no Ray."""
+
+import json
+import logging
+
+import pytest
+
+from vqpipe import storage
+from vqpipe.errors import PERMANENT_SHARD_REASONS, StorageError
+from vqpipe.ledger import Ledger, read_status
+from vqpipe.plan import legacy_stem, make_plan, shard_id
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def commit(ledger, sid, url, fingerprint=None):
+    """A done marker as the worker writes it (input URL with credentials masked)."""
+    record = {"samples": 2, "rows": 2, "errors": 0, "errors_by_reason": {}}
+    record["input"] = {"url": storage.redact(url), "fingerprint": fingerprint or {}}
+    ledger.mark_done(sid, record)
+
+
+def planned(inputs, ledger, **kw):
+    return make_plan(storage.expand_inputs_with_info([str(i) for i in inputs]), ledger, **kw)
+
+
+def test_id_depends_on_the_url_alone(tmp_path, monkeypatch):
+    a = str(tmp_path / "in/day1/part-000000.tar")
+    b = str(tmp_path / "in/day2/part-000000.tar")
+    assert shard_id(a).startswith("part-000000-") and len(shard_id(a)) == len("part-000000-") + 8
+    assert shard_id(a) != shard_id(b)
+    assert legacy_stem("s3://b/x/part-1.tar.gz") == "part-1" and legacy_stem("/p/part-2.tgz") == "part-2"
+    # local spellings of one file expand to one URL, hence one id
+    touch(tmp_path / "in/day1/part-000000.tar")
+    spellings = [tmp_path / "in/day1/part-000000.tar", f"file://{tmp_path}/in/day1/part-000000.tar"]
+    monkeypatch.chdir(tmp_path / "in")
+    spellings += ["day1/part-000000.tar", "./day2/../day1/part-000000.tar"]
+    assert {shard_id(storage.expand_inputs([str(s)])[0]) for s in spellings} == {shard_id(a)}
+
+
+def test_a_second_same_named_input_does_not_hide_the_committed_one(tmp_path):
+    """Issue 10 item 1: night 2's pattern also matches a new day2/part-000000.tar."""
+    ledger = Ledger(str(tmp_path / "out"))
+    day1 = touch(tmp_path / "in/day1/part-000000.tar")
+    first = planned([tmp_path / "in/*/part-*.tar"], ledger)
+    assert [s.shard_id for s in first.todo] == [shard_id(str(day1))]
+    commit(ledger, shard_id(str(day1)), str(day1))
+    day2 = touch(tmp_path / "in/day2/part-000000.tar")
+    second = planned([tmp_path / "in/*/part-*.tar"], ledger)
+    assert [s.url for s in second.done] == [str(day1)]
+    assert [s.url for s in second.todo] == [str(day2)]
+    # ... and the reverse: day1 disappears, day2 keeps its id
+    commit(ledger, shard_id(str(day2)), str(day2))
+    day1.unlink()
+    third = planned([tmp_path / "in/*/part-*.tar"], ledger)
+    assert [s.shard_id for s in third.done] == [shard_id(str(day2))] and not third.todo
+
+
+def test_format_1_0_plain_stem_markers_are_recognised_for_their_own_input_only(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    day1 = touch(tmp_path / "in/day1/part-000000.tar")
+    day2 = touch(tmp_path / "in/day2/part-000000.tar")
+    commit(ledger, "part-000000", str(day1))  # what format 1.0 wrote for day1, alone in night 1
+    plan = planned([tmp_path / "in/*/part-*.tar"], ledger)
+    assert [(s.shard_id, s.url) for s in plan.done] == [("part-000000", str(day1))]  # keeps its id
+    assert [(s.shard_id, s.url) for s in plan.todo] == [(shard_id(str(day2)), str(day2))]
+    # a format-1.0 collision id is today's id: nothing to translate
+    ledger2 = Ledger(str(tmp_path / "out2"))
+    commit(ledger2, shard_id(str(day2)), str(day2))
+    assert [s.url for s in planned([tmp_path / "in/*/part-*.tar"], ledger2).done] == [str(day2)]
+
+
+def test_a_masked_url_must_also_match_the_fingerprint(tmp_path):
+    """`key=...` in a path is masked in markers; two partitions would mask alike."""
+    ledger = Ledger(str(tmp_path / "out"))
+    a = touch(tmp_path / "in/key=1/part-0.tar", b"aaa")
+    b = touch(tmp_path / "in/key=2/part-0.tar", b"bbbb")
+    assert storage.redact(str(a)) == storage.redact(str(b))
+    fp_a = storage.input_fingerprint(str(a))
+    commit(ledger, "part-0", str(a), fp_a)
+    plan = planned([tmp_path / "in/*/part-0.tar"], ledger)
+    assert [s.url for s in plan.done] == [str(a)] and [s.url for s in plan.todo] == [str(b)]
+
+
+def test_changed_input_is_reported_and_redone_under_its_id(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    a = touch(tmp_path / "in/part-0.tar", b"old")
+    commit(ledger, "part-0", str(a), storage.input_fingerprint(str(a)))  # legacy id
+    touch(a, b"newer")
+    plan = planned([a], ledger, reprocess_changed=True)
+    assert [s.shard_id for s in plan.changed] == ["part-0"] and [s.shard_id for s in plan.todo] == ["part-0"]
+
+
+def test_globs_and_directories_plan_only_tars(tmp_path, caplog):
+    """Issue 10 item 8: an img2dataset folder holds parquet and stats side files beside its tars."""
+    d = tmp_path / "img2dataset"
+    for i in range(2):
+        touch(d / f"{i:05d}.tar")
+        touch(d / f"{i:05d}.parquet")
+        touch(d / f"{i:05d}_stats.json")
+    caplog.set_level(logging.INFO)
+    for spec in (d / "*", d):
+        got = storage.expand_inputs([str(spec)])
+        assert [p.rsplit("/", 1)[1] for p in got] == ["00000.tar", "00001.tar"]
+    assert "skipping 4 file(s) that are not tars, e.g. 00000.parquet, 00000_stats.json" in caplog.text
+    with pytest.raises(StorageError, match=r"\*\.json: matches no tar files.*00000_stats\.json"):
+        storage.expand_inputs([str(d / "*.json")])
+    # named explicitly, a non-tar is planned: the reader fails it as not_a_tar, at once (a permanent reason)
+    assert storage.expand_inputs([str(d / "00000.parquet")]) == [str(d / "00000.parquet")]
+    assert {
+        "not_a_tar",
+        "bad_tar",
+    } <= PERMANENT_SHARD_REASONS and "truncated_tar" not in PERMANENT_SHARD_REASONS
+
+
+def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path, capsys):
+    ledger = Ledger(str(tmp_path / "out"))
+    ledger.mark_done("a-1", {"samples": 3, "rows": 2, "errors": 1, "errors_by_reason": {"decode_error": 1}})
+    ledger.mark_done("old-1", {"samples": 5, "rows": 5, "errors": 0, "errors_by_reason": {}})
+    for i in range(3):  # failures of inputs a corrected rerun no longer plans
+        ledger.mark_failed(f"junk-{i}", {"reason": "not_a_tar"})
+    ledger.mark_failed("b-1", {"reason": "truncated_tar"})
+    ledger.write_plan({"a-1": "/in/a.tar", "b-1": "/in/b.tar", "c-1": "/in/c.tar"})
+    st = read_status(ledger)
+    d = st.to_dict()
+    assert d["shards"] == {"planned": 3, "done": 1, "failed": 1, "pending": 1}
+    assert (d["samples"], d["rows"], d["errors"]) == (3, 2, 1)
+    assert d["failed_shards"] == {"b-1": "truncated_tar"}
+    assert d["outside_plan"] == {"done": 1, "failed_shards": {f"junk-{i}": "not_a_tar" for i in range(3)}}
+    assert d["active_run"] is None and not st.complete
+    json.dumps(d)
+    from vqpipe.cli import main
+
+    ledger.mark_done("b-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
+    ledger.mark_done("c-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
+    assert main(["status", ledger.output]) == 0  # the corrected run's inputs are all done: complete
+    text = capsys.readouterr().out
+    assert "3 done, 0 failed, 0 pending (of 3 planned)" in text
+    assert "outside the latest plan (earlier runs): 1 done, 3 failure record(s)" in text
+
+
+@pytest.mark.slow
+def test_nightly_rerun_over_a_second_same_named_shard_duplicates_nothing(ray_session, tmp_path, capsys):
+    """Issue 10 item 1 end to end: night 1 (written by format 1.0: plain-stem ids) tokenized
+    in/day1/part-000000.tar; night 2's pattern also matches in/day2/part-000000.tar."""
+    import pyarrow.parquet as pq
+    from shards import good_image_bytes, write_shard
+    from test_job import job_config, tar_keys
+
+    from vqpipe.cli import main
+    from vqpipe.job import tokenize
+
+    def write(path, n, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_shard(
+            path, [{"__key__": f"{seed}_{i:03d}", "png": good_image_bytes(seed + i, "png")} for i in range(n)]
+        )
+
+    day1, day2, out = (
+        tmp_path / "in/day1/part-000000.tar",
+        tmp_path / "in/day2/part-000000.tar",
+        tmp_path / "out",
+    )
+    write(day1, 3, 100)
+    pattern = str(tmp_path / "in/*/part-*.tar")
+    assert tokenize(job_config([pattern], out)).ok
+    for sub, ext in (
+        ("data", "parquet"),
+        ("errors", "parquet"),
+        ("done", "json"),
+    ):  # as format 1.0 named them
+        (out / sub / f"{shard_id(str(day1))}.{ext}").rename(out / sub / f"part-000000.{ext}")
+    committed = (out / "done/part-000000.json").stat().st_mtime_ns
+
+    write(day2, 2, 200)
+    night2 = tokenize(job_config([pattern], out))
+    assert night2.ok
+    assert [s.url for s in night2.plan.todo] == [str(day2)] and [s.shard_id for s in night2.plan.done] == [
+        "part-000000"
+    ]
+    assert (out / "done/part-000000.json").stat().st_mtime_ns == committed  # not redone
+    keys = [
+        k
+        for p in sorted((out / "data").glob("*.parquet"))
+        for k in pq.read_table(p).column("key").to_pylist()
+    ]
+    assert sorted(keys) == sorted(tar_keys(day1) + tar_keys(day2))  # each row once
+    assert main(["status", str(out)]) == 0
+    assert "2 done, 0 failed, 0 pending (of 2 planned)" in capsys.readouterr().out
+    # night 3: nothing new, nothing to do
+    assert not tokenize(job_config([pattern], out)).plan.todo
+
+
+def test_planning_costs_one_listing_plus_a_read_per_committed_input(s3):
+    """Issue 16 will need no-op reruns to scale: new inputs cost no request, committed ones one marker read."""
+    out = s3.url("plancost/out")
+    inputs = [
+        (s3.url(f"plancost/in/day{d}/part-{i:06d}.tar"), {"size": 1}) for d in (1, 2) for i in range(50)
+    ]
+    ledger = Ledger(out, s3.storage_options)
+    for url, _ in inputs[:5]:
+        commit(ledger, shard_id(url), url)
+    commit(ledger, "part-000007", inputs[7][0])  # a format-1.0 plain-stem marker
+    start = len(s3.requests)
+    plan = make_plan(inputs, ledger)
+    cost = s3.requests[start:]
+    assert len(plan.done) == 6 and len(plan.todo) == 94
+    assert sum(1 for method, _ in cost if method == "GET" and "list-type" in _) == 1, cost
+    assert len(cost) <= 1 + 2 * 6, cost  # the listing, then per marker at most a HEAD and a GET

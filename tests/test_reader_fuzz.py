@@ -1,0 +1,301 @@
+"""Property-based fuzzing of tar contents through the real worker (reader -> preprocess -> tiny encoder ->
+writer -> done marker): random member names (also not UTF-8), bytes, extensions, labels and metadata,
+duplicates, links, directories and FIFOs. Whatever a tar holds, its shard commits and
+  - samples = rows + error records (and the files hold exactly those),
+  - every member `tarfile` lists is in a sample or counted as ignored, by the reason the tar was built with,
+  - a well-formed sample is a row with its label, and a key that is not UTF-8 keeps its exact bytes.
+Derandomized, so CI runs the same examples every time (VQPIPE_FUZZ_EXAMPLES sets how many; 500 by default).
+The encoder is the real tiny model, memoized per distinct image (the pool has six), so 500 shards fit in CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from shards import good_image_bytes
+
+from vqpipe import storage
+from vqpipe.config import build_config
+from vqpipe.plan import Shard
+from vqpipe.worker import ShardWorker
+
+EXAMPLES = int(os.environ.get("VQPIPE_FUZZ_EXAMPLES", "500"))
+IMAGES = {
+    "jpg": [good_image_bytes(s, "jpg", (8 + s, 10)) for s in range(3)],
+    "png": [good_image_bytes(s, "png", (10, 6 + s), mode) for s, mode in enumerate(["RGB", "L", "RGBA"])],
+}
+IMAGE_SUFFIXES = ["jpg", "JPG", "jpeg", "png", "PNG", "webp"]
+OTHER_SUFFIXES = ["cls", "json", "txt", "CLS", "seg.png", "bin", "pickle", "pyd"]
+_counter = itertools.count()
+
+
+@dataclass
+class Member:
+    name: bytes
+    kind: str  # file | dir | hardlink | symlink | fifo
+    data: bytes = b""
+    link: bytes = b""
+    ignored: str | None = None  # the reason the reader must count it under, or None: part of a sample
+    key: bytes | None = None
+
+
+# -- strategies ------------------------------------------------------------------------------------------------
+
+ascii_keys = st.text("abcXYZ019_-", min_size=1, max_size=8)
+unicode_keys = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="./\x00"), min_size=1, max_size=6
+)
+raw_keys = st.binary(min_size=1, max_size=6).map(lambda b: re.sub(rb"[./\0]", b"_", b))
+keys = st.one_of(
+    ascii_keys.map(str.encode),
+    unicode_keys.map(str.encode),
+    raw_keys,
+    st.tuples(st.sampled_from([b"sub/", b"a/b/"]), ascii_keys.map(str.encode)).map(b"".join),
+).map(lambda k: b"k" + k if k.startswith(b"__") else k)  # `__x__` names are WebDataset's own
+suffixes = st.one_of(
+    st.sampled_from(IMAGE_SUFFIXES + OTHER_SUFFIXES).map(str.encode),
+    st.binary(min_size=1, max_size=5).map(lambda b: re.sub(rb"[/\0]", b"_", b)),
+)
+labels = st.one_of(
+    st.integers(-(2**63), 2**63 - 1), st.integers(-(2**70), 2**70), st.sampled_from([2**63, -(2**63) - 1])
+).map(lambda n: str(n).encode())
+contents = st.one_of(
+    st.sampled_from(IMAGES["jpg"] + IMAGES["png"]),
+    st.binary(max_size=64),
+    labels,
+    st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.just(b""),
+)
+
+
+@st.composite
+def sample_members(draw) -> list[Member]:
+    key = draw(keys)
+    chosen = draw(st.lists(suffixes, min_size=1, max_size=4))
+    members = []
+    for suffix in chosen:
+        lower = suffix.decode("utf-8", "surrogateescape").lower()
+        if lower in ("jpg", "jpeg") and draw(st.booleans()):
+            data = draw(st.sampled_from(IMAGES["jpg"]))
+        elif lower == "png" and draw(st.booleans()):
+            data = draw(st.sampled_from(IMAGES["png"]))
+        elif lower == "cls" and draw(st.booleans()):
+            data = draw(labels)
+        else:
+            data = draw(contents)
+        members.append(Member(key + b"." + suffix, "file", data, key=key))
+    return members
+
+
+@st.composite
+def good_sample(draw) -> list[Member]:
+    key = draw(st.one_of(ascii_keys, unicode_keys)).encode()
+    fmt = draw(st.sampled_from(["jpg", "png"]))
+    members = [Member(key + b"." + fmt.encode(), "file", draw(st.sampled_from(IMAGES[fmt])), key=key)]
+    if draw(st.booleans()):
+        members.append(
+            Member(key + b".cls", "file", draw(labels), key=key)  # in int64 or not
+        )
+    if draw(st.booleans()):
+        members.append(Member(key + b".json", "file", b'{"caption": "\xc3\xa9t\xc3\xa9"}', key=key))
+    return draw(st.permutations(members))
+
+
+strays = st.sampled_from(
+    [
+        Member(b"README", "file", b"readme", ignored="no_extension"),
+        Member(b"sub/noext", "file", b"x", ignored="no_extension"),
+        Member(b"trailing.", "file", b"x", ignored="no_extension"),
+        Member(b".hidden.jpg", "file", IMAGES["jpg"][0], ignored="dot_name"),
+        Member(b"sub/.x.cls", "file", b"1", ignored="dot_name"),
+        Member(b"adir", "dir", ignored="directory"),
+        Member(b"adir/nested", "dir", ignored="directory"),
+        Member(b"fifo.jpg", "fifo", ignored="special_file"),
+        Member(b"__meta__", "file", b"{}", ignored="webdataset_meta"),
+    ]
+)
+
+
+@st.composite
+def shard_members(draw) -> list[Member]:
+    members: list[Member] = []
+    for group in draw(
+        st.lists(st.one_of(good_sample(), sample_members(), strays.map(lambda m: [m])), max_size=7)
+    ):
+        members.extend(group)
+    files = [m for m in members if m.kind == "file" and m.ignored is None]
+    for _ in range(draw(st.integers(0, 2))):  # links: to an earlier member, or to nothing in the tar
+        key = draw(keys)
+        target = draw(st.sampled_from([m.name for m in files] + [b"nowhere.jpg"])) if files else b"x.jpg"
+        kind = draw(st.sampled_from(["hardlink", "symlink"]))
+        at = draw(st.integers(0, len(members)))
+        members.insert(at, Member(key + b".jpg", kind, link=target, key=key))
+    return members
+
+
+# -- the tar and what it must give -------------------------------------------------------------------------------
+
+
+def tar_bytes(members: list[Member], fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
+        for m in members:
+            info = tarfile.TarInfo(m.name.decode("utf-8", "surrogateescape"))
+            info.type = {
+                "file": tarfile.REGTYPE,
+                "dir": tarfile.DIRTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "symlink": tarfile.SYMTYPE,
+                "fifo": tarfile.FIFOTYPE,
+            }[m.kind]
+            info.linkname = m.link.decode("utf-8", "surrogateescape")
+            info.size = len(m.data) if m.kind == "file" else 0
+            tar.addfile(info, io.BytesIO(m.data) if m.kind == "file" else None)
+    return buf.getvalue()
+
+
+def expected_samples(members: list[Member]) -> list[bytes]:
+    """Keys of the samples, in order: runs of members with the same key (ignored members in between do not
+    end a run)."""
+    keys = [m.key for m in members if m.ignored is None]
+    return [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+
+
+def well_formed(members: list[Member], key: bytes, keys: list[bytes]) -> tuple[bool, int | None]:
+    """True for a sample that must become a row: a UTF-8 key seen once, plain files with distinct suffixes,
+    exactly one image member and it is a real jpg/png, a label in int64 if any, UTF-8 json/txt if any."""
+    mine = [m for m in members if m.key == key]
+    if keys.count(key) != 1 or any(m.kind != "file" for m in mine):
+        return False, None
+    try:
+        key.decode("utf-8")
+        by_suffix = {}
+        for m in mine:
+            suffix = m.name[len(key) + 1 :].decode("utf-8").lower()
+            if suffix in by_suffix:
+                return False, None
+            by_suffix[suffix] = m.data
+    except UnicodeDecodeError:
+        return False, None
+    images = [s for s in by_suffix if s in ("jpg", "jpeg", "png", "webp")]
+    if len(images) != 1 or by_suffix[images[0]] not in IMAGES["jpg"] + IMAGES["png"]:
+        return False, None
+    label = None
+    try:
+        if "cls" in by_suffix:
+            label = int(by_suffix["cls"].decode("ascii"))
+            if not -(2**63) <= label < 2**63:
+                return False, None
+        for meta in ("json", "txt"):
+            if meta in by_suffix:
+                by_suffix[meta].decode("utf-8")
+    except (UnicodeDecodeError, ValueError):
+        return False, None
+    return True, label
+
+
+class MemoEncoder:
+    """The real encoder, run once per distinct image: rows get real codes, and the fuzz stays fast."""
+
+    def __init__(self, real):
+        self.real, self.memo = real, {}
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, pixels, timer=None):
+        out = []
+        for image in pixels:
+            digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+            if digest not in self.memo:
+                self.memo[digest] = self.real(image[None], timer=timer)
+            out.append(self.memo[digest])
+        var_input = None if out[0][1] is None else np.concatenate([v for _, v in out])
+        return np.concatenate([c for c, _ in out]), var_input
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    # 500 shards x 3 committed files: on tmpfs the commits' fsyncs cost nothing (they are half the time on disk)
+    shm = Path("/dev/shm")
+    out = (
+        Path(tempfile.mkdtemp(dir=shm))
+        if shm.is_dir() and os.access(shm, os.W_OK)
+        else tmp_path_factory.mktemp("fuzz")
+    )
+    cfg = build_config(
+        {
+            "inputs": [str(out)],
+            "output": str(out / "tokens"),
+            "model": {"preset": "tiny", "random_weights": True, "device": "cpu"},
+            "encode": {"batch_size": 8},
+            "run": {"max_error_rate": 1.0},
+        }
+    )
+    w = ShardWorker.from_config(cfg, cpus=1)
+    w.encoder = MemoEncoder(w.encoder)
+    w.tars = out / "tars"
+    w.tars.mkdir()
+    yield w
+    w.close()
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(members=shard_members(), fmt=st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+def test_every_sample_is_a_row_or_an_error_and_every_member_is_accounted(worker, members, fmt):
+    shard_id = f"fuzz-{next(_counter):05d}"
+    path = worker.tars / f"{shard_id}.tar"
+    path.write_bytes(tar_bytes(members, fmt))
+
+    record = worker.process(Shard(shard_id, str(path), storage.input_fingerprint(str(path))))
+
+    with tarfile.open(path) as tar:  # `tar t`, read independently of vqpipe (random access, not a stream)
+        listed = tar.getmembers()
+    assert record["members"] == len(listed) == len(members)
+    assert record["ignored_by_reason"] == dict(Counter(m.ignored for m in members if m.ignored))
+    samples = expected_samples(members)
+    assert record["samples"] == len(samples)
+    assert record["rows"] + record["errors"] == record["samples"]
+    rows = pq.read_table(worker.ledger.data_url(shard_id), columns=["key", "label"]).to_pylist()
+    errors = pq.read_table(worker.ledger.errors_url(shard_id)).to_pylist()
+    assert (len(rows), len(errors)) == (record["rows"], record["errors"])
+
+    row_labels = {r["key"].encode(): r["label"] for r in rows}
+    error_keys = Counter(e["key_raw"] or e["key"].encode() for e in errors)
+    row_keys = Counter(r["key"].encode() for r in rows)
+    assert row_keys + error_keys == Counter(samples)  # each sample once, under its exact key bytes
+    for key in set(samples):
+        ok, label = well_formed(members, key, samples)
+        if ok:
+            event("well-formed sample")
+            assert row_labels.get(key, "missing") == label, (key, errors)
+    for reason in sorted({e["reason"] for e in errors} | set(record["ignored_by_reason"])):
+        event(reason)  # pytest --hypothesis-show-statistics: how often each case came up
+    if any(m.kind == "hardlink" for m in members) and rows:
+        event("hardlink in a shard with rows")
+    for e in errors:
+        assert e["reason"] and e["detail"]
+        if e["key_raw"] is not None:
+            assert e["key"] == e["key_raw"].decode("utf-8", "backslashreplace")

@@ -1,0 +1,143 @@
+"""Test helper: small vqpipe OUTs written with vqpipe's own schema, writer and ledger, no Ray and no images.
+
+Codes are random (seeded) and `var_input` is the tiny model's `idxBl_to_var_input` of them, so a test can check
+rows against what the model computes. `legacy=True` writes format 1.0 (`var_input` as `arrow.fixed_shape_tensor`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from vqpipe.ledger import Ledger
+from vqpipe.model import PRESETS, build_model
+from vqpipe.schema import TokenLayout, data_schema, file_metadata
+from vqpipe.writer import ShardWriter
+
+TINY = PRESETS["tiny"]
+
+
+def layout(var_input: bool = True) -> TokenLayout:
+    return TokenLayout(TINY.patch_nums, TINY.vocab_size, TINY.z_channels, var_input, "float16")
+
+
+def shard_rows(shard_id: str, n: int, seed: int, labeled: bool = True, var_input: bool = True):
+    """keys, labels, metas, codes (n, 30) uint16, var_input (n, 29, 8) float16 of one synthetic shard."""
+    rng = np.random.default_rng(seed)
+    keys = [f"{shard_id}/{i:05d}" for i in range(n)]
+    labels = (
+        [int(x) if labeled and x % 5 else None for x in rng.integers(0, 1000, n)] if labeled else [None] * n
+    )
+    metas = [json.dumps({"i": i}) for i in range(n)]
+    codes = rng.integers(0, TINY.vocab_size, (n, TINY.seq_len)).astype(np.uint16)
+    vi = None
+    if var_input:
+        vi = var_input_of(codes).astype(np.float16) if n else np.zeros((0, 29, 8), np.float16)
+    return keys, labels, metas, codes, vi
+
+
+def var_input_of(codes: np.ndarray) -> np.ndarray:
+    model = _model()
+    t = torch.from_numpy(codes.astype(np.int64))
+    offs = TINY.scale_offsets
+    with torch.no_grad():
+        return model.idxBl_to_var_input([t[:, a:b] for a, b in zip(offs[:-1], offs[1:])]).numpy()
+
+
+_MODEL = []
+
+
+def _model():
+    if not _MODEL:
+        _MODEL.append(build_model("tiny", seed=0))
+    return _MODEL[0]
+
+
+def write_out(
+    out: Path | str,
+    rows: dict[str, int],
+    *,
+    rows_per_group: int = 8,
+    batch: int = 4,
+    var_input: bool = True,
+    labeled: bool = True,
+    legacy: bool = False,
+    uncommitted: dict[str, int] | None = None,
+    storage_options: dict | None = None,
+) -> dict[str, dict]:
+    """An OUT with one committed shard per entry of `rows` (id -> row count) and data files without a done
+    marker for `uncommitted`. Returns key -> {"label", "codes", "var_input"} of the committed rows."""
+    ledger = Ledger(str(out), storage_options)
+    ledger.start_run({"fingerprint": "test", "output_settings": {"var_input": var_input}}, allow_change=False)
+    lay = layout(var_input)
+    expected = {}
+    for seed, (shard_id, n) in enumerate([*rows.items(), *(uncommitted or {}).items()]):
+        keys, labels, metas, codes, vi = shard_rows(shard_id, n, seed, labeled, var_input)
+        meta = file_metadata(
+            lay,
+            resolution=64,
+            preset="tiny",
+            model_sha256="test",
+            precision={"mode": "exact"},
+            shard={"id": shard_id, "url": f"/in/{shard_id}.tar"},
+            batch_size=batch,
+            vqpipe_version="test",
+        )
+        schema = data_schema(lay, meta)
+        if legacy:
+            schema = _legacy_schema(schema, lay)
+        writer = ShardWriter(
+            ledger.data_url(shard_id), ledger.errors_url(shard_id), schema, rows_per_group, storage_options
+        )
+        with writer:
+            for s in range(0, n, batch):
+                sl = slice(s, s + batch)
+                if legacy:
+                    writer._pending.append(
+                        _legacy_table(schema, keys[sl], labels[sl], metas[sl], codes[sl], vi[sl])
+                    )
+                    writer._pending_rows += len(keys[sl])
+                    writer.rows += len(keys[sl])
+                    if writer._pending_rows >= rows_per_group:
+                        writer._flush()
+                else:
+                    writer.write(keys[sl], labels[sl], metas[sl], codes[sl], None if vi is None else vi[sl])
+            writer.commit()
+        if shard_id in rows:
+            ledger.mark_done(shard_id, {"shard_id": shard_id, "rows": n, "samples": n, "errors": 0})
+            for i, k in enumerate(keys):
+                expected[k] = {
+                    "label": labels[i],
+                    "codes": codes[i],
+                    "var_input": None if vi is None else vi[i],
+                    "meta": metas[i],
+                }
+    return expected
+
+
+def _legacy_schema(schema: pa.Schema, lay: TokenLayout) -> pa.Schema:
+    meta = json.loads(schema.metadata[b"vqpipe"])
+    meta["format_version"] = "1.0"
+    i = schema.get_field_index("var_input")
+    tensor = pa.fixed_shape_tensor(pa.float16(), lay.var_input_shape)
+    schema = schema.set(i, pa.field("var_input", tensor, nullable=False))
+    return schema.with_metadata({b"vqpipe": json.dumps(meta).encode()})
+
+
+def _legacy_table(schema, keys, labels, metas, codes, vi) -> pa.Table:
+    cols = [
+        pa.array(keys, pa.string()),
+        pa.array(labels, pa.int64()),
+        pa.array(metas, pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.uint16()), codes.shape[1]),
+        pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(vi)),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+__all__ = ["TINY", "replace", "shard_rows", "var_input_of", "write_out"]

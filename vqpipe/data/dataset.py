@@ -1,0 +1,303 @@
+"""`TokenDataset`: a torch IterableDataset over the committed shards of a vqpipe OUT (local path or fsspec URL).
+
+Streaming: the row groups behind one shuffle window of `shuffle_buffer` rows are decoded at a time, so memory is
+about (2 x shuffle_buffer + 2 row groups) x bytes per row, whatever the dataset's size. Ranks, workers and epoch order come
+from `epoch.py`; resume is exact because a window's order is a function of its position alone (see state_dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..errors import StorageError
+from ..ledger import Ledger
+from ..schema import read_metadata
+from .epoch import EpochPlan, make_plan, window_order
+from .rows import RowBlock
+from .shards import ShardReader, check_file, open_parquet
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+class TokenDataset(IterableDataset):
+    """Rows of an OUT as `{"key", "label", "codes", "var_input"?, "meta"?}`, sharded like DistributedSampler.
+
+    - Only shards with a done marker at construction are read; rows per shard come from the markers.
+    - `rank`/`world_size` default to torch.distributed's when it is initialised, else 0/1; DataLoader workers
+      split a rank's rows further. Every rank yields `len(self)` rows; `drop_last=False` fills the last round by
+      repeating rows from the epoch's start, `drop_last=True` drops the tail.
+    - `shuffle=True`: seeded permutation of shards, of each shard's row groups, and of every window of
+      `shuffle_buffer` consecutive rows. Call `set_epoch(e)` before each epoch.
+    - `columns`: any of label, codes, var_input, meta, and any other column the files have (fixed-size
+      lists as tensors, other types as Python values; nulls in those stay None).
+    - A null label becomes `label_fill` (VAR's trainer takes `num_classes` as its "no class" index).
+    - `batch_size`: yield ready batches (use `DataLoader(ds, batch_size=None)`), much cheaper per row than
+      collating single items; the same rows in the same order either way.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        columns: Sequence[str] = ("codes", "label"),
+        label_fill: int = -1,
+        shuffle_buffer: int = 4096,
+        batch_size: int | None = None,
+        shards: Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if "key" in columns:
+            raise ValueError("'key' is always read; columns= names the others")
+        if seed < 0 or shuffle_buffer < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError("seed must be >= 0, shuffle_buffer and batch_size >= 1")
+        self.out, self.storage_options = out, storage_options
+        self.columns = ("key", *dict.fromkeys(columns))
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.label_fill, self.shuffle_buffer, self.batch_size = label_fill, shuffle_buffer, batch_size
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.epoch = 0
+        self._resume: dict[str, Any] | None = None
+        self._yielded = 0
+        ledger = Ledger(out, storage_options)
+        if ledger.read_run() is None:
+            raise StorageError(f"{out}: not a vqpipe output (no run.json)")
+        committed = sorted(ledger.done_ids())
+        if shards is not None:
+            missing = sorted(set(shards) - set(committed))
+            if missing:
+                raise ValueError(f"{out}: shard(s) not committed: {', '.join(missing[:5])}")
+            committed = sorted(set(shards))
+        markers = ledger.read_done_many(committed)
+        self.shard_ids = tuple(committed)
+        self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
+        self.data_urls = tuple(ledger.data_url(s) for s in committed)
+        self.metadata = self._check_columns()
+        self._digest = hashlib.sha256(repr(list(zip(self.shard_ids, self.shard_rows))).encode()).hexdigest()
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Rows this rank yields per epoch (all its DataLoader workers together)."""
+        return self._plan().per_rank
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.shard_rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            self._resume = None  # a state loaded for another epoch does not apply to this one
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this (rank, worker) stands: call it in the training loop (num_workers=0), or let torchdata's
+        StatefulDataLoader call it inside each worker (num_workers > 0)."""
+        num_workers, worker = _worker()
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "yielded": self._yielded,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "shuffle_buffer": self.shuffle_buffer,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_workers": num_workers,
+            "worker": worker,
+            "shards_digest": self._digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration continues right after the last row the saved iteration yielded."""
+        mine = self.state_dict()
+        for key in ("version", "seed", "shuffle", "drop_last", "shuffle_buffer", "world_size", "rank"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"state was saved with {key}={state.get(key)!r}, this dataset has {mine[key]!r}"
+                )
+        if state["shards_digest"] != self._digest:
+            raise ValueError(
+                f"{self.out}: the committed shards changed since the state was saved (now {len(self.shard_ids)}); "
+                "build the dataset with shards= the saved run's shard_ids to finish that epoch"
+            )
+        self.epoch = state["epoch"]
+        self._resume = dict(state)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | TokenBatch]:
+        plan = self._plan()
+        num_workers, worker = _worker()
+        begin, end = plan.worker_range(self.rank, worker, num_workers)
+        start = self._take_resume(num_workers, worker)
+        self._yielded = start
+        reader = ShardReader(self)
+        try:
+            window = self.shuffle_buffer
+            first = begin + (start // window) * window
+            skip = start % window
+            pending: list[RowBlock] = []
+            have = 0
+            for wstart in range(first, end, window):
+                wend = min(end, wstart + window)
+                block = reader.read(plan, wstart, wend)
+                order = window_order(
+                    wend - wstart, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, window_start=wstart
+                )
+                order = order[skip:]
+                skip = 0
+                if self.batch_size is None:
+                    yield from self._items(block.take(order))
+                    continue
+                pos = 0
+                while pos < len(order):  # gather each batch straight from the window: one copy per row
+                    piece = block.take(order[pos : pos + self.batch_size - have])
+                    pos += len(piece)
+                    pending.append(piece)
+                    have += len(piece)
+                    if have == self.batch_size:
+                        yield self._batch(RowBlock.concat(pending))
+                        pending, have = [], 0
+            if pending:
+                yield self._batch(RowBlock.concat(pending))
+        finally:  # also when the loop stops early: the open data file is closed
+            reader.close()
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _plan(self) -> EpochPlan:
+        return make_plan(
+            self.shard_rows,
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+
+    def _take_resume(self, num_workers: int, worker: int) -> int:
+        state, self._resume = self._resume, None
+        if state is None or state["epoch"] != self.epoch:
+            return 0
+        if (state["num_workers"], state["worker"]) != (num_workers, worker):
+            raise ValueError(
+                f"state was saved by worker {state['worker']} of {state['num_workers']}, loaded into worker "
+                f"{worker} of {num_workers}: resume with the same num_workers (StatefulDataLoader does this)"
+            )
+        return int(state["yielded"])
+
+    def _items(self, block: RowBlock) -> Iterator[dict[str, Any]]:
+        cols = self._tensors(block)
+        if "label" in cols:
+            cols["label"] = cols["label"].tolist()  # Python ints
+        names = list(cols)
+        for values in zip(*cols.values()):
+            self._yielded += 1  # counted before the yield: state_dict() taken after a fetch includes this row
+            yield dict(zip(names, values))
+
+    def _batch(self, block: RowBlock) -> TokenBatch:
+        self._yielded += len(block)
+        out = self._tensors(block)
+        if "label" in out:
+            out["label"] = torch.from_numpy(out["label"])
+        named = {f.name for f in fields(TokenBatch)}
+        return TokenBatch(
+            **{k: v for k, v in out.items() if k in named},
+            extra={k: v for k, v in out.items() if k not in named},
+        )
+
+    def _tensors(self, block: RowBlock) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": block.keys.tolist()}
+        if "label" in self.columns:
+            out["label"] = block.labels
+        if "codes" in self.columns:
+            out["codes"] = torch.from_numpy(block.codes.astype(np.int64))
+        if "var_input" in self.columns:
+            out["var_input"] = torch.from_numpy(np.ascontiguousarray(block.var_input))
+        if "meta" in self.columns:
+            out["meta"] = [m if m is not None else "" for m in block.metas]
+        for name, values in block.extra.items():  # other columns: tensors for fixed-size lists, else values
+            out[name] = values.tolist() if values.dtype == object else torch.from_numpy(values)
+        return out
+
+    def _check_columns(self) -> dict[str, Any]:
+        """The first non-empty data file's vqpipe metadata; every asked column must be in it."""
+        for url, rows in zip(self.data_urls, self.shard_rows):
+            if rows:
+                f, source = open_parquet(url, self.storage_options)
+                try:
+                    check_file(f.schema_arrow, url, self.columns)
+                    return read_metadata(f.schema_arrow)
+                finally:
+                    f.close()
+                    if source is not None:
+                        source.close()
+        return {}
+
+
+@dataclass
+class TokenBatch:
+    """A batch as TokenDataset(batch_size=...) yields it: what default_collate makes of single items, readable
+    as `batch["codes"]` or `batch.codes`. Not a dict on purpose: the DataLoader passes it through untouched
+    instead of walking every key string, and `pin_memory=True` pins its tensors."""
+
+    key: list[str]
+    label: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    var_input: torch.Tensor | None = None
+    meta: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other columns asked for, by name
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.keys()
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.extra:
+            return self.extra[name]
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        named = [f.name for f in fields(self) if f.name != "extra" and getattr(self, f.name) is not None]
+        return named + list(self.extra)
+
+    def pin_memory(self) -> TokenBatch:
+        pinned = {n: getattr(self, n).pin_memory() for n in ("label", "codes", "var_input") if n in self}
+        extra = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
+        return replace(self, **pinned, extra=extra)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.num_workers, info.id) if info is not None else (1, 0)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size

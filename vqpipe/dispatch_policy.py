@@ -1,0 +1,172 @@
+"""The dispatcher's decisions, without Ray: the queue of waiting shards, which attempt a submission is, whether a failure is retried (and
+after what backoff) or final, which finished copy commits a shard, and which running shards get a speculative
+copy. cluster.py owns the actors and asks this module what to do; every decision is testable in-process.
+
+Each event costs O(log N) at most: shard durations feed a running median (two heaps) instead of being sorted
+on every loop of the tail, and retries in backoff wait in a heap instead of being scanned on every loop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from . import errors
+
+T = TypeVar("T")
+
+SPECULATE_AFTER = 2.0  # a running shard is slow when it has taken this many times the median shard time
+SPECULATE_MIN_DONE = 3  # need a few finished shards before "slow" means anything
+
+
+class RunningMedian:
+    """The median of the values added so far: O(log n) to add, O(1) to read (a max-heap of the lower half and a
+    min-heap of the upper half, kept within one element of each other)."""
+
+    def __init__(self) -> None:
+        self._low: list[float] = []  # negated: heapq is a min-heap
+        self._high: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._low) + len(self._high)
+
+    def add(self, x: float) -> None:
+        if self._low and x > -self._low[0]:
+            heapq.heappush(self._high, x)
+        else:
+            heapq.heappush(self._low, -x)
+        if len(self._low) > len(self._high) + 1:
+            heapq.heappush(self._high, -heapq.heappop(self._low))
+        elif len(self._high) > len(self._low):
+            heapq.heappush(self._low, -heapq.heappop(self._high))
+
+    @property
+    def value(self) -> float:
+        """The upper median of an even count (as `sorted(xs)[len(xs) // 2]`); 0 when empty."""
+        if not self:
+            return 0.0
+        if len(self._high) == len(self._low):
+            return self._high[0]
+        return -self._low[0]
+
+
+class ShardQueue(Generic[T]):
+    """Shards waiting to run: first come, first served, with retries held back until their backoff ends.
+    O(log n) to add or release a retry, O(1) otherwise; the driver used to scan the whole queue on every loop
+    for the next retry due."""
+
+    def __init__(self, items: Iterable[T] = ()) -> None:
+        self._ready: deque[T] = deque(items)
+        self._later: list[tuple[float, int, T]] = []  # heap of (not_before, arrival, item)
+        self._arrival = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._ready) + len(self._later)
+
+    def retry_at(self, item: T, not_before: float) -> None:
+        heapq.heappush(self._later, (not_before, next(self._arrival), item))
+
+    def peek(self, now: float) -> T | None:
+        """The next item that may run now (retries whose backoff ended join the back of the line), or None."""
+        while self._later and self._later[0][0] <= now:
+            self._ready.append(heapq.heappop(self._later)[2])
+        return self._ready[0] if self._ready else None
+
+    def pop(self) -> T:
+        """Remove the item `peek` returned."""
+        return self._ready.popleft()
+
+    def next_retry_in(self, now: float) -> float | None:
+        """Seconds until the next held-back retry may run (None when none is held back)."""
+        return max(0.0, self._later[0][0] - now) if self._later else None
+
+
+@dataclass(frozen=True)
+class Retry:
+    backoff_s: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """A failed copy of a shard that another copy committed, or that a still-running copy may commit."""
+
+
+@dataclass(frozen=True)
+class Running:
+    """What the policy needs to know about one running copy of a shard."""
+
+    shard_id: str
+    actor: int
+    started: float
+
+
+@dataclass
+class DispatchPolicy:
+    max_attempts: int
+    retry_backoff_s: float
+    speculative: bool = True
+    speculate_after: float = SPECULATE_AFTER
+    speculate_min_done: int = SPECULATE_MIN_DONE
+    attempts: dict[str, int] = field(default_factory=dict)
+    committed: set[str] = field(default_factory=set)
+    speculated: set[str] = field(default_factory=set)  # shards that already had their one speculative copy
+    durations: RunningMedian = field(default_factory=RunningMedian)
+
+    def next_attempt(self, shard_id: str, speculative: bool = False) -> int:
+        """The attempt number of a new submission. A speculative copy shares the running attempt's number:
+        it is not a retry."""
+        attempt = self.attempts.get(shard_id, 0) + (0 if speculative else 1)
+        self.attempts[shard_id] = max(attempt, 1)
+        if speculative:
+            self.speculated.add(shard_id)
+        return self.attempts[shard_id]
+
+    def succeeded(self, shard_id: str, seconds: float) -> bool:
+        """True for the copy that commits the shard; False for a copy that finished after another one."""
+        if shard_id in self.committed:
+            return False
+        self.committed.add(shard_id)
+        self.durations.add(seconds)
+        return True
+
+    def failed(self, shard_id: str, reason: str, twin_running: bool) -> Retry | GiveUp | Ignore:
+        if shard_id in self.committed or twin_running:
+            return Ignore()
+        attempts = self.attempts.get(shard_id, 1)
+        if attempts >= self.max_attempts or reason in errors.PERMANENT_SHARD_REASONS:
+            return GiveUp(attempts)
+        return Retry(self.retry_backoff_s * 2 ** (attempts - 1))
+
+    def to_speculate(self, running: list[Running], queue_empty: bool, now: float) -> list[Running]:
+        """Running copies worth a speculative twin, oldest first: only once nothing waits in the queue, only
+        shards that have not committed (a committed shard's copy that is still running finds the done marker
+        and discards its output: copying it again would only be discarded again), that run alone, that had
+        no copy yet, and that have taken `speculate_after` times the median shard time."""
+        if not (self.speculative and queue_empty) or len(self.durations) < self.speculate_min_done:
+            return []
+        limit = self.speculate_after * self.durations.value
+        copies: dict[str, int] = {}
+        for r in running:
+            copies[r.shard_id] = copies.get(r.shard_id, 0) + 1
+        slow = [
+            r
+            for r in running
+            if copies[r.shard_id] == 1
+            and r.shard_id not in self.committed
+            and r.shard_id not in self.speculated
+            and now - r.started > limit
+        ]
+        return sorted(slow, key=lambda r: r.started)
+
+    def waiting_on(self, running: list[Running]) -> bool:
+        """True while a running copy may still commit a shard; losing copies are not waited for."""
+        return any(r.shard_id not in self.committed for r in running)

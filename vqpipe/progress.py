@@ -1,0 +1,63 @@
+"""A live progress bar for the driver when it runs on an interactive terminal (tqdm).
+
+Anywhere else (Ray job logs, CI, a pipe) `job.Progress` writes plain log lines instead: a bar's carriage
+returns would make a log file unreadable. While the bar is shown, vqpipe's log lines are printed above it
+(tqdm's logging redirect) instead of through it; lines that Ray's log monitor prints for the actors
+are not log records and can still cross it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from typing import IO, Any
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} shards [{elapsed}<{remaining}{postfix}]"
+_LOGGERS = ("vqpipe", "ray")  # whose console lines are printed above the bar instead of through it
+
+
+class TerminalBar:
+    """Shards done/total with ETA, then images, images/s, sample errors, failed shards and live replicas."""
+
+    def __init__(self, total: int, stream: IO[str]):
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._stack = contextlib.ExitStack()
+        self._bar = tqdm(total=total, file=stream, bar_format=_FORMAT, dynamic_ncols=True, smoothing=0.1)
+        self._stack.callback(self._bar.close)
+        self._stack.enter_context(
+            logging_redirect_tqdm([logging.getLogger(n) for n in _LOGGERS], tqdm_class=tqdm)
+        )
+
+    def update(self, progress: Any, replicas: int | None = None) -> None:
+        """Redraw from a `job.Progress` (tqdm limits redraws to ten a second)."""
+        elapsed = max(time.monotonic() - progress.started, 1e-9)
+        parts = [f"{progress.images} images ({progress.images / elapsed:.1f}/s)", f"{progress.errors} errors"]
+        if progress.failed:
+            parts.append(f"{progress.failed} shards failed")
+        if replicas is not None:
+            parts.append(f"{replicas} replicas")
+        self._bar.set_postfix_str(", ".join(parts), refresh=False)
+        self._bar.update(progress.done + progress.failed - self._bar.n)  # redraws (throttled)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def progress_bar(total: int, stream: IO[str] | None = None) -> TerminalBar | None:
+    """A bar on an interactive terminal; None (log lines) otherwise, or when VQPIPE_PROGRESS=lines."""
+    stream = stream or sys.stderr
+    interactive = hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
+    if not interactive or os.environ.get("VQPIPE_PROGRESS") == "lines":
+        return None
+    try:
+        return TerminalBar(total, stream)
+    except ImportError:  # the bar is a nicety: without tqdm, the log lines still say everything
+        logger.info("no progress bar: tqdm is not installed")
+        return None
