@@ -31,6 +31,7 @@ from .ledger import Ledger
 from .plan import Shard
 from .preprocess import preprocess, probe_jpeg
 from .reader import RawSample, ReadStats, iter_samples
+from .records import DoneRecord, InputRef
 from .schema import data_schema, file_metadata
 from .writer import ShardWriter
 
@@ -103,10 +104,11 @@ class ShardWorker:
 
     def process(
         self, shard: Shard, attempt: int = 1, on_progress: Callable[[int], None] | None = None
-    ) -> dict:
-        """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails."""
-        if self.ledger.is_done(shard.shard_id):  # a speculative twin or an earlier attempt already committed
-            return {**self.ledger.read_done(shard.shard_id), "skipped": True}
+    ) -> DoneRecord:
+        """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails.
+        A first attempt was planned from the done/ listing under the run's lease: only a retry looks first."""
+        if attempt > 1 and self.ledger.is_done(shard.shard_id):  # an earlier attempt committed after all
+            return self._committed_by_another(shard)
         started, clock = time.time(), StageClock()
         enc = self.config.encode
         meta = file_metadata(
@@ -133,44 +135,50 @@ class ShardWorker:
             sizes, errors, agreement, read_fp = self._run(shard, writer, clock, counts, stats, on_progress)
         except _Superseded:
             logger.info("%s: committed meanwhile by another attempt; this copy is discarded", shard.shard_id)
-            return {**self.ledger.read_done(shard.shard_id), "skipped": True}
+            return self._committed_by_another(shard)
         n_errors = sum(errors.values())
-        record = {
-            "shard_id": shard.shard_id,
+        record = DoneRecord(
+            shard_id=shard.shard_id,
             # the fingerprint of the bytes read (equal before and after reading), not the one from planning
-            "input": {"url": storage.redact(shard.url), "fingerprint": read_fp},
-            "samples": counts["samples"],
-            "rows": writer.rows,
-            "errors": n_errors,
-            "errors_by_reason": dict(sorted(errors.items())),
+            input=InputRef(storage.redact(shard.url), read_fp),
+            samples=counts["samples"],
+            rows=writer.rows,
+            errors=n_errors,
+            errors_by_reason=dict(sorted(errors.items())),
             # every tar member is in a sample or counted here (docs/reliability.md, "Every member accounted")
-            "members": stats.members,
-            "ignored_members": sum(stats.ignored.values()),
-            "ignored_by_reason": dict(sorted(stats.ignored.items())),
-            "input_bytes": counts["input_bytes"],
-            **sizes,
-            "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
-            "precision": self.encoder.mode.name,
-            "decode": enc.decode,
-            "agreement_with_exact": agreement,
-            "wall_seconds": round(time.time() - started, 4),
-            "started": started,
-            "attempt": attempt,
-            "host": socket.gethostname(),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
-            "decode_threads": self.decode_threads,
-            "allocator_env": {k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
-            "pid": os.getpid(),
-            "vqpipe_version": __version__,
-        }
+            members=stats.members,
+            ignored_members=sum(stats.ignored.values()),
+            ignored_by_reason=dict(sorted(stats.ignored.items())),
+            input_bytes=counts["input_bytes"],
+            data_bytes=sizes["data_bytes"],
+            error_bytes=sizes["error_bytes"],
+            seconds={k: round(v, 4) for k, v in sorted(clock.seconds.items())},
+            precision=self.encoder.mode.name,
+            decode=enc.decode,
+            agreement_with_exact=agreement,
+            wall_seconds=round(time.time() - started, 4),
+            started=started,
+            attempt=attempt,
+            host=socket.gethostname(),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            decode_threads=self.decode_threads,
+            allocator_env={k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
+            pid=os.getpid(),
+            vqpipe_version=__version__,
+        )
         self.ledger.mark_done(shard.shard_id, record)
         logger.info(
             "%s: done, %d rows, %d errors in %.1fs",
             shard.shard_id,
             writer.rows,
             n_errors,
-            record["wall_seconds"],
+            record.wall_seconds,
         )
+        return record
+
+    def _committed_by_another(self, shard: Shard) -> DoneRecord:
+        record = self.ledger.read_done(shard.shard_id)
+        record.skipped = True
         return record
 
     def _run(
@@ -195,10 +203,11 @@ class ShardWorker:
             return self.ledger.is_done(shard.shard_id)
 
         opts = self.config.storage_options
-        read_fp = storage.input_fingerprint(shard.url, opts)
+        # The version read, from the open's own metadata request (no request of its own).
+        stream, read_fp = storage.open_input_fingerprinted(shard.url, opts)
         if shard.fingerprint and read_fp != shard.fingerprint:
             logger.info("%s: input changed since planning; reading the new version", shard.shard_id)
-        with storage.open_input(shard.url, opts) as stream, writer:
+        with stream, writer:
             with (
                 _AsyncWriter(writer, clock) as out,
                 contextlib.closing(self._decoded(stream, shard, clock, stats)) as decoded,
