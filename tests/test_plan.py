@@ -216,7 +216,9 @@ def test_planning_reads_each_marker_once_then_only_the_index(s3):
     cost = s3.requests[start:]
     assert len(plan.done) == 6 and len(plan.todo) == 94
     assert len(marker_reads(cost)) == 6, cost
-    assert len(cost) <= 3 + 2 * 6, cost  # listings of done/ and index/, then per marker at most a HEAD and a GET
+    assert len(cost) <= 3 + 2 * 6, (
+        cost
+    )  # listings of done/ and index/, then per marker at most a HEAD and a GET
     ledger.committed(maintain=True)  # what a run does at its start, holding the lease
     start = len(s3.requests)
     again = make_plan(inputs, ledger)

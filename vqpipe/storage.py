@@ -850,15 +850,30 @@ def cleanup_temporaries(dir_url: str, storage_options: dict[str, Any] | None = N
 
 def _temporary_files(dir_url: str, fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The `.tmp-` files directly in `path`. A directory of 100k committed shards must not cost a stat per
-    file (local: names only) or 100 listing pages (S3/GCS uploads, which never write temporary keys)."""
+    file (local: names only) or 100 listing pages (S3: one listing of the `.tmp-` prefix)."""
     if isinstance(fs, LocalFileSystem):
         try:
             with os.scandir(path) as entries:
                 return [e.path for e in entries if e.name.startswith(TMP_PREFIX) and e.is_file()]
         except (FileNotFoundError, NotADirectoryError):
             return []
-    if _ABORTABLE_UPLOAD_PROTOCOLS.intersection(_protocols(fs)):
-        return []
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        prefix = f"{key.rstrip('/')}/{TMP_PREFIX}" if key else TMP_PREFIX
+        found, token = [], None
+        while True:
+            kw = {"ContinuationToken": token} if token else {}
+            page = _retrying(
+                dir_url,
+                "list",
+                lambda kw=kw: fs.call_s3(
+                    "list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", **kw
+                ),
+            )
+            found += [f"{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+            token = page.get("NextContinuationToken")
+            if not token:
+                return found
     try:
         entries = _retrying(dir_url, "list", lambda: _ls(fs, path))
     except FileNotFoundError:
