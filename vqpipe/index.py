@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
@@ -91,6 +90,7 @@ class Committed:
     table: pa.Table
     position: dict[str, int]  # shard id -> row in table
     markers: dict[str, dict[str, Any]]  # shard id -> fingerprint of its marker in the done/ listing
+    _inputs: tuple[list[str], list[str]] | None = None  # url, fingerprint JSON by row, made on first use
 
     @property
     def ids(self) -> set[str]:
@@ -103,9 +103,13 @@ class Committed:
         return len(self.position)
 
     def input(self, shard_id: str) -> InputRef:
+        if self._inputs is None:  # a plan asks for every committed input: one conversion, not one per row
+            self._inputs = (
+                self.table.column("url").to_pylist(),
+                self.table.column("input_fingerprint").to_pylist(),
+            )
         i = self.position[shard_id]
-        url = self.table.column("url")[i].as_py()
-        return InputRef(url or "", _loads(self.table.column("input_fingerprint")[i].as_py()))
+        return InputRef(self._inputs[0][i] or "", _loads(self._inputs[1][i]))
 
     def record(self, shard_id: str) -> DoneRecord:
         """The summary of one shard's done record (counts, input, sizes; no timings)."""
@@ -113,15 +117,18 @@ class Committed:
         return _record_of(row)
 
     def totals(self, shard_ids: Iterable[str]) -> dict[str, Any]:
-        """samples, rows, data_bytes and errors/ignored members by reason, summed over `shard_ids`."""
-        picked = self.table.take(pa.array(sorted(self.position[i] for i in shard_ids), pa.int64()))
-        out: dict[str, Any] = {
-            k: int(pc.sum(picked.column(k)).as_py() or 0) for k in ("samples", "rows", "data_bytes")
-        }
+        """samples, rows, data_bytes and errors/ignored members by reason, summed over `shard_ids`.
+        In Python over whole columns: building an Arrow selection imports pandas (a second, ~100 MB)."""
+        rows = [self.position[i] for i in shard_ids]
+        out: dict[str, Any] = {}
+        for k in ("samples", "rows", "data_bytes"):
+            column = self.table.column(k).to_pylist()
+            out[k] = sum(column[i] or 0 for i in rows)
         for k in ("errors_by_reason", "ignored_by_reason"):
+            column = self.table.column(k).to_pylist()
             total: dict[str, int] = {}
-            for s in picked.column(k).to_pylist():
-                for reason, n in _loads(s).items():
+            for i in rows:
+                for reason, n in _loads(column[i]).items():
                     total[reason] = total.get(reason, 0) + n
             out[k] = total
         return out
@@ -163,7 +170,8 @@ class LedgerIndex:
             url = storage.join(self.dir, name)
             try:
                 with storage.open_input(url, self.storage_options) as f:
-                    tables.append(pq.read_table(f, schema=SCHEMA))
+                    # ParquetFile, not read_table: that imports pyarrow.dataset (a second per process)
+                    tables.append(pq.ParquetFile(f).read(columns=SCHEMA.names).cast(SCHEMA))
             except Exception as e:  # noqa: BLE001 - a damaged cache costs marker reads, never the run
                 logger.warning("%s: unreadable index segment, ignored (%s)", storage.redact(url), e)
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -204,12 +212,13 @@ def verified(table: pa.Table, listing: dict[str, dict[str, Any]]) -> tuple[pa.Ta
             continue
         if markers[i] is None:
             dirty = True  # trusted while listed; consolidation stamps it
-        elif json.loads(markers[i]) != listed:
+        elif markers[i] != _dumps(listed):
             dirty = True  # the marker was rewritten since: read it again
             continue
         keep.append(i)
     keep.sort()
-    picked = table.take(pa.array(keep, pa.int64()))
+    # the usual case, every row kept as it is, needs no selection (which would import pandas)
+    picked = table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64()))
     position = {sid: n for n, sid in enumerate(picked.column("shard_id").to_pylist())}
     return picked, position, dirty
 

@@ -137,20 +137,28 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     Everything that can be checked on the driver is checked before OUT is touched or Ray starts: the preset, the
     inputs (at least one shard) and the checkpoint (read and checked against the preset). `stop`: a
     StopRequest whose signal handlers the caller installed; the dispatcher honours it (see stop.py)."""
-    from .model import PRESETS
-
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)}")
     t0 = time.monotonic()
+    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
+    ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
+    _check_preset(cfg.model.preset, ledger.read_run_record())
     inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     sha = model_sha256(cfg)
     record = run_record(cfg, sha)
     # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
-    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
-    ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
     lease.acquire(wait_s=cfg.run.wait_for_lease_s)
     with lease:
         return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
+
+
+def _check_preset(preset: str, previous: RunRecord | None) -> None:
+    """Refuse an unknown preset. The preset table imports torch (seconds and ~300 MB on a driver that may
+    have nothing to do): a preset that the previous run into this OUT used was checked then."""
+    if previous is not None and previous.output_settings.get("preset") == preset:
+        return
+    from .model import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
 
 
 def _tokenize_holding(
@@ -174,7 +182,13 @@ def _tokenize_holding(
     # One listing of done/ and the index (markers it lacks are read once and indexed): no marker reads below.
     committed = ledger.committed(maintain=True)
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed, committed)
-    ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
+    # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
+    ledger.write_plan(
+        {
+            s.shard_id: committed.input(s.shard_id).url if s.shard_id in committed else storage.redact(s.url)
+            for s in plan.all
+        }
+    )
     if record.legacy_stem_ids:
         for stem in sorted({legacy_stem(s.url) for s in plan.todo} - committed.ids):
             ledger.remove_uncommitted(stem)

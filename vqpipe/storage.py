@@ -417,6 +417,16 @@ def list_files_info(
     """Basename -> fingerprint (size, mtime or ETag) of the files directly in `dir_url` ending with `suffix`,
     from one listing (no request per file); {} if the directory does not exist."""
     fs, path = _fs(dir_url, storage_options)
+    if isinstance(fs, LocalFileSystem):  # scandir: fsspec's ls costs ~50 us a file, 5 s for 100k markers
+        try:
+            with os.scandir(path) as found:
+                return {
+                    e.name: {"size": (st := e.stat()).st_size, "mtime": st.st_mtime}
+                    for e in found
+                    if e.name.endswith(suffix) and e.is_file()
+                }
+        except FileNotFoundError:
+            return {}
     try:
         entries = _retrying(dir_url, "list", lambda: _ls(fs, path))
     except FileNotFoundError:
