@@ -87,6 +87,15 @@ def template_marker(work: str) -> tuple[str, dict[str, Any], str, str]:
     )
 
 
+_LINKS_PER_FILE = 50_000
+
+
+def _copy(path: str, i: int) -> str:
+    copy = f"{path}.{i}"
+    shutil.copy2(path, copy)  # content and mtime: the same fingerprint
+    return copy
+
+
 def build_local(root: str, n: int, template: tuple[str, dict[str, Any], str, str]) -> tuple[str, str]:
     """N inputs and an OUT holding all N committed (markers cloned from the real one)."""
     from vqpipe import storage
@@ -99,9 +108,11 @@ def build_local(root: str, n: int, template: tuple[str, dict[str, Any], str, str
     os.makedirs(inp, exist_ok=True)
     fingerprint = None
     for i in range(n):
+        if i and i % _LINKS_PER_FILE == 0:  # ext4 allows 65,000 links to a file: continue from a copy
+            tar, data, errors = (_copy(f, i) for f in (tar, data, errors))
         url = os.path.join(inp, f"part-{i:06d}.tar")
         os.link(tar, url)
-        fingerprint = fingerprint or storage.input_fingerprint(url)  # links share one inode: one fingerprint
+        fingerprint = fingerprint or storage.input_fingerprint(url)  # the copies keep size and mtime
         sid = shard_id(url)
         rec = {**marker, "shard_id": sid, "input": {"url": url, "fingerprint": fingerprint}}
         with open(os.path.join(out, "done", f"{sid}.json"), "w") as f:
