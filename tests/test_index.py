@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from vqpipe.errors import StorageError
 from vqpipe.ledger import Ledger, read_status
 from vqpipe.records import DoneRecord, InputRef
 
@@ -106,3 +107,11 @@ def test_a_damaged_or_missing_index_is_rebuilt_from_the_markers(tmp_path, reads,
     reads.clear()
     st = read_status(ledger)
     assert (len(st.done), st.rows) == (2, 4) and sorted(reads) == ["a", "b"]
+
+
+def test_a_marker_that_is_not_a_record_is_named(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    ledger.mark_done("a", record("a"))
+    (tmp_path / "out/done/a.json").write_text("[1, 2]\n")
+    with pytest.raises(StorageError, match=r"done/a\.json: not a done record"):
+        ledger.committed()

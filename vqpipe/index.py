@@ -173,7 +173,10 @@ class LedgerIndex:
                     # ParquetFile, not read_table: that imports pyarrow.dataset (a second per process)
                     tables.append(pq.ParquetFile(f).read(columns=SCHEMA.names).cast(SCHEMA))
             except Exception as e:  # noqa: BLE001 - a damaged cache costs marker reads, never the run
-                logger.warning("%s: unreadable index segment, ignored (%s)", storage.redact(url), e)
+                if storage.exists(url, self.storage_options):
+                    logger.warning("%s: unreadable index segment, ignored (%s)", storage.redact(url), e)
+                else:  # consolidated by the run holding the lease since our listing: its rows are elsewhere
+                    logger.debug("%s: replaced while being read", storage.redact(url))
         return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
     def append(self, rows: list[dict[str, Any]]) -> str | None:

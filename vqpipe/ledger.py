@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import storage
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .index import MAX_SEGMENTS, Committed, LedgerIndex, row_of, stamped, verified
 from .lease import read_lease
 from .records import DoneRecord, FailedRecord, RunRecord
@@ -118,7 +118,11 @@ class Ledger:
         return {n[: -len(".json")]: fp for n, fp in listing.items()}
 
     def read_done(self, shard_id: str) -> DoneRecord:
-        return DoneRecord.from_json(storage.read_json(self.done_url(shard_id), self.storage_options))
+        url = self.done_url(shard_id)
+        try:
+            return DoneRecord.from_json(storage.read_json(url, self.storage_options))
+        except (ValueError, TypeError) as e:  # not a record (edited by hand?): name the file
+            raise StorageError(storage.redact(f"{url}: not a done record ({e})")) from None
 
     def read_done_many(self, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Many markers as written (JSON), read concurrently: on an object store each is a round trip. For
