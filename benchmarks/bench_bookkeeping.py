@@ -142,7 +142,9 @@ def run_measured(code: str, args: list[str]) -> dict[str, Any]:
         env["BENCH_HWM_FILE"] = hwm.name
         t = time.perf_counter()
         cmd = [sys.executable, "-c", _PEAK_RSS, *args]
-        run = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, check=False)
+        # cwd: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+        cwd = tempfile.gettempdir()
+        run = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, check=False)
         wall = time.perf_counter() - t
         if run.returncode != 0:
             err.seek(0)
