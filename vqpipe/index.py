@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -36,7 +36,7 @@ MAX_SEGMENTS = 16  # more than this at a run's start: consolidate into one
 SCHEMA = pa.schema(
     [
         ("shard_id", pa.string()),
-        ("marker", pa.string()),  # JSON of the done/ listing's fingerprint of the marker; null: not yet known
+        ("marker", pa.string()),  # marker_key of the done/ listing's fingerprint of the marker; null: unknown
         ("url", pa.string()),
         ("input_fingerprint", pa.string()),  # JSON
         ("samples", pa.int64()),
@@ -57,6 +57,12 @@ def _dumps(d: dict[str, Any]) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
+def marker_key(fingerprint: dict[str, Any]) -> str:
+    """The `marker` column: a listing fingerprint as a canonical string (compared 100k times a run, so
+    not JSON: `mtime=1.5|size=123`)."""
+    return "|".join(f"{k}={fingerprint[k]!r}" for k in sorted(fingerprint))
+
+
 def _loads(s: str | None) -> dict[str, Any]:
     return json.loads(s) if s and s != "{}" else {}
 
@@ -64,7 +70,7 @@ def _loads(s: str | None) -> dict[str, Any]:
 def row_of(record: DoneRecord, marker: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "shard_id": record.shard_id,
-        "marker": _dumps(marker) if marker is not None else None,
+        "marker": marker_key(marker) if marker is not None else None,
         "url": record.input.url,
         "input_fingerprint": _dumps(record.input.fingerprint),
         "samples": record.samples,
@@ -89,8 +95,7 @@ class Committed:
 
     table: pa.Table
     position: dict[str, int]  # shard id -> row in table
-    markers: dict[str, dict[str, Any]]  # shard id -> fingerprint of its marker in the done/ listing
-    _inputs: tuple[list[str], list[str]] | None = None  # url, fingerprint JSON by row, made on first use
+    _columns: dict[str, list[Any]] = field(default_factory=dict)  # Python lists of columns, made on first use
 
     @property
     def ids(self) -> set[str]:
@@ -102,14 +107,23 @@ class Committed:
     def __len__(self) -> int:
         return len(self.position)
 
+    def _column(self, name: str) -> list[Any]:
+        if name not in self._columns:  # a plan asks about every committed input: one conversion, not 100k
+            self._columns[name] = self.table.column(name).to_pylist()
+        return self._columns[name]
+
     def input(self, shard_id: str) -> InputRef:
-        if self._inputs is None:  # a plan asks for every committed input: one conversion, not one per row
-            self._inputs = (
-                self.table.column("url").to_pylist(),
-                self.table.column("input_fingerprint").to_pylist(),
-            )
         i = self.position[shard_id]
-        return InputRef(self._inputs[0][i] or "", _loads(self._inputs[1][i]))
+        return InputRef(self._column("url")[i] or "", _loads(self._column("input_fingerprint")[i]))
+
+    def url(self, shard_id: str) -> str:
+        """The input URL the marker recorded (credentials masked)."""
+        return self._column("url")[self.position[shard_id]] or ""
+
+    def same_input(self, shard_id: str, fingerprint: dict[str, Any]) -> bool:
+        """Whether the marker recorded exactly this input fingerprint: a string comparison, no parsing (the
+        usual answer of a rerun, asked once per committed input)."""
+        return self._column("input_fingerprint")[self.position[shard_id]] == _dumps(fingerprint)
 
     def record(self, shard_id: str) -> DoneRecord:
         """The summary of one shard's done record (counts, input, sizes; no timings)."""
@@ -215,7 +229,7 @@ def verified(table: pa.Table, listing: dict[str, dict[str, Any]]) -> tuple[pa.Ta
             continue
         if markers[i] is None:
             dirty = True  # trusted while listed; consolidation stamps it
-        elif markers[i] != _dumps(listed):
+        elif markers[i] != marker_key(listed):
             dirty = True  # the marker was rewritten since: read it again
             continue
         keep.append(i)
@@ -228,5 +242,5 @@ def verified(table: pa.Table, listing: dict[str, dict[str, Any]]) -> tuple[pa.Ta
 
 def stamped(table: pa.Table, listing: dict[str, dict[str, Any]]) -> pa.Table:
     """`table` with every row's marker set to the listing's fingerprint of its marker."""
-    marker = pa.array([_dumps(listing[s]) for s in table.column("shard_id").to_pylist()], pa.string())
+    marker = pa.array([marker_key(listing[s]) for s in table.column("shard_id").to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index("marker"), "marker", marker)

@@ -185,7 +185,7 @@ def _tokenize_holding(
     # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
     ledger.write_plan(
         {
-            s.shard_id: committed.input(s.shard_id).url if s.shard_id in committed else storage.redact(s.url)
+            s.shard_id: committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url)
             for s in plan.all
         }
     )

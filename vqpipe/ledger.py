@@ -77,9 +77,13 @@ class Ledger:
         d = self.read_run()
         return RunRecord.from_json(d) if d is not None else None
 
-    def start_run(self, run_record: RunRecord, allow_change: bool, previous: RunRecord | None = None) -> None:
+    def start_run(
+        self, run_record: RunRecord | Mapping[str, Any], allow_change: bool, previous: RunRecord | None = None
+    ) -> None:
         """Write run.json, refusing to mix outputs of different settings in one OUT unless allowed.
         `previous`: run.json as the caller already read it (None: read it here)."""
+        if not isinstance(run_record, RunRecord):  # a plain dict (test and benchmark helpers)
+            run_record = RunRecord.from_json({"legacy_stem_ids": False, **run_record})
         previous = previous if previous is not None else self.read_run_record()
         if previous and previous.fingerprint != run_record.fingerprint:
             before, now = previous.output_settings, run_record.output_settings
@@ -194,7 +198,7 @@ class Ledger:
         if maintain and (dirty or missing or len(self.index.segments) > MAX_SEGMENTS):
             table = stamped(table, listing)
             self.index.replace(table, self.index.segments)
-        return Committed(table, position, listing)
+        return Committed(table, position)
 
     def _read_records(self, shard_ids: list[str]) -> list[tuple[str, DoneRecord]]:
         with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:

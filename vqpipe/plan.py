@@ -98,7 +98,9 @@ def make_plan(
             plan.todo.append(shard)
             continue
         shard = Shard(done[shard.shard_id], shard.url, shard.fingerprint)
-        if _changed(index.input(shard.shard_id), shard):
+        if not index.same_input(shard.shard_id, shard.fingerprint) and _changed(
+            index.input(shard.shard_id), shard
+        ):
             plan.changed.append(shard)
             if reprocess_changed:
                 plan.todo.append(shard)
