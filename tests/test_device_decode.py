@@ -366,7 +366,7 @@ def _process(cfg, shard) -> dict:
 
     worker = ShardWorker.from_config(cfg)
     try:
-        return worker.process(Shard(shard.stem, str(shard)))
+        return worker.process(Shard(shard.stem, str(shard))).to_json()
     finally:
         worker.close()
 

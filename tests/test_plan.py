@@ -196,8 +196,9 @@ def test_nightly_rerun_over_a_second_same_named_shard_duplicates_nothing(ray_ses
     assert not tokenize(job_config([pattern], out)).plan.todo
 
 
-def test_planning_costs_one_listing_plus_a_read_per_committed_input(s3):
-    """Issue 16 will need no-op reruns to scale: new inputs cost no request, committed ones one marker read."""
+def test_planning_reads_each_marker_once_then_only_the_index(s3):
+    """Issue 16: new inputs cost no request; a committed one costs one marker read until the ledger index
+    holds it, and then nothing: a plan is a listing of done/ plus the index."""
     out = s3.url("plancost/out")
     inputs = [
         (s3.url(f"plancost/in/day{d}/part-{i:06d}.tar"), {"size": 1}) for d in (1, 2) for i in range(50)
@@ -206,9 +207,22 @@ def test_planning_costs_one_listing_plus_a_read_per_committed_input(s3):
     for url, _ in inputs[:5]:
         commit(ledger, shard_id(url), url)
     commit(ledger, "part-000007", inputs[7][0])  # a format-1.0 plain-stem marker
+
+    def marker_reads(cost):
+        return [p for m, p in cost if m == "GET" and "/done/" in p and p.endswith(".json")]
+
     start = len(s3.requests)
     plan = make_plan(inputs, ledger)
     cost = s3.requests[start:]
     assert len(plan.done) == 6 and len(plan.todo) == 94
-    assert sum(1 for method, _ in cost if method == "GET" and "list-type" in _) == 1, cost
-    assert len(cost) <= 1 + 2 * 6, cost  # the listing, then per marker at most a HEAD and a GET
+    assert len(marker_reads(cost)) == 6, cost
+    assert len(cost) <= 3 + 2 * 6, (
+        cost
+    )  # listings of done/ and index/, then per marker at most a HEAD and a GET
+    ledger.committed(maintain=True)  # what a run does at its start, holding the lease
+    start = len(s3.requests)
+    again = make_plan(inputs, ledger)
+    cost = s3.requests[start:]
+    assert [s.shard_id for s in again.done] == [s.shard_id for s in plan.done]
+    assert not marker_reads(cost), cost
+    assert len(cost) <= 5, cost  # listings of done/ and index/, one segment (HEAD, GETs)

@@ -25,6 +25,7 @@ from .config import CPU_ALLOCATOR_ENV, JobConfig
 from .dispatch_policy import DispatchPolicy, GiveUp, Retry, Running, ShardQueue
 from .errors import CheckpointError, ShardError
 from .plan import Shard
+from .records import DoneRecord
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class EncoderActor:
                 )
         return {"replica": self.replica, "device": str(self.worker.encoder.device), "pid": os.getpid()}
 
-    def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
+    def process(self, shard: Shard, attempt: int) -> DoneRecord:
         self.setup()
         try:
             record = self.worker.process(shard, attempt, on_progress=self._count)
@@ -109,11 +110,11 @@ class EncoderActor:
             raise
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
             raise ShardError("worker_error", f"{shard.shard_id}: {type(e).__name__}: {e}") from e
-        if not record.get("skipped"):
+        if not record.skipped:
             # Counter.inc(0) raises ValueError: it used to fail every clean shard after its commit.
-            if record["errors"]:
-                self.errors.inc(record["errors"], tags={"replica": self.replica})
-            self.shard_seconds.observe(record["wall_seconds"], tags={"replica": self.replica})
+            if record.errors:
+                self.errors.inc(record.errors, tags={"replica": self.replica})
+            self.shard_seconds.observe(record.wall_seconds, tags={"replica": self.replica})
         return record
 
     def _count(self, n: int) -> None:

@@ -231,7 +231,7 @@ def gather_status(reader: OutputReader) -> dict[str, Any]:
         "rows": d["rows"],
         "errors": d["errors"],
         "failed_shards": {
-            i: {"reason": rec.get("reason"), "detail": storage.redact(str(rec.get("detail", "")))}
+            i: {"reason": rec.reason, "detail": storage.redact(str(rec.detail))}
             for i, rec in st.failed.items()
         },
         "generated": time.time(),

@@ -5,6 +5,7 @@ Returns a summary; the entry points turn it into an exit code (0 only when every
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import platform
 import time
@@ -18,6 +19,7 @@ from .errors import ConfigError, StorageError
 from .lease import Lease
 from .ledger import Ledger, Status, read_status
 from .plan import Plan, Shard, legacy_stem, make_plan
+from .records import DoneRecord, FailedRecord, RunRecord
 from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -33,30 +35,29 @@ def model_sha256(cfg: JobConfig) -> str:
     return verify_checkpoint(cfg.model.checkpoint, cfg.model.preset, cfg.storage_options)
 
 
-def run_record(cfg: JobConfig, sha: str) -> dict[str, Any]:
+def run_record(cfg: JobConfig, sha: str) -> RunRecord:
     settings = output_settings(cfg, sha)
     resolved = cfg.to_dict()
     resolved["storage_options"] = storage.public_storage_options(cfg.storage_options)
     resolved["inputs"] = [storage.redact(i) for i in cfg.inputs]
     resolved["model"]["checkpoint"] = storage.redact(cfg.model.checkpoint) if cfg.model.checkpoint else None
-    return {
-        "fingerprint": fingerprint(settings),
-        "output_settings": settings,
-        "config": resolved,
-        "versions": _versions(),
-        "started": time.time(),
-    }
+    return RunRecord(
+        fingerprint=fingerprint(settings),
+        output_settings=settings,
+        config=resolved,
+        versions=_versions(),
+        started=time.time(),
+    )
 
 
 def _versions() -> dict[str, str]:
-    import pyarrow
-    import torch
-
+    # From the installed metadata: importing torch costs the driver seconds and ~300 MB on a run that may
+    # have nothing to do (a no-op rerun). Same strings as torch.__version__ / pyarrow.__version__.
     return {
         "vqpipe": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pyarrow": pyarrow.__version__,
+        "torch": importlib.metadata.version("torch"),
+        "pyarrow": importlib.metadata.version("pyarrow"),
     }
 
 
@@ -74,10 +75,10 @@ class Progress:
     _last: float = 0.0
     renderer: Any = None  # a live bar on an interactive terminal (vqpipe.progress); None: log lines
 
-    def record(self, rec: dict[str, Any]) -> None:
+    def record(self, rec: DoneRecord) -> None:
         self.done += 1
-        self.images += rec.get("images", rec["rows"])  # markers before views (format 1.1) have rows only
-        self.errors += rec["errors"]
+        self.images += rec.images if rec.images is not None else rec.rows  # markers before views: rows
+        self.errors += rec.errors
 
     def line(self, replicas: int | None = None) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -136,45 +137,60 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     Everything that can be checked on the driver is checked before OUT is touched or Ray starts: the preset, the
     inputs (at least one shard) and the checkpoint (read and checked against the preset). `stop`: a
     StopRequest whose signal handlers the caller installed; the dispatcher honours it (see stop.py)."""
-    from .model import PRESETS
-
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; known: {', '.join(PRESETS)}")
     t0 = time.monotonic()
+    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
+    ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
+    _check_preset(cfg.model.preset, ledger.read_run_record())
     inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     sha = model_sha256(cfg)
-    ledger = Ledger(cfg.output, cfg.storage_options)
     record = run_record(cfg, sha)
     # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
-    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
     lease.acquire(wait_s=cfg.run.wait_for_lease_s)
     with lease:
         return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
+
+
+def _check_preset(preset: str, previous: RunRecord | None) -> None:
+    """Refuse an unknown preset. The preset table imports torch (seconds and ~300 MB on a driver that may
+    have nothing to do): a preset that the previous run into this OUT used was checked then."""
+    if previous is not None and previous.output_settings.get("preset") == preset:
+        return
+    from .model import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
 
 
 def _tokenize_holding(
     cfg: JobConfig,
     sha: str,
     ledger: Ledger,
-    record: dict[str, Any],
+    record: RunRecord,
     inputs: list[tuple[str, dict[str, Any]]],
     lease: Lease,
     stop: StopRequest | None,
     t0: float,
 ) -> Summary:
-    previous = ledger.read_run()
+    previous = ledger.read_run_record()
     # Format-1.0 outputs may hold a plain-stem data file whose done marker a kill prevented; its input now
     # gets a new id, so that file must go before it is redone (sticky: set once, for that OUT's lifetime).
-    record["legacy_stem_ids"] = bool(previous) and previous.get("legacy_stem_ids", True)
-    record["run_id"] = lease.run_id
-    ledger.start_run(record, allow_change=cfg.run.allow_config_change)
-    logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record["fingerprint"])
+    record.legacy_stem_ids = previous is not None and previous.legacy_stem_ids
+    record.run_id = lease.run_id
+    ledger.start_run(record, allow_change=cfg.run.allow_config_change, previous=previous)
+    logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record.fingerprint)
 
-    plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed)
-    ledger.write_plan({s.shard_id: storage.redact(s.url) for s in plan.all})
-    if record["legacy_stem_ids"]:
-        done = ledger.done_ids()
-        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - done):
+    # One listing of done/ and the index (markers it lacks are read once and indexed): no marker reads below.
+    committed = ledger.committed(maintain=True)
+    plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed, committed)
+    # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
+    ledger.write_plan(
+        {
+            s.shard_id: committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url)
+            for s in plan.all
+        }
+    )
+    if record.legacy_stem_ids:
+        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - committed.ids):
             ledger.remove_uncommitted(stem)
     for shard in plan.changed:
         action = (
@@ -189,18 +205,32 @@ def _tokenize_holding(
     failed: dict[str, dict[str, Any]] = {}
     error = None
     if plan.todo and not (stop and stop.requested):
+        # Failure records of shards about to run: the driver removes one when its shard commits (a worker
+        # removing "its" record would cost every shard a DELETE of a key that is nearly never there).
+        had_failed = ledger.failed_ids()
         try:
-            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check)
+            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check, had_failed)
         except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
             error, stopped = str(e), True
+        finally:
+            _flush_index(ledger)
         lease.check()  # a run that lost its lease leaves OUT to the new holder
         if not stopped:
             # Attempts that died mid-shard (actor crash, node loss) leave `.tmp-` files behind. Every attempt
             # this run started has returned by now, so none is a live write: remove them instead of leaving
             # them in OUT. After a stop or an error, the next run's start removes them.
             ledger.remove_temporaries()
-    status = read_status(ledger)
+        status = read_status(ledger)  # a fresh listing: also commits whose report never reached this driver
+    else:
+        status = read_status(ledger, committed)  # nothing ran: what the start found is still true
     return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
+
+
+def _flush_index(ledger: Ledger) -> None:
+    try:
+        ledger.flush_index()
+    except StorageError as e:  # the index is a cache: the next run reads those markers instead
+        logger.warning("cannot append to the ledger index (%s); the next run rebuilds it", e)
 
 
 def _dispatch(
@@ -211,6 +241,7 @@ def _dispatch(
     stop: StopRequest | None,
     failed: dict[str, dict[str, Any]],
     check_lease: Callable[[], None] = lambda: None,
+    had_failed: set[str] | frozenset[str] = frozenset(),
 ) -> bool:
     """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
     early); returns whether a stop left shards running."""
@@ -221,8 +252,11 @@ def _dispatch(
         total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))
     )
 
-    def on_done(shard: Shard, rec: dict[str, Any]) -> None:
+    def on_done(shard: Shard, rec: DoneRecord) -> None:
         progress.record(rec)
+        ledger.note_committed(rec)
+        if shard.shard_id in had_failed:
+            ledger.clear_failed(shard.shard_id)
 
     def on_failed(shard: Shard, info: dict[str, Any]) -> None:
         progress.failed += 1
@@ -235,7 +269,10 @@ def _dispatch(
             info["detail"],
         )
         ledger.mark_failed(
-            shard.shard_id, {"shard_id": shard.shard_id, "url": storage.redact(shard.url), **info}
+            shard.shard_id,
+            FailedRecord(
+                shard.shard_id, storage.redact(shard.url), info["reason"], info["detail"], info["attempts"]
+            ),
         )
 
     cluster.connect(cfg.run.address)

@@ -8,31 +8,44 @@ Layout under OUT (see docs/format.md):
     errors/<shard_id>.parquet one row per sample that is not in data/
     done/<shard_id>.json     the commit marker, written last
     failed/<shard_id>.json   why a shard failed in the latest run that tried it (removed once it is done)
-Everything here reads OUT alone: no Ray, no access to the inputs.
+    index/seg-*.parquet      a summary row per done marker, derived from them (vqpipe/index.py)
+Everything here reads OUT alone: no Ray, no access to the inputs. The records are vqpipe/records.py's types.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from . import storage
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
+from .index import MAX_SEGMENTS, Committed, LedgerIndex, row_of, stamped, verified
 from .lease import read_lease
+from .records import DoneRecord, FailedRecord, RunRecord
 
 logger = logging.getLogger(__name__)
 
 _SUBDIRS = ("data", "errors", "done", "failed")
 _READ_THREADS = 32  # concurrent small reads; object-store latency, not bandwidth, bounds a status or plan
+# A run appends the commits it hears of to the index in batches: one write per this many, or this often.
+_INDEX_FLUSH_ROWS = 1000
+_INDEX_FLUSH_S = 60.0
 
 
 class Ledger:
-    def __init__(self, output: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, output: str, storage_options: dict[str, Any] | None = None, run_id: str = "status"):
         self.output = output
         self.storage_options = storage_options
+        self.index = LedgerIndex(output, storage_options, run_id)
+        self._pending_rows: list[dict[str, Any]] = []  # commits reported to this driver, not yet in the index
+        self._flushed_at = time.monotonic()
 
     def path(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
@@ -52,6 +65,7 @@ class Ledger:
     # -- run.json -------------------------------------------------------------------------------------------------
 
     def read_run(self) -> dict[str, Any] | None:
+        """run.json as written (any version), or None."""
         url = self.path("run.json")
         return (
             storage.read_json(url, self.storage_options)
@@ -59,25 +73,31 @@ class Ledger:
             else None
         )
 
-    def start_run(self, run_record: dict[str, Any], allow_change: bool) -> None:
-        """Write run.json, refusing to mix outputs of different settings in one OUT unless allowed."""
-        previous = self.read_run()
-        if previous and previous.get("fingerprint") != run_record["fingerprint"]:
-            changed = sorted(
-                k
-                for k in set(previous.get("output_settings", {})) | set(run_record["output_settings"])
-                if previous.get("output_settings", {}).get(k) != run_record["output_settings"].get(k)
-            )
+    def read_run_record(self) -> RunRecord | None:
+        d = self.read_run()
+        return RunRecord.from_json(d) if d is not None else None
+
+    def start_run(
+        self, run_record: RunRecord | Mapping[str, Any], allow_change: bool, previous: RunRecord | None = None
+    ) -> None:
+        """Write run.json, refusing to mix outputs of different settings in one OUT unless allowed.
+        `previous`: run.json as the caller already read it (None: read it here)."""
+        if not isinstance(run_record, RunRecord):  # a plain dict (test and benchmark helpers)
+            run_record = RunRecord.from_json({"legacy_stem_ids": False, **run_record})
+        previous = previous if previous is not None else self.read_run_record()
+        if previous and previous.fingerprint != run_record.fingerprint:
+            before, now = previous.output_settings, run_record.output_settings
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             if not allow_change:
                 raise ConfigError(
-                    f"{self.output} holds output of different settings (fingerprint {previous.get('fingerprint')} "
-                    f"vs {run_record['fingerprint']}; changed: {', '.join(changed)}). Use a new --output, or "
+                    f"{self.output} holds output of different settings (fingerprint {previous.fingerprint} "
+                    f"vs {run_record.fingerprint}; changed: {', '.join(changed)}). Use a new --output, or "
                     "--allow-config-change to add shards made with the new settings"
                 )
             logger.warning("output settings changed (%s); continuing as asked", ", ".join(changed))
-            run_record = {**run_record, "previous_fingerprints": [previous["fingerprint"]]}
+            run_record.previous_fingerprints = [previous.fingerprint]
         self.remove_temporaries()
-        storage.write_json_atomic(self.path("run.json"), run_record, self.storage_options)
+        storage.write_json_atomic(self.path("run.json"), run_record.to_json(), self.storage_options)
 
     def remove_temporaries(self) -> None:
         """Remove what attempts killed mid-write left (temporary files/keys, unfinished uploads).
@@ -85,7 +105,7 @@ class Ledger:
         Only safe while no attempt is writing: while this run holds the lease (no other run is live), at its
         start and after every attempt it started has returned."""
         storage.cleanup_temporaries(self.output, self.storage_options)
-        for sub in _SUBDIRS:
+        for sub in (*_SUBDIRS, "index"):
             storage.cleanup_temporaries(self.path(sub), self.storage_options)
 
     def write_plan(self, shards: dict[str, str]) -> None:
@@ -94,28 +114,51 @@ class Ledger:
     # -- per-shard records ----------------------------------------------------------------------------------------
 
     def done_ids(self) -> set[str]:
-        return {
-            n[: -len(".json")] for n in storage.list_files(self.path("done"), ".json", self.storage_options)
-        }
+        return set(self.done_listing())
 
-    def read_done(self, shard_id: str) -> dict[str, Any]:
-        return storage.read_json(self.done_url(shard_id), self.storage_options)
+    def done_listing(self) -> dict[str, dict[str, Any]]:
+        """Shard id -> fingerprint of its done marker (size, mtime or ETag), from one listing of done/."""
+        listing = storage.list_files_info(self.path("done"), ".json", self.storage_options)
+        return {n[: -len(".json")]: fp for n, fp in listing.items()}
+
+    def read_done(self, shard_id: str) -> DoneRecord:
+        url = self.done_url(shard_id)
+        try:
+            return DoneRecord.from_json(storage.read_json(url, self.storage_options))
+        except (ValueError, TypeError) as e:  # not a record (edited by hand?): name the file
+            raise StorageError(storage.redact(f"{url}: not a done record ({e})")) from None
 
     def read_done_many(self, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Read many markers concurrently: on an object store each is a round trip."""
+        """Many markers as written (JSON), read concurrently: on an object store each is a round trip. For
+        tools that want every key; `committed()` answers counts without reading markers."""
         with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-            return dict(zip(shard_ids, pool.map(self.read_done, shard_ids)))
+            urls = [self.done_url(i) for i in shard_ids]
+            return dict(zip(shard_ids, pool.map(lambda u: storage.read_json(u, self.storage_options), urls)))
 
     def is_done(self, shard_id: str) -> bool:
-        return storage.exists(self.done_url(shard_id), self.storage_options)
+        return storage.file_exists(self.done_url(shard_id), self.storage_options)
 
-    def mark_done(self, shard_id: str, record: dict[str, Any]) -> None:
-        """The commit point of a shard: written after its data and error files are in place."""
-        storage.write_json_atomic(self.done_url(shard_id), record, self.storage_options)
+    def mark_done(
+        self, shard_id: str, record: DoneRecord | Mapping[str, Any], clear_failed: bool = False
+    ) -> None:
+        """The commit point of a shard: written after its data and error files are in place. `clear_failed`:
+        also remove its failure record (the driver does that for shards that had one; see job.py)."""
+        if not isinstance(record, DoneRecord):
+            record = DoneRecord.from_json(record)
+        storage.write_json_atomic(self.done_url(shard_id), record.to_json(), self.storage_options)
+        if clear_failed:
+            self.clear_failed(shard_id)
+
+    def clear_failed(self, shard_id: str) -> None:
         storage.remove(self.failed_url(shard_id), self.storage_options)
 
-    def mark_failed(self, shard_id: str, record: dict[str, Any]) -> None:
-        storage.write_json_atomic(self.failed_url(shard_id), record, self.storage_options)
+    def mark_failed(self, shard_id: str, record: FailedRecord | Mapping[str, Any]) -> None:
+        if not isinstance(record, FailedRecord):
+            record = FailedRecord.from_json(record)
+        storage.write_json_atomic(self.failed_url(shard_id), record.to_json(), self.storage_options)
+
+    def read_failed(self, shard_id: str) -> FailedRecord:
+        return FailedRecord.from_json(storage.read_json(self.failed_url(shard_id), self.storage_options))
 
     def unmark_done(self, shard_id: str) -> None:
         """Forget a shard's commit (its input changed and the user asked to reprocess it)."""
@@ -138,6 +181,50 @@ class Ledger:
             return None
         return storage.read_json(url, self.storage_options)["shards"]
 
+    # -- the index ------------------------------------------------------------------------------------------------
+
+    def committed(self, maintain: bool = False) -> Committed:
+        """The committed shards: one listing of done/, the index, and a read of each listed marker the index
+        lacks or holds stale. `maintain` (only while holding the lease): write what was read, consolidated,
+        back into the index, so the next call reads no marker."""
+        listing = self.done_listing()
+        table, position, dirty = verified(self.index.load(), listing)
+        missing = sorted(set(listing) - set(position))
+        if missing:
+            logger.info("reading %d done marker(s) the index lacks", len(missing))
+            rows = [row_of(self._summary(i, rec), listing[i]) for i, rec in self._read_records(missing)]
+            table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+            position = {sid: n for n, sid in enumerate(table.column("shard_id").to_pylist())}
+        if maintain and (dirty or missing or len(self.index.segments) > MAX_SEGMENTS):
+            table = stamped(table, listing)
+            self.index.replace(table, self.index.segments)
+        return Committed(table, position)
+
+    def _read_records(self, shard_ids: list[str]) -> list[tuple[str, DoneRecord]]:
+        with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+            return list(zip(shard_ids, pool.map(self.read_done, shard_ids)))
+
+    @staticmethod
+    def _summary(shard_id: str, record: DoneRecord) -> DoneRecord:
+        record.shard_id = shard_id  # the file name is the id (a hand-made marker may lack the key)
+        return record
+
+    def note_committed(self, record: DoneRecord) -> None:
+        """A commit this driver heard of (its marker is written): index it at the next flush, which happens
+        here once enough rows or time have gathered (and at the run's end: `flush_index`)."""
+        self._pending_rows.append(row_of(record, None))
+        if (
+            len(self._pending_rows) >= _INDEX_FLUSH_ROWS
+            or time.monotonic() - self._flushed_at > _INDEX_FLUSH_S
+        ):
+            self.flush_index()
+
+    def flush_index(self) -> None:
+        """Append the commits noted since the last flush as one index segment (one write)."""
+        rows, self._pending_rows = self._pending_rows, []
+        self._flushed_at = time.monotonic()
+        self.index.append(rows)
+
 
 @dataclass
 class Status:
@@ -145,7 +232,7 @@ class Status:
 
     planned: int = 0
     done: list[str] = field(default_factory=list)
-    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, FailedRecord] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
     samples: int = 0
     rows: int = 0
@@ -175,7 +262,7 @@ class Status:
             "errors": sum(self.errors_by_reason.values()),
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "data_bytes": self.data_bytes,
-            "failed_shards": {k: v.get("reason") for k, v in sorted(self.failed.items())},
+            "failed_shards": {k: v.reason for k, v in sorted(self.failed.items())},
             **ignored_members(self.ignored_by_reason),
             "outside_plan": {
                 "done": len(self.done_outside_plan),
@@ -190,25 +277,26 @@ def ignored_members(by_reason: Counter) -> dict[str, Any]:
     return {"ignored_members": sum(by_reason.values()), "ignored_by_reason": dict(sorted(by_reason.items()))}
 
 
-def read_status(ledger: Ledger) -> Status:
+def read_status(ledger: Ledger, committed: Committed | None = None) -> Status:
     """Done / failed / pending shards of the latest plan, rows and errors by reason of its done shards, and
-    what OUT holds outside that plan; from OUT alone. Without a plan.json, every record counts as planned."""
-    done = ledger.done_ids()
+    what OUT holds outside that plan; from OUT alone (the index, and markers it lacks). Without a plan.json,
+    every record counts as planned. `committed`: what the caller already knows to be committed (a run's
+    start listing plus its own commits), instead of a fresh listing."""
+    committed = committed if committed is not None else ledger.committed()
+    done = committed.ids
     failed_ids = ledger.failed_ids() - done
     plan = ledger.read_plan()
     planned = set(plan) if plan is not None else done | failed_ids
     st = Status(planned=len(planned))
     st.done = sorted(done & planned)
     st.done_outside_plan = sorted(done - planned)
-    for rec in ledger.read_done_many(st.done).values():
-        st.samples += rec["samples"]
-        st.rows += rec["rows"]
-        st.data_bytes += rec.get("data_bytes", 0)
-        st.errors_by_reason.update(rec.get("errors_by_reason", {}))
-        st.ignored_by_reason.update(rec.get("ignored_by_reason", {}))
-    records = {i: storage.read_json(ledger.failed_url(i), ledger.storage_options) for i in sorted(failed_ids)}
+    totals = committed.totals(st.done)
+    st.samples, st.rows, st.data_bytes = totals["samples"], totals["rows"], totals["data_bytes"]
+    st.errors_by_reason.update(totals["errors_by_reason"])
+    st.ignored_by_reason.update(totals["ignored_by_reason"])
+    records = {i: ledger.read_failed(i) for i in sorted(failed_ids)}
     st.failed = {i: r for i, r in records.items() if i in planned}
-    st.failed_outside_plan = {i: r.get("reason", "?") for i, r in records.items() if i not in planned}
+    st.failed_outside_plan = {i: r.reason for i, r in records.items() if i not in planned}
     st.pending = sorted(planned - done - failed_ids)
     holder = read_lease(ledger.output, ledger.storage_options)
     if holder is not None:

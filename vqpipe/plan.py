@@ -18,7 +18,9 @@ from typing import Any
 
 from . import storage
 from .errors import ConfigError
+from .index import Committed
 from .ledger import Ledger
+from .records import InputRef
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +64,13 @@ def make_plan(
     ledger: Ledger,
     limit: int | None = None,
     reprocess_changed: bool = False,
+    committed: Committed | None = None,
 ) -> Plan:
     """Split the listed inputs (URL, fingerprint) into shards to run and shards already committed.
 
-    Costs one listing of done/ plus one marker read per input already committed (to notice a changed input);
-    a legacy plain-stem id is only looked at when it is in that listing."""
+    Reads no marker: what each committed input's marker recorded (to notice a changed input, or a legacy
+    plain-stem id's input) comes from the ledger index (`committed`, else `ledger.committed()`, which costs a
+    listing of done/ and a read of each marker the index lacks)."""
     shards = sorted((Shard(shard_id(u), u, fp) for u, fp in inputs), key=lambda s: s.shard_id)
     for a, b in zip(shards, shards[1:]):  # 8 hex digits under one stem: never seen, but never silently merged
         if a.shard_id == b.shard_id:
@@ -75,25 +79,28 @@ def make_plan(
             )
     if limit is not None:
         shards = shards[:limit]
-    done_ids = ledger.done_ids()
-    committed = {s.shard_id: s.shard_id for s in shards if s.shard_id in done_ids}
+    index = committed if committed is not None else ledger.committed()
+    done = {s.shard_id: s.shard_id for s in shards if s.shard_id in index}
     legacy = {
         s.shard_id: legacy_stem(s.url)
         for s in shards
-        if s.shard_id not in done_ids and legacy_stem(s.url) in done_ids
+        if s.shard_id not in index and legacy_stem(s.url) in index
     }
-    markers = ledger.read_done_many(sorted(set(committed.values()) | set(legacy.values())))
+    taken = set(done.values())
     for shard in shards:  # a legacy marker counts for the one input it recorded, at most once
         stem = legacy.get(shard.shard_id)
-        if stem and stem not in committed.values() and _legacy_match(markers[stem].get("input", {}), shard):
-            committed[shard.shard_id] = stem
+        if stem and stem not in taken and _legacy_match(index.input(stem), shard):
+            done[shard.shard_id] = stem
+            taken.add(stem)
     plan = Plan(todo=[], done=[], changed=[])
     for shard in shards:
-        if shard.shard_id not in committed:
+        if shard.shard_id not in done:
             plan.todo.append(shard)
             continue
-        shard = Shard(committed[shard.shard_id], shard.url, shard.fingerprint)
-        if _changed(markers[shard.shard_id].get("input", {}), shard):
+        shard = Shard(done[shard.shard_id], shard.url, shard.fingerprint)
+        if not index.same_input(shard.shard_id, shard.fingerprint) and _changed(
+            index.input(shard.shard_id), shard
+        ):
             plan.changed.append(shard)
             if reprocess_changed:
                 plan.todo.append(shard)
@@ -102,21 +109,21 @@ def make_plan(
     return plan
 
 
-def _legacy_match(recorded: dict[str, Any], shard: Shard) -> bool:
+def _legacy_match(recorded: InputRef, shard: Shard) -> bool:
     """Whether a format-1.0 marker under the plain stem is this input's commit: it recorded this URL (as
     written, credentials masked). Where masking hid part of the URL (`.../key=2024/part-0.tar`), the
     recorded size and ETag/mtime must match too, so another input that masks alike is not taken for it."""
     public = storage.redact(shard.url)
-    if recorded.get("url") != public:
+    if recorded.url != public:
         return False
     if public == shard.url:
         return True
-    before, now = recorded.get("fingerprint", {}), shard.fingerprint
+    before, now = recorded.fingerprint, shard.fingerprint
     keys = [k for k in ("size", "etag", "mtime") if k in before and k in now]
     return bool(keys) and all(before[k] == now[k] for k in keys)
 
 
-def _changed(recorded: dict[str, Any], shard: Shard) -> bool:
+def _changed(recorded: InputRef, shard: Shard) -> bool:
     """True when the input's size, ETag or mtime differ from what the done marker recorded."""
-    before, now = recorded.get("fingerprint", {}), shard.fingerprint
+    before, now = recorded.fingerprint, shard.fingerprint
     return any(before.get(k) != now.get(k) for k in ("size", "etag", "mtime") if k in before and k in now)

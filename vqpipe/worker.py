@@ -31,6 +31,7 @@ from .ledger import Ledger
 from .plan import Shard
 from .preprocess import preprocess, preprocess_views, probe_jpeg
 from .reader import RawSample, ReadStats, iter_samples
+from .records import DoneRecord, InputRef
 from .schema import data_schema, file_metadata
 from .views import DEFAULT_VIEWS
 from .writer import ShardWriter
@@ -38,7 +39,10 @@ from .writer import ShardWriter
 logger = logging.getLogger(__name__)
 
 _DONE = object()
-_SUPERSEDED_CHECK_S = 2.0  # how often a running shard looks for a done marker written by another attempt
+# When a running shard looks for a done marker written by another attempt: after 2 s, then at doubling
+# intervals up to 60 s. Each look is a HEAD on an object store; a fixed 2 s made a 1-minute shard cost 30.
+_SUPERSEDED_CHECK_S = 2.0
+_SUPERSEDED_CHECK_MAX_S = 60.0
 
 
 class _Superseded(Exception):
@@ -104,10 +108,11 @@ class ShardWorker:
 
     def process(
         self, shard: Shard, attempt: int = 1, on_progress: Callable[[int], None] | None = None
-    ) -> dict:
-        """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails."""
-        if self.ledger.is_done(shard.shard_id):  # a speculative twin or an earlier attempt already committed
-            return {**self.ledger.read_done(shard.shard_id), "skipped": True}
+    ) -> DoneRecord:
+        """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails.
+        A first attempt was planned from the done/ listing under the run's lease: only a retry looks first."""
+        if attempt > 1 and self.ledger.is_done(shard.shard_id):  # an earlier attempt committed after all
+            return self._committed_by_another(shard)
         started, clock = time.time(), StageClock()
         enc = self.config.encode
         meta = file_metadata(
@@ -135,46 +140,52 @@ class ShardWorker:
             sizes, errors, agreement, read_fp = self._run(shard, writer, clock, counts, stats, on_progress)
         except _Superseded:
             logger.info("%s: committed meanwhile by another attempt; this copy is discarded", shard.shard_id)
-            return {**self.ledger.read_done(shard.shard_id), "skipped": True}
+            return self._committed_by_another(shard)
         n_errors = sum(errors.values())
-        record = {
-            "shard_id": shard.shard_id,
+        record = DoneRecord(
+            shard_id=shard.shard_id,
             # the fingerprint of the bytes read (equal before and after reading), not the one from planning
-            "input": {"url": storage.redact(shard.url), "fingerprint": read_fp},
-            "samples": counts["samples"],
-            "images": counts["images"],  # encoded; images + errors = samples
-            "rows": writer.rows,  # one per image and view
-            "views": list(enc.views),
-            "errors": n_errors,
-            "errors_by_reason": dict(sorted(errors.items())),
+            input=InputRef(storage.redact(shard.url), read_fp),
+            samples=counts["samples"],
+            images=counts["images"],  # encoded; images + errors = samples
+            rows=writer.rows,  # one per image and view
+            views=list(enc.views),
+            errors=n_errors,
+            errors_by_reason=dict(sorted(errors.items())),
             # every tar member is in a sample or counted here (docs/reliability.md, "Every member accounted")
-            "members": stats.members,
-            "ignored_members": sum(stats.ignored.values()),
-            "ignored_by_reason": dict(sorted(stats.ignored.items())),
-            "input_bytes": counts["input_bytes"],
-            **sizes,
-            "seconds": {k: round(v, 4) for k, v in sorted(clock.seconds.items())},
-            "precision": self.encoder.mode.name,
-            "decode": enc.decode,
-            "agreement_with_exact": agreement,
-            "wall_seconds": round(time.time() - started, 4),
-            "started": started,
-            "attempt": attempt,
-            "host": socket.gethostname(),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
-            "decode_threads": self.decode_threads,
-            "allocator_env": {k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
-            "pid": os.getpid(),
-            "vqpipe_version": __version__,
-        }
+            members=stats.members,
+            ignored_members=sum(stats.ignored.values()),
+            ignored_by_reason=dict(sorted(stats.ignored.items())),
+            input_bytes=counts["input_bytes"],
+            data_bytes=sizes["data_bytes"],
+            error_bytes=sizes["error_bytes"],
+            seconds={k: round(v, 4) for k, v in sorted(clock.seconds.items())},
+            precision=self.encoder.mode.name,
+            decode=enc.decode,
+            agreement_with_exact=agreement,
+            wall_seconds=round(time.time() - started, 4),
+            started=started,
+            attempt=attempt,
+            host=socket.gethostname(),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            decode_threads=self.decode_threads,
+            allocator_env={k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
+            pid=os.getpid(),
+            vqpipe_version=__version__,
+        )
         self.ledger.mark_done(shard.shard_id, record)
         logger.info(
             "%s: done, %d rows, %d errors in %.1fs",
             shard.shard_id,
             writer.rows,
             n_errors,
-            record["wall_seconds"],
+            record.wall_seconds,
         )
+        return record
+
+    def _committed_by_another(self, shard: Shard) -> DoneRecord:
+        record = self.ledger.read_done(shard.shard_id)
+        record.skipped = True
         return record
 
     def _run(
@@ -187,22 +198,23 @@ class ShardWorker:
         on_progress,
     ) -> tuple:
         agreement = None
-        last_check = time.monotonic()
+        last_check, interval = time.monotonic(), _SUPERSEDED_CHECK_S
 
         def committed_elsewhere() -> bool:
             # A speculative twin (or the original it copies) may commit first; stop at the next batch instead
             # of encoding the rest, or speculation could never end a job sooner than the slow copy.
-            nonlocal last_check
-            if time.monotonic() - last_check < _SUPERSEDED_CHECK_S:
+            nonlocal last_check, interval
+            if time.monotonic() - last_check < interval:
                 return False
-            last_check = time.monotonic()
+            last_check, interval = time.monotonic(), min(2 * interval, _SUPERSEDED_CHECK_MAX_S)
             return self.ledger.is_done(shard.shard_id)
 
         opts = self.config.storage_options
-        read_fp = storage.input_fingerprint(shard.url, opts)
+        # The version read, from the open's own metadata request (no request of its own).
+        stream, read_fp = storage.open_input_fingerprinted(shard.url, opts)
         if shard.fingerprint and read_fp != shard.fingerprint:
             logger.info("%s: input changed since planning; reading the new version", shard.shard_id)
-        with storage.open_input(shard.url, opts) as stream, writer:
+        with stream, writer:
             with (
                 _AsyncWriter(writer, clock) as out,
                 contextlib.closing(self._decoded(stream, shard, clock, stats)) as decoded,

@@ -1,0 +1,88 @@
+"""Typed records: the JSON written is what the README's "Output format" documents, and every version written
+so far reads back (missing keys take defaults, unknown keys are kept). In-process, no Ray."""
+
+import json
+
+import pytest
+
+from vqpipe.records import RECORD_VERSION, DoneRecord, FailedRecord, InputRef, RunRecord
+
+# A marker as vqpipe 1.1 wrote it before records were typed (keys as the README lists them).
+MARKER_1_1 = {
+    "shard_id": "part-000000-1a2b3c4d",
+    "input": {"url": "s3://b/in/part-000000.tar", "fingerprint": {"size": 10240, "etag": "abc", "mtime": 17}},
+    "samples": 5,
+    "rows": 4,
+    "errors": 1,
+    "errors_by_reason": {"decode_error": 1},
+    "members": 11,
+    "ignored_members": 1,
+    "ignored_by_reason": {"no_extension": 1},
+    "input_bytes": 9000,
+    "data_bytes": 7000,
+    "error_bytes": 900,
+    "seconds": {"decode": 0.5, "encode": 1.25},
+    "precision": "exact",
+    "decode": "cpu",
+    "agreement_with_exact": None,
+    "wall_seconds": 2.5,
+    "started": 1.7e9,
+    "attempt": 2,
+    "host": "node-1",
+    "peak_rss_bytes": 123456,
+    "decode_threads": 4,
+    "allocator_env": {"MALLOC_ARENA_MAX": "2"},
+    "pid": 42,
+    "vqpipe_version": "1.1.0",
+}
+
+
+def test_a_1_1_marker_reads_and_writes_back_the_same_keys_plus_the_version():
+    rec = DoneRecord.from_json(MARKER_1_1)
+    assert rec.input == InputRef("s3://b/in/part-000000.tar", {"size": 10240, "etag": "abc", "mtime": 17})
+    assert (rec.rows, rec.errors_by_reason, rec.attempt) == (4, {"decode_error": 1}, 2)
+    assert rec.record_version == 0 and not rec.extra  # written before records had a version
+    assert rec.to_json() == {**MARKER_1_1, "record_version": 0}
+    fresh = DoneRecord(shard_id="x", rows=3).to_json()
+    assert set(fresh) == set(MARKER_1_1) | {"record_version"} and fresh["record_version"] == RECORD_VERSION
+    json.dumps(fresh)  # plain JSON types only
+
+
+def test_a_1_0_marker_without_member_counts_reads_with_defaults():
+    old = {
+        k: v for k, v in MARKER_1_1.items() if k not in ("members", "ignored_members", "ignored_by_reason")
+    }
+    rec = DoneRecord.from_json(old)
+    assert rec.members is None and rec.ignored_members == 0 and rec.ignored_by_reason == {}
+    assert rec.rows == 4
+
+
+def test_unknown_keys_of_a_newer_version_are_kept_and_the_skip_flag_is_never_written():
+    newer = {**MARKER_1_1, "record_version": RECORD_VERSION + 1, "view": {"crop": "center"}}
+    rec = DoneRecord.from_json(newer)
+    assert rec.extra == {"view": {"crop": "center"}}
+    rec.skipped = True
+    assert rec.to_json() == newer
+
+
+def test_records_that_are_not_objects_are_refused_with_the_type_named():
+    with pytest.raises(ValueError, match="DoneRecord is a JSON object, not list"):
+        DoneRecord.from_json([1, 2])
+
+
+def test_failed_and_run_records_round_trip():
+    failed = {"shard_id": "a-1", "url": "/in/a.tar", "reason": "not_a_tar", "detail": "x", "attempts": 3}
+    assert FailedRecord.from_json(failed).to_json() == {**failed, "record_version": 0}
+    assert FailedRecord.from_json({"reason": "not_a_tar"}).attempts == 0  # hand-made or partial records read
+    run = {
+        "fingerprint": "f",
+        "output_settings": {"preset": "tiny"},
+        "config": {},
+        "versions": {},
+        "started": 1.0,
+    }
+    old = RunRecord.from_json(run)
+    assert old.legacy_stem_ids  # an OUT begun before the key existed may hold plain-stem ids
+    assert "previous_fingerprints" not in old.to_json()
+    old.previous_fingerprints = ["e"]
+    assert RunRecord.from_json(old.to_json()) == old

@@ -1,0 +1,176 @@
+"""The records vqpipe writes into OUT, as types: a shard's done marker, its failure record, and run.json.
+
+Each has `to_json()` (the dict written, same keys as the README's "Output format" plus `record_version`) and
+`from_json()`, which reads every version written so far: keys a marker lacks (an older vqpipe) take their
+defaults, and keys this version does not know (a newer one) are kept in `extra` and written back unchanged.
+Nothing here touches storage; `ledger.py` reads and writes these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# 1: the first versioned record (vqpipe 1.1). Markers without the key were written by earlier versions; they
+# have the same keys minus `members`/`ignored_*` (format 1.0) and read as version 0.
+RECORD_VERSION = 1
+
+
+def _split(cls: type, d: Mapping[str, Any], nested: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor arguments for `cls` from `d`; unknown keys go to `extra`."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a {cls.__name__} is a JSON object, not {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    for key, convert in (nested or {}).items():
+        if key in kwargs:
+            kwargs[key] = convert(kwargs[key])
+    kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
+    kwargs.setdefault("record_version", 0)
+    return kwargs
+
+
+def _as_json(record: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    out = {**record.extra}
+    for f in dataclasses.fields(record):
+        if f.name == "extra" or f.name in skip:
+            continue
+        value = getattr(record, f.name)
+        out[f.name] = value.to_json() if hasattr(value, "to_json") else value
+    return out
+
+
+@dataclass
+class InputRef:
+    """The input a shard was read from: URL (credentials masked) and the fingerprint of the version read."""
+
+    url: str = ""
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # size, mtime or ETag (storage._fingerprint)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "fingerprint": dict(self.fingerprint)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> InputRef:
+        d = d or {}
+        return cls(url=d.get("url", ""), fingerprint=dict(d.get("fingerprint") or {}))
+
+
+@dataclass
+class DoneRecord:
+    """`done/<shard_id>.json`: the commit of one shard, written after its data and error files."""
+
+    shard_id: str = ""
+    input: InputRef = field(default_factory=InputRef)
+    samples: int = 0
+    images: int | None = None  # encoded (+ errors = samples); None in markers from before views (= rows)
+    rows: int = 0  # one per image and view
+    views: list[str] = field(default_factory=lambda: ["center"])
+    errors: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    members: int | None = None  # tar members read; None in format-1.0 markers
+    ignored_members: int = 0
+    ignored_by_reason: dict[str, int] = field(default_factory=dict)
+    input_bytes: int = 0
+    data_bytes: int = 0
+    error_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, summed over threads
+    precision: str | None = None
+    decode: str | None = None
+    agreement_with_exact: dict[str, Any] | None = None
+    wall_seconds: float = 0.0
+    started: float | None = None
+    attempt: int = 1
+    host: str | None = None
+    peak_rss_bytes: int | None = None
+    decode_threads: int | None = None
+    allocator_env: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    vqpipe_version: str | None = None
+    record_version: int = RECORD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer version, kept as read
+    # Not part of the marker: set on the record a worker returns when another attempt had committed the
+    # shard first (the record is that attempt's marker; this attempt wrote nothing).
+    skipped: bool = field(default=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return _as_json(self, skip=("skipped",))
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> DoneRecord:
+        kwargs = _split(cls, d, {"input": InputRef.from_json})
+        kwargs.pop("skipped", None)
+        return cls(**kwargs)
+
+    def summary(self) -> dict[str, Any]:
+        """The keys a status, a plan and a training reader need: what the ledger index keeps per shard."""
+        return {k: v for k, v in self.to_json().items() if k in SUMMARY_KEYS}
+
+
+# What `DoneRecord.summary` keeps (and the index stores): identity, counts, sizes; not timings or host facts.
+SUMMARY_KEYS = (
+    "shard_id",
+    "input",
+    "samples",
+    "rows",
+    "errors",
+    "errors_by_reason",
+    "members",
+    "ignored_members",
+    "ignored_by_reason",
+    "data_bytes",
+    "error_bytes",
+    "record_version",
+)
+
+
+@dataclass
+class FailedRecord:
+    """`failed/<shard_id>.json`: why a shard failed in the latest run that tried it."""
+
+    shard_id: str = ""
+    url: str = ""
+    reason: str = "?"
+    detail: str = ""
+    attempts: int = 0
+    record_version: int = RECORD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return _as_json(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FailedRecord:
+        return cls(**_split(cls, d))
+
+
+@dataclass
+class RunRecord:
+    """`run.json`: the resolved settings and fingerprint of the latest run into OUT."""
+
+    fingerprint: str = ""
+    output_settings: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    started: float | None = None
+    run_id: str | None = None
+    # True when the OUT was begun by a version that named shards by plain stem (sticky; see plan.py).
+    legacy_stem_ids: bool = False
+    previous_fingerprints: list[str] = field(default_factory=list)
+    record_version: int = RECORD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = _as_json(self)
+        if not self.previous_fingerprints:  # written only after a --allow-config-change, as before
+            del out["previous_fingerprints"]
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
+        kwargs = _split(cls, d)
+        # Before vqpipe 1.1 run.json had no such key, and every such OUT may hold plain-stem ids.
+        kwargs.setdefault("legacy_stem_ids", True)
+        return cls(**kwargs)
