@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace, shards: Path, out: Path, mode: str, decode
         ).todo
         t = time.perf_counter()
         with ThreadPoolExecutor(cfg.run.in_flight_per_replica) as pool:
-            records = list(pool.map(worker.process, todo))
+            records = [r.to_json() for r in pool.map(worker.process, todo)]
         wall = time.perf_counter() - t
     finally:
         worker.close()

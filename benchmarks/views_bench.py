@@ -63,7 +63,7 @@ def run_one(args: argparse.Namespace, shards: Path, out: Path, views: str) -> di
             storage.expand_inputs_with_info([str(shards)], None), Ledger(str(out)), None, False
         ).todo
         t = time.perf_counter()
-        records = [worker.process(shard) for shard in todo]
+        records = [worker.process(shard).to_json() for shard in todo]
         wall = time.perf_counter() - t
     finally:
         worker.close()

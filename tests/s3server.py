@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,8 +153,18 @@ def s3_server() -> Iterator[S3Server]:
             s3.boto3_client().create_bucket(Bucket=s3.bucket)
             yield s3
         finally:
-            with contextlib.suppress(OSError):  # moto keeps state per process: drop this server's buckets
-                urllib.request.urlopen(
-                    urllib.request.Request(f"{s3.endpoint_url}/moto-api/reset", method="POST"), timeout=10
-                ).close()
+            # moto keeps state per process, shared by every server in it: drop this server's bucket only (a
+            # global /moto-api/reset would wipe the buckets of the session-wide server too).
+            with contextlib.suppress(Exception):
+                _drop_bucket(s3)
             server.stop()
+
+
+def _drop_bucket(s3: S3Server) -> None:
+    client = s3.boto3_client()
+    for upload in client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []):
+        client.abort_multipart_upload(Bucket=s3.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=s3.bucket, Key=obj["Key"])
+    client.delete_bucket(Bucket=s3.bucket)

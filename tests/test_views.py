@@ -167,7 +167,7 @@ def _process(cfg):
 
     worker = ShardWorker.from_config(cfg)
     try:
-        return worker.process(Shard("part-000000", cfg.inputs[0]))
+        return worker.process(Shard("part-000000", cfg.inputs[0])).to_json()
     finally:
         worker.close()
 
