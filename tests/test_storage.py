@@ -98,7 +98,7 @@ def flaky(monkeypatch: pytest.MonkeyPatch) -> type[FlakyMemoryFileSystem]:
     fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
     for name, value in (("failures", 0), ("fail_at", 0), ("opens", 0)):
         monkeypatch.setattr(FlakyMemoryFileSystem, name, value)
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage.retries, "RETRY_BACKOFF_S", 0.0)
     return FlakyMemoryFileSystem
 
 
@@ -499,7 +499,7 @@ def test_s3_fingerprint_has_etag_and_matches_listing(s3: S3Server, prefix: str) 
 def test_s3_open_input_streams_in_range_requests(
     s3: S3Server, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     buf = io.BytesIO()
     members = {f"{i:04d}.jpg": os.urandom(300_000) for i in range(20)}  # ~6 MB tar
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -532,7 +532,7 @@ def test_s3_open_input_survives_a_connection_reset(
 ) -> None:
     data = os.urandom(5 * MiB)
     s3.seed({f"{prefix}/x.tar": data})
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     calls = {"n": 0}
     real_fetch = s3fs.core.S3File._fetch_range
 
@@ -555,7 +555,7 @@ def test_s3_open_input_refuses_an_object_that_changed(
     s3: S3Server, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s3.seed({f"{prefix}/x.tar": os.urandom(3 * MiB)})
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     real_fetch = s3fs.core.S3File._fetch_range
     calls = {"n": 0}
 
@@ -630,7 +630,7 @@ def test_s3_cleanup_removes_temp_keys_and_stale_uploads(s3: S3Server, prefix: st
 def test_s3_credentials_never_appear_in_errors(
     s3: S3Server, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage.retries, "RETRY_BACKOFF_S", 0.0)
     opts = {**s3.storage_options, "key": KEY_CANARY, "secret": SECRET_CANARY}
     s3.seed({f"{prefix}/a.tar": b"a"})
     host = s3.endpoint_url.removeprefix("http://")
@@ -680,3 +680,15 @@ def test_atomic_write_whose_commit_flush_hits_a_full_disk(tiny_disk: Any) -> Non
     with pytest.raises(StorageError, match="plan.json: cannot write .*No space left on device"):
         storage.write_bytes_atomic(str(tiny_disk / "plan.json"), b"p" * 3000)  # buffered: fails on commit
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+def test_redaction_is_pure_text():
+    """redaction is used everywhere messages are built: it must not need fsspec (the other modules own it)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(storage.__file__).parent / "redaction.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported and not [m for m in imported if m.split(".")[0] in ("fsspec", "storage", "urls")]
+    assert storage.redact("s3://u:hunter2@b/x?X-Amz-Signature=abc") == "s3://u:***@b/x?X-Amz-Signature=***"
