@@ -209,7 +209,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         if v is None:
             continue
         if isinstance(v, dict) and k != "storage_options":
-            out[k] = merge(out.get(k) if isinstance(out.get(k), dict) else {}, v)
+            inner = out.get(k)
+            out[k] = merge(inner if isinstance(inner, dict) else {}, v)
         else:
             out[k] = v
     return out

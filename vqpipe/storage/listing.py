@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import logging
 import posixpath
 import re
@@ -73,7 +74,7 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
         found: dict[str, dict[str, Any]] = {}
         for parent in by_parent:
             try:
-                entries = _retrying(inp, "list " + parent, lambda p=parent: _ls(fs, p))
+                entries = _retrying(inp, "list " + parent, functools.partial(_ls, fs, parent))
             except FileNotFoundError:
                 entries = []
             found.update({_key(fs, e["name"]): e for e in entries if e.get("type") == "file"})

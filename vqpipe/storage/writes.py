@@ -5,6 +5,7 @@ clean-up of what interrupted writes left behind."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -244,7 +245,7 @@ def cleanup_temporaries(dir_url: str, storage_options: dict[str, Any] | None = N
         name = _key(fs, e["name"])
         if e.get("type") == "file" and _basename(fs, name).startswith(TMP_PREFIX):
             with contextlib.suppress(FileNotFoundError):
-                _retrying(dir_url, "remove " + name, lambda n=name: fs.rm_file(n))
+                _retrying(dir_url, "remove " + name, functools.partial(fs.rm_file, name))
             removed += 1
     if hasattr(fs, "list_multipart_uploads") and hasattr(fs, "abort_mpu") and hasattr(fs, "split_path"):
         # s3fs. Unfinished uploads are invisible but billed. Best effort: listing them needs a permission
