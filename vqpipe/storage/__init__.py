@@ -22,7 +22,7 @@ from .listing import (
     exists,
     expand_inputs,
     expand_inputs_with_info,
-    input_fingerprint,
+    input_version,
     list_files,
     remove,
 )
@@ -38,6 +38,10 @@ from .writes import (
     write_bytes_atomic,
     write_json_atomic,
 )
+
+# The old name of input_version, kept so code written against it (other branches) still works; new code
+# says input_version: "fingerprint" is the output settings' hash (config.fingerprint).
+input_fingerprint = input_version
 
 __all__ = [
     "READ_BLOCK_SIZE",
@@ -56,6 +60,7 @@ __all__ = [
     "expand_inputs",
     "expand_inputs_with_info",
     "input_fingerprint",
+    "input_version",
     "is_local",
     "join",
     "list_files",

@@ -28,7 +28,7 @@ _BRACE = re.compile(r"\{[^{}]*(?:\.\.|,)[^{}]*\}")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
-def _fingerprint(info: dict[str, Any]) -> dict[str, Any]:
+def _input_version(info: dict[str, Any]) -> dict[str, Any]:
     """What identifies one version of a file: size plus mtime (local) or ETag/version and last-modified.
 
     Object times are cut to whole seconds: S3 listings give milliseconds, HEAD gives seconds, and the two
@@ -85,7 +85,7 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
                 f"{inp}: {len(missing)} of {len(wanted)} expanded names do not exist, e.g. {examples}"
             )
         for name in wanted:
-            yield _url(fs, name), _fingerprint(found[name])
+            yield _url(fs, name), _input_version(found[name])
         return
 
     if _GLOB_MAGIC.search(path):
@@ -99,7 +99,7 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
             raise _error(f"{inp}: matches no files")
         files = _tars_only(inp, files)
         for name, info in files:
-            yield _url(fs, _key(fs, name)), _fingerprint(info)
+            yield _url(fs, _key(fs, name)), _input_version(info)
         return
 
     try:
@@ -107,12 +107,12 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
     except FileNotFoundError:
         raise _error(f"{inp}: no such file or directory") from None
     if info.get("type") != "directory":
-        yield _url(fs, path), _fingerprint(info)
+        yield _url(fs, path), _input_version(info)
         return
     entries = _retrying(inp, "list", lambda: _ls(fs, path))
     files = [(e["name"], e) for e in entries if e.get("type") == "file"]
     for name, info in _tars_only(inp, files):
-        yield _url(fs, _key(fs, name)), _fingerprint(info)
+        yield _url(fs, _key(fs, name)), _input_version(info)
 
 
 def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
@@ -134,11 +134,11 @@ def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[
 def expand_inputs_with_info(
     inputs: Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Resolve input specs to (url, fingerprint) pairs, sorted by url and de-duplicated.
+    """Resolve input specs to (url, input version) pairs, sorted by url and de-duplicated.
 
     Each spec is a file, a directory (its *.tar files, not recursive), a glob (`shards/*.tar`) or a
     WebDataset brace pattern (`part-{000000..000099}.tar`, `{a,b}`). Brace patterns list each parent
-    directory once and intersect, so the fingerprints cost no request per file. Local results are absolute
+    directory once and intersect, so the versions cost no request per file. Local results are absolute
     paths, remote ones full URLs. A spec that matches nothing, or brace names that do not exist, raise
     StorageError."""
     if isinstance(inputs, str):
@@ -154,12 +154,13 @@ def expand_inputs(inputs: Sequence[str], storage_options: dict[str, Any] | None 
     return [url for url, _ in expand_inputs_with_info(inputs, storage_options)]
 
 
-def input_fingerprint(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def input_version(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Size and mtime (local) or ETag, size and last-modified (objects) of `url`: changes when the file does.
-    Equal to the fingerprint `expand_inputs_with_info` reports for the same unchanged file."""
+    Equal to the version `expand_inputs_with_info` reports for the same unchanged file. (In done records this
+    is the input's `fingerprint` key; in vqpipe's code, "fingerprint" is the output settings' hash.)"""
     fs, path = _fs(url, storage_options)
     try:
-        return _fingerprint(_retrying(url, "stat", lambda: _info(fs, path)))
+        return _input_version(_retrying(url, "stat", lambda: _info(fs, path)))
     except FileNotFoundError:
         raise _error(f"{url}: no such file") from None
 
