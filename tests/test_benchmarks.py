@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow  # a benchmark script end to end (~30 s on 2 cores): not a unit test
 def test_gpu_check_reports_every_mode_with_its_agreement(tmp_path):
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, "benchmarks/gpu_check.py", "--preset", "tiny", "--device", "cpu", "--images", "16"]

@@ -130,12 +130,14 @@ def markdown() -> str:
         "| `storage_options` | — (config file only) | table | `{}` | passed to fsspec for every URL "
         "(credentials normally come from the environment) |"
     )
-    assert {f.name for f in dataclasses.fields(JobConfig)} == {
+    undescribed = {f.name for f in dataclasses.fields(JobConfig)} - {
         "inputs",
         "output",
         "storage_options",
         *SECTIONS,
     }
+    if undescribed:  # a new top-level field (not in a section) needs its row above
+        raise TypeError(f"JobConfig fields missing from the options table: {', '.join(sorted(undescribed))}")
     return "\n".join(lines) + "\n"
 
 
