@@ -8,6 +8,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# gcsfs: no gRPC "zonal bucket" probe (60 s per call against the GCS emulator); see tests/gcsserver.py
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from pathlib import Path  # noqa: E402
 

@@ -59,3 +59,24 @@ def test_bench_refuses_a_ray_data_run_that_could_never_schedule():
     cmd = [sys.executable, "benchmarks/bench.py", "--quick", "--cpus", "1"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2 and "needs --cpus 2 or more" in run.stderr
+
+
+def test_views_bench_reports_crops_beside_center(tmp_path):
+    out = tmp_path / "views.json"
+    cmd = [
+        sys.executable,
+        "benchmarks/views_bench.py",
+        "--preset",
+        "tiny",
+        "--images",
+        "8",
+        "--batch-size",
+        "4",
+    ]
+    cmd += ["--views", "center", "crops5", "--repeat", "1", "--out", str(out)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    center, crops5 = json.loads(out.read_text())["results"]
+    assert center["images"] == crops5["images"] > 0 and crops5["rows"] == 5 * center["rows"]
+    assert "| crops5 | 5 |" in run.stdout and f"| {center['images']}/{center['images']} |" in run.stdout
+    assert "| crops5, a decode per view |" in run.stdout

@@ -127,6 +127,21 @@ def test_a_live_holder_on_another_host_is_not_taken_over(tmp_path):
         Lease(output, ttl_s=120).acquire(wait_s=0.2, poll_s=0.05)
 
 
+def test_a_lease_whose_write_landed_but_whose_answer_was_lost_is_ours(out):
+    """A reset after the store applied our conditional create makes the client's retry fail its precondition:
+    the record there is our own, so the run holds the lease instead of refusing itself."""
+    output, options = out
+    put_record(output, options, stale_record(run_id="me", host="other-node", age_s=1, ttl_s=120))
+    lease = Lease(output, options, ttl_s=120, run_id="me")
+    lease.acquire(wait_s=0)
+    with lease:
+        assert lease.held
+        lease.renew()  # the adopted version is the current one: a conditional renewal goes through
+        lease.check()
+        assert read_lease(output, options).host == socket.gethostname()
+    assert read_lease(output, options) is None
+
+
 def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
     """A driver killed with SIGKILL on this host (its pid is gone) need not be waited for."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

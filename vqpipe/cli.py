@@ -1,4 +1,4 @@
-"""`vqpipe tokenize | status | inspect | decode | sample`: the command line.
+"""`vqpipe tokenize | status | inspect | decode | sample | finetune`: the command line.
 
 Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
 (nothing was written), 3 OUT in use by another run, 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun
@@ -163,6 +163,55 @@ def run_sample(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    options = json.loads(args.storage_options) if args.storage_options else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    keys: tuple[str, ...] = (
+        "checkpoint",
+        "steps",
+        "lr",
+        "batch_size",
+        "seed",
+        "recon_loss",
+        "vq_weight",
+        "hflip",
+    )
+    keys += ("device",)
+    keys += ("log_every", "eval_every")
+    cfg = FinetuneConfig(
+        inputs=tuple(args.inputs), out=args.out, preset=args.preset, storage_options=options,
+        eval_images=args.eval_images, **{k: getattr(args, k) for k in keys},
+    )  # fmt: skip
+    finetune(cfg)
+    return EXIT_OK
+
+
+def finetune_arguments(f: argparse.ArgumentParser) -> None:
+    f.add_argument("inputs", nargs="+", metavar="INPUT", help="WebDataset shards: files, dirs, globs, URLs")
+    f.add_argument("--out", required=True, help="where to save the checkpoint (a VAR state dict, .pth)")
+    f.add_argument("--model", dest="preset", default="tiny", help="preset to train (default tiny)")
+    f.add_argument("--checkpoint", help="start from this state dict (default: the preset's random init)")
+    f.add_argument("--steps", type=int, default=100)
+    f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--recon-loss", choices=("l1", "l2"), default="l1")
+    f.add_argument("--vq-weight", type=float, default=1.0, help="weight of VAR's VQ loss (default 1)")
+    f.add_argument("--hflip", action="store_true", help="random horizontal flips (VAR's --hflip)")
+    f.add_argument("--eval-images", type=int, default=32, help="images for the PSNR report (0: none)")
+    f.add_argument("--eval-every", type=int, default=0, help="also report PSNR every N steps")
+    f.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default 10)")
+    f.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    f.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    f.add_argument("--storage-options", help="fsspec options as JSON")
+    f.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--per-shard", type=int, default=16)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=run_sample, log_level=None)
+    f = sub.add_parser("finetune", help="fine-tune the tokenizer on shards; save a VAR-format checkpoint")
+    finetune_arguments(f)
+    f.set_defaults(func=run_finetune)
     return p
 
 

@@ -15,13 +15,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
+from .views import DEFAULT_VIEWS, parse_views
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-FORMAT_VERSION = "1.1"  # 1.1: var_input as nested fixed-size lists (CHANGELOG.md)
+FORMAT_VERSION = "1.1"  # of the files written (CHANGELOG.md)
+# The format version inside the fingerprint stays 1.0: what 1.1 changed is in the output settings on its own
+# terms (the `var_input` layout, only when var_input is written; `views`, only when not the default), so a
+# codes-only OUT keeps its fingerprint while an OUT of 1.0 var_input files is not mixed with 1.1 ones.
+FINGERPRINT_FORMAT_VERSION = "1.0"
 
 # The choices of the settings that take one of a few names: the types say them once, validation and the
 # command line's help read them from there.
@@ -95,7 +100,7 @@ class ModelConfig:
 class EncodeConfig:
     """What each sample becomes and how samples are batched."""
 
-    batch_size: int = option(16, "images per encoder batch")
+    batch_size: int = option(16, "images (crops, with views) per encoder batch")
     var_input: bool = option(True, "write the teacher-forcing tensor var_input (off: codes only)")
     var_input_dtype: VarInputDtype = option("float16", "dtype of var_input")
     max_image_pixels: int = option(
@@ -106,6 +111,12 @@ class EncodeConfig:
         "pil", "pil is VAR-exact; device decodes and resizes JPEGs on the GPU (nvJPEG; not VAR-exact)"
     )
     rows_per_group: int = option(512, "Parquet row group size; bounds writer memory")
+    views: tuple[str, ...] = option(
+        DEFAULT_VIEWS,
+        "augmented views, one row each, comma-separated: center (default), hflip, tl, tr, bl, br, X+hflip, "
+        "crops5, crops10 (docs/views.md); stored expanded in canonical order; other than center alone, the "
+        "data files get a `view` column",
+    )
 
 
 @dataclass(frozen=True)
@@ -237,6 +248,9 @@ def build_config(data: dict[str, Any]) -> JobConfig:
     storage_options = data.get("storage_options", {})
     if not isinstance(storage_options, dict):
         raise ConfigError("storage_options: expected a table of fsspec options")
+    sections["encode"] = dataclasses.replace(
+        sections["encode"], views=parse_views(sections["encode"].views, "encode.views")
+    )
     cfg = JobConfig(
         inputs=tuple(inputs),
         output=output.rstrip("/") or output,
@@ -268,6 +282,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be one of {', '.join(get_args(hint))}, got {value!r}")
         return value
+    if getattr(hint, "__origin__", None) is tuple:  # tuple[str, ...]: a list, or a comma-separated string
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(v.strip() for v in value)
     allowed = getattr(hint, "__args__", None) or (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -300,6 +320,11 @@ def _validate(cfg: JobConfig) -> None:
         )
     if m.checkpoint is not None and m.random_weights:
         raise ConfigError("model.random_weights: conflicts with model.checkpoint; give one of them")
+    if e.decode == "device" and e.views != DEFAULT_VIEWS:
+        raise ConfigError(
+            f"encode.views: {','.join(e.views)} needs encode.decode = pil (the device decoder makes the centre "
+            "crop only); use --decode pil, or --views center"
+        )
     _positive("encode.batch_size", e.batch_size)
     _positive("encode.max_image_pixels", e.max_image_pixels)
     _positive("encode.rows_per_group", e.rows_per_group)
@@ -344,7 +369,7 @@ def output_settings(cfg: JobConfig, model_sha256: str) -> dict[str, Any]:
     Excluded on purpose: where inputs and outputs live, credentials, and how the work is distributed.
     """
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": FINGERPRINT_FORMAT_VERSION,
         "preset": cfg.model.preset,
         "model_sha256": model_sha256,
         "precision": cfg.model.precision,
@@ -354,6 +379,11 @@ def output_settings(cfg: JobConfig, model_sha256: str) -> dict[str, Any]:
         # Added with format 1.0 already in use: recorded only when not the default, so outputs written
         # before these options existed keep their fingerprint.
         **{k: v for k, v in fast_paths(cfg.model, cfg.encode).items() if v != _FAST_PATH_DEFAULTS[k]},
+        # Added with format 1.1, the same way: absent for the default (centre only).
+        **({"views": list(cfg.encode.views)} if cfg.encode.views != DEFAULT_VIEWS else {}),
+        # 1.1 stores var_input as nested fixed-size lists (1.0: an arrow.fixed_shape_tensor); readers that take
+        # a directory as one table need one layout, so OUTs with var_input change fingerprint with it.
+        **({"var_input_layout": "fixed_size_list"} if cfg.encode.var_input else {}),
     }
 
 

@@ -76,7 +76,7 @@ class Progress:
 
     def record(self, rec: dict[str, Any]) -> None:
         self.done += 1
-        self.images += rec["rows"]
+        self.images += rec.get("images", rec["rows"])  # markers before views (format 1.1) have rows only
         self.errors += rec["errors"]
 
     def line(self, replicas: int | None = None) -> str:

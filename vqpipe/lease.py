@@ -142,6 +142,11 @@ class Lease:
         while True:
             current = storage.read_versioned(self.url, self.storage_options)
             holder = LeaseRecord.from_bytes(current[0]) if current else None
+            if current is not None and holder is not None and holder.run_id == self.run_id:
+                # Our own write went through but its answer was lost (a reset), and the client's retry then
+                # failed its precondition: the lease is ours already.
+                self.record, self._version = holder, current[1]
+                break
             if current is not None and holder is not None and not self._gone(holder):
                 if time.monotonic() >= deadline:
                     raise LeaseError(
@@ -201,7 +206,11 @@ class Lease:
             )
             self.record = record
         except storage.WriteConflict:
-            holder = read_lease(self.output, self.storage_options)
+            current = storage.read_versioned(self.url, self.storage_options)
+            holder = LeaseRecord.from_bytes(current[0]) if current else None
+            if current is not None and holder is not None and holder.run_id == self.run_id:
+                self.record, self._version = holder, current[1]  # our renewal landed; its answer was lost
+                return
             self._lose(f"taken by {holder.describe()}" if holder else "removed")
         except storage.StorageError as e:  # a network blip: try again at the next beat, before expiry
             logger.warning("cannot renew the lease (%s); retrying", e)

@@ -47,7 +47,7 @@ class Option:
 
     def value_type(self) -> type:
         """What argparse converts the value to (str for choices: the config's validation names them)."""
-        if self.choices:
+        if self.choices or get_origin(self.hint) is tuple:  # a list: comma-separated, split by the config
             return str
         args = get_args(self.hint) if get_origin(self.hint) in (Union, types.UnionType) else (self.hint,)
         return next(t for t in args if t is not type(None))
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             g.add_argument(o.flag, dest=o.key, action=action, default=None, help=help_text)
             continue
         metavar = o.metavar or ("{" + ",".join(o.choices) + "}" if o.choices else o.name.upper())
-        default = "" if o.default is None else f" (default: {o.default})"
+        default = "" if o.default is None else f" (default: {_shown(o.default)})"
         g.add_argument(o.flag, dest=o.key, type=o.value_type(), metavar=metavar, help=o.help + default)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
 
@@ -123,7 +123,7 @@ def markdown() -> str:
     ]
     for o in options():
         values = " \\| ".join(f"`{c}`" for c in o.choices) if o.choices else _type_name(o.hint)
-        default = "—" if o.default is None else f"`{str(o.default).lower() if o.is_flag else o.default}`"
+        default = "—" if o.default is None else f"`{_shown(o.default)}`"
         flag = o.flag + ("" if o.is_flag or o.choices else f" {o.metavar or o.name.upper()}")
         lines.append(f"| `{o.key}` | `{flag}` | {values} | {default} | {o.help} |")
     lines.append(
@@ -141,7 +141,18 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shown(value: Any) -> str:
+    """A default as a config file or the command line would spell it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def _type_name(hint: Any) -> str:
+    if get_origin(hint) is tuple:
+        return "list of " + get_args(hint)[0].__name__
     args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
     return " or ".join("none" if t is type(None) else t.__name__ for t in args)
 

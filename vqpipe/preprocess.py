@@ -1,7 +1,8 @@
-"""Image bytes -> VAR-exact pixels (uint8, 3×R×R), or a SampleError with a stable reason.
+"""Image bytes -> VAR-exact pixels (uint8, 3×R×R; V×3×R×R for views), or a SampleError with a stable reason.
 
 VAR loads images with `PIL.Image.open(f).convert('RGB')` and tokenizes with its validation transform:
 `Resize(round(1.125·R), LANCZOS)` + `CenterCrop(R)` as torchvision applies them to PIL images (SPEC §6).
+Augmented views (`vqpipe.views`) are other R×R crops, or mirrors, of that same resize: decoded and resized once.
 This module reproduces that with PIL and numpy alone; `golden_preprocess.npz` (torchvision's own output)
 is matched exactly under the pinned Pillow. The model input is then `x / 255 * 2 - 1` in float32 NCHW;
 that conversion belongs to the encode stage, not here.
@@ -32,6 +33,7 @@ from PIL import Image
 
 from vqpipe.config import MAX_IMAGE_PIXELS
 from vqpipe.errors import SampleError
+from vqpipe.views import DEFAULT_VIEWS, crop_box, split_view
 
 logger = logging.getLogger(__name__)
 
@@ -214,16 +216,13 @@ def checked_resized_size(
     return new_w, new_h
 
 
-def val_transform(
+def resize_shorter(
     img: Image.Image, resolution: int, max_resized_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """VAR's validation transform on an RGB PIL image: uint8 array of shape (3, R, R).
-
-    Resize the short side to round(1.125·R) with PIL's LANCZOS (skipped when the size already matches),
-    then `center_crop(R)`, then HWC -> CHW. Non-RGB input is converted first, as VAR's loader does.
-    A resized image above `max_resized_pixels` (only extreme aspect ratios get there: a 1×4000 strip would
-    become 1,152,000×288) raises `too_large` rather than allocate gigabytes; `None` disables the check.
-    """
+) -> Image.Image:
+    """VAR's `Resize(round(1.125·R), LANCZOS)` on a PIL image, as RGB (converted first, as VAR's loader does);
+    skipped when the size already matches. A resized image above `max_resized_pixels` (only extreme aspect
+    ratios get there: a 1×4000 strip would become 1,152,000×288) raises `too_large` rather than allocate
+    gigabytes; `None` disables the check. Every view of an image is cropped from this one resize."""
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     if img.mode != "RGB":
@@ -232,23 +231,34 @@ def val_transform(
     new_w, new_h = checked_resized_size(width, height, resolution, max_resized_pixels)
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    return img
 
-    return np.ascontiguousarray(np.asarray(center_crop(img, resolution), dtype=np.uint8).transpose(2, 0, 1))
+
+def crop_views(resized: Image.Image, resolution: int, views: tuple[str, ...] = DEFAULT_VIEWS) -> np.ndarray:
+    """The R×R crops named by `views` (see `vqpipe.views`) of an already resized RGB image: uint8 (V, 3, R, R)
+    in the order given. A mirrored view reverses the crop's columns, which is exactly PIL's FLIP_LEFT_RIGHT."""
+    out = np.empty((len(views), 3, resolution, resolution), dtype=np.uint8)
+    for i, view in enumerate(views):
+        position, mirrored = split_view(view)
+        box = crop_box(position, resized.width, resized.height, resolution)
+        chw = np.asarray(resized.crop(box), dtype=np.uint8).transpose(2, 0, 1)
+        out[i] = chw[:, :, ::-1] if mirrored else chw
+    return out
+
+
+def val_transform(
+    img: Image.Image, resolution: int, max_resized_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """VAR's validation transform on a PIL image: uint8 array of shape (3, R, R).
+
+    `resize_shorter` (LANCZOS to round(1.125·R) on the shorter side), then `center_crop(R)`, then HWC -> CHW.
+    """
+    return crop_views(resize_shorter(img, resolution, max_resized_pixels), resolution)[0]
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision's `CenterCrop(size)` on a PIL image.
-
-    Offsets are `int(round((side - size) / 2))` (half to even). When the image is smaller than the crop,
-    torchvision first pads with zeros (left/top get the floor half) and crops the padded image; PIL's crop
-    fills outside areas with zeros, so cropping the equivalent box of the unpadded image is the same.
-    """
-    width, height = img.size
-    pad_left = (size - width) // 2 if size > width else 0
-    pad_top = (size - height) // 2 if size > height else 0
-    left = int(round((max(width, size) - size) / 2.0)) - pad_left
-    top = int(round((max(height, size) - size) / 2.0)) - pad_top
-    return img.crop((left, top, left + size, top + size))
+    """torchvision's `CenterCrop(size)` on a PIL image (offsets and zero padding: `views.crop_box`)."""
+    return img.crop(crop_box("center", img.width, img.height, size))
 
 
 def preprocess(
@@ -261,11 +271,23 @@ def preprocess(
 
     `max_pixels` bounds the decoded image (from its header), `max_resized_pixels` the intermediate resize.
     """
+    return preprocess_views(data, resolution, DEFAULT_VIEWS, max_pixels, max_resized_pixels)[0]
+
+
+def preprocess_views(
+    data: bytes,
+    resolution: int,
+    views: tuple[str, ...] = DEFAULT_VIEWS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_resized_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Image bytes -> uint8 (V, 3, R, R): one decode and one resize, then each view's crop; or one
+    `SampleError` for the image, whatever the number of views."""
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")  # a caller bug
     img = decode_image(data, max_pixels=max_pixels)
     try:
-        return val_transform(img, resolution, max_resized_pixels=max_resized_pixels)
+        return crop_views(resize_shorter(img, resolution, max_resized_pixels), resolution, views)
     except SampleError:
         raise
     except MemoryError:

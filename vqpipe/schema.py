@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from . import scales
 from .config import FORMAT_VERSION
+from .views import DEFAULT_VIEWS
 
 METADATA_KEY = b"vqpipe"
 
@@ -62,10 +63,16 @@ class TokenLayout:
         return np.dtype(np.uint16) if self.vocab_size <= 65536 else np.dtype(np.int32)
 
 
-def data_schema(layout: TokenLayout, metadata: dict[str, Any] | None = None) -> pa.Schema:
+def data_schema(
+    layout: TokenLayout, metadata: dict[str, Any] | None = None, view_column: bool = False
+) -> pa.Schema:
+    """`view_column`: rows are augmented views (`encode.views` other than `center` alone), named in `view`;
+    (key, view) is then the unique row id. Default runs write no `view` column, so their files keep 1.0's schema."""
     code_type = pa.from_numpy_dtype(layout.code_dtype)
-    cols = [
-        pa.field("key", pa.string(), nullable=False),
+    cols = [pa.field("key", pa.string(), nullable=False)]
+    if view_column:
+        cols.append(pa.field("view", pa.string(), nullable=False))
+    cols += [
         pa.field("label", pa.int64()),
         pa.field("meta", pa.string()),
         pa.field(
@@ -107,10 +114,14 @@ def data_table(
     metas: Sequence[str | None],
     codes: np.ndarray,
     var_input: np.ndarray | None,
+    views: Sequence[str] | None = None,
 ) -> pa.Table:
-    """One batch of rows; `codes` is (B, L) and `var_input` is (B, L - pn0², Cvae) already in the output dtype."""
-    columns = [
-        pa.array(keys, pa.string()),
+    """One batch of rows; `codes` is (B, L) and `var_input` is (B, L - pn0², Cvae) already in the output dtype;
+    `views` names each row's view when the schema has a `view` column."""
+    columns = [pa.array(keys, pa.string())]
+    if "view" in schema.names:
+        columns.append(pa.array(views, pa.string()))
+    columns += [
         pa.array(labels, pa.int64()),
         pa.array(metas, pa.string()),
         nested_list_array(codes, schema.field("codes").type),
@@ -130,8 +141,19 @@ def file_metadata(
     shard: dict[str, Any],
     batch_size: int,
     vqpipe_version: str,
+    views: Sequence[str] = DEFAULT_VIEWS,
 ) -> dict[str, Any]:
     """The JSON stored under the `vqpipe` key of every data file's Parquet metadata."""
+    mid = round(1.125 * resolution)
+    crops = (
+        [f"center crop {resolution} (torchvision offsets: int(round((size - crop) / 2)))"]
+        if tuple(views) == DEFAULT_VIEWS
+        else [
+            f"views {', '.join(views)}: {resolution}x{resolution} crops of that one resize, one row each; "
+            "center as CenterCrop (int(round((size - crop) / 2))), tl/tr/bl/br flush with those corners "
+            "(torchvision FiveCrop); +hflip: that crop mirrored left-right (PIL FLIP_LEFT_RIGHT)"
+        ]
+    )
     return {
         "format_version": FORMAT_VERSION,
         "vqpipe_version": vqpipe_version,
@@ -148,14 +170,15 @@ def file_metadata(
             else None
         ),
         "preprocessing": {
-            "transform": "var_val",
+            "transform": "var_val" if tuple(views) == DEFAULT_VIEWS else "var_val_views",
             "steps": [
                 "PIL Image.open(...).convert('RGB') (no EXIF transpose, alpha dropped)",
-                f"resize shorter side to round(1.125*{resolution}) = {round(1.125 * resolution)} with LANCZOS",
-                f"center crop {resolution} (torchvision offsets: int(round((size - crop) / 2)))",
+                f"resize shorter side to round(1.125*{resolution}) = {mid} with LANCZOS",
+                *crops,
                 "model input = uint8 / 255 * 2 - 1, float32 NCHW",
             ],
         },
+        "views": list(views),
         "precision": precision,
         "batch_size": batch_size,
         "shard": shard,

@@ -29,9 +29,10 @@ from .encode import Encoder, build_encoder
 from .errors import SampleError, ShardError
 from .ledger import Ledger
 from .plan import Shard
-from .preprocess import preprocess, probe_jpeg
+from .preprocess import preprocess, preprocess_views, probe_jpeg
 from .reader import RawSample, ReadStats, iter_samples
 from .schema import data_schema, file_metadata
+from .views import DEFAULT_VIEWS
 from .writer import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ class ShardWorker:
             shard={"id": shard.shard_id, "url": storage.redact(shard.url)},
             batch_size=enc.batch_size,
             vqpipe_version=__version__,
+            views=enc.views,
         )
-        schema = data_schema(self.encoder.layout, meta)
+        schema = data_schema(self.encoder.layout, meta, view_column=enc.views != DEFAULT_VIEWS)
         writer = ShardWriter(
             self.ledger.data_url(shard.shard_id),
             self.ledger.errors_url(shard.shard_id),
@@ -140,7 +142,9 @@ class ShardWorker:
             # the fingerprint of the bytes read (equal before and after reading), not the one from planning
             "input": {"url": storage.redact(shard.url), "fingerprint": read_fp},
             "samples": counts["samples"],
-            "rows": writer.rows,
+            "images": counts["images"],  # encoded; images + errors = samples
+            "rows": writer.rows,  # one per image and view
+            "views": list(enc.views),
             "errors": n_errors,
             "errors_by_reason": dict(sorted(errors.items())),
             # every tar member is in a sample or counted here (docs/reliability.md, "Every member accounted")
@@ -210,13 +214,15 @@ class ShardWorker:
                             continue
                     else:
                         pixels = np.stack([item[3] for item in batch])
-                    keys, labels, metas, _ = zip(*batch)
+                    keys, labels, metas, _, views = zip(*batch)
                     if agreement is None and not self._exact:  # a per-shard sample of drift
                         agreement = self._agreement(batch, pixels)
                     codes, var_input = self.encoder(pixels, timer=clock.add)
-                    out.put((keys, labels, metas, codes, var_input))
-                    if on_progress:
-                        on_progress(len(keys))
+                    out.put((keys, labels, metas, codes, var_input, views))
+                    images = views.count(self.config.encode.views[0])  # each image has one row per view
+                    counts["images"] += images
+                    if on_progress and images:  # a batch of crops may hold no first view; Ray's inc(0) raises
+                        on_progress(images)
                     if committed_elsewhere():
                         raise _Superseded
             now = storage.input_version(shard.url, opts)
@@ -280,6 +286,7 @@ class ShardWorker:
         futures: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         resolution, max_pixels = self.resolution, self.config.encode.max_image_pixels
+        views = self.config.encode.views
         on_device = self.device_decoder is not None
         logged = threading.Event()
 
@@ -289,7 +296,7 @@ class ShardWorker:
             try:
                 if on_device and clock.timed("decode", probe_jpeg, sample.image, max_pixels) is not None:
                     return _Jpeg(sample.image)
-                return clock.timed("decode", preprocess, sample.image, resolution, max_pixels)
+                return clock.timed("decode", preprocess_views, sample.image, resolution, views, max_pixels)
             except SampleError as e:
                 return e
             except Exception as e:  # noqa: BLE001 - one sample never fails its shard; a bug shows in the log
@@ -338,10 +345,14 @@ class ShardWorker:
             if isinstance(result, SampleError):
                 writer.add_error(sample.key, result.reason, result.detail, sample.key_raw)
                 continue
-            batch.append((sample.key, sample.label, sample.meta, result))
-            if len(batch) == self.config.encode.batch_size:
-                yield batch
-                batch = []
+            # One decoded image -> one batch item per view (an encoder batch counts crops); a _Jpeg is the centre
+            # view only (the config refuses other views with device decode).
+            crops = [result] if isinstance(result, _Jpeg) else result
+            for view, pixels in zip(self.config.encode.views, crops, strict=True):
+                batch.append((sample.key, sample.label, sample.meta, pixels, view))
+                if len(batch) == self.config.encode.batch_size:
+                    yield batch
+                    batch = []
         if batch:
             yield batch
 

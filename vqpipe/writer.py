@@ -78,11 +78,12 @@ class ShardWriter:
         metas: Sequence[str | None],
         codes: np.ndarray,
         var_input: np.ndarray | None,
+        views: Sequence[str] | None = None,
     ) -> None:
         try:
-            tables = [data_table(self.schema, keys, labels, metas, codes, var_input)]
+            tables = [data_table(self.schema, keys, labels, metas, codes, var_input, views)]
         except Exception:  # noqa: BLE001 - some row's value: find it, keep the others
-            tables = self._rows_one_by_one(keys, labels, metas, codes, var_input)
+            tables = self._rows_one_by_one(keys, labels, metas, codes, var_input, views)
         for table in tables:
             self._pending.append(table)
             self._pending_rows += table.num_rows
@@ -90,13 +91,18 @@ class ShardWriter:
         if self._pending_rows >= self.rows_per_group:
             self._flush()
 
-    def _rows_one_by_one(self, keys, labels, metas, codes, var_input) -> list[pa.Table]:
+    def _rows_one_by_one(self, keys, labels, metas, codes, var_input, views) -> list[pa.Table]:
         tables = []
         for i, key in enumerate(keys):
             one = None if var_input is None else var_input[i : i + 1]
+            view = None if views is None else views[i : i + 1]
             try:
-                tables.append(data_table(self.schema, [key], [labels[i]], [metas[i]], codes[i : i + 1], one))
+                tables.append(
+                    data_table(self.schema, [key], [labels[i]], [metas[i]], codes[i : i + 1], one, view)
+                )
             except Exception as e:  # noqa: BLE001 - this sample's row only
+                if any(err.key == _escaped(key) for err in self.errors):
+                    continue  # another view of the same image: one error record per sample
                 if not self._row_error_logged:
                     self._row_error_logged = True
                     logger.exception(

@@ -101,6 +101,10 @@ def _no_autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
@@ -110,7 +114,7 @@ def _area(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class MultiScaleQuantizer(nn.Module):
-    """VAR's `VectorQuantizer2`, inference paths only (no training forward, no hit statistics)."""
+    """VAR's `VectorQuantizer2`: the training forward (SPEC §3.4) and the inference paths (§3.1-3.3)."""
 
     def __init__(
         self,
@@ -137,9 +141,69 @@ class MultiScaleQuantizer(nn.Module):
         self.quant_resi = make_phi(
             Cvae, quant_resi, share_quant_resi, len(v_patch_nums), default_qresi_counts
         )
-        # Written only by VAR's training forward; kept because the checkpoint (and a strict load) has it.
+        # Per-scale EMA of codebook hits, written only by the training forward; in the checkpoint.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(v_patch_nums), vocab_size))
+        self.record_hit = 0  # counts quantized scales (not steps), which drives VAR's EMA schedule
         self.embedding = nn.Embedding(vocab_size, Cvae)
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def forward(
+        self, f: torch.Tensor, ret_usages: bool = False
+    ) -> tuple[torch.Tensor, list[float] | None, torch.Tensor]:
+        """VAR's training quantization of latent f (B, C, H, W): (f_hat, usages, vq_loss).
+
+        f_hat carries f's gradient unchanged (straight-through); vq_loss trains the encoder (commitment,
+        weighted by beta) and the codebook and phi. In training mode each scale's code hits update the
+        usage EMA (summed over ranks when torch.distributed is initialised; one process otherwise).
+        `usages` (with ret_usages) is the percentage of codes per scale whose EMA reaches a margin.
+        """
+        if f.dtype != torch.float32:
+            f = f.float()
+        b, _, h, w = f.shape
+        hws = self._patch_hws(None, h, w)
+        codebook = self.embedding.weight.detach()
+        vq_loss: torch.Tensor | float = 0.0
+        with _no_autocast(f.device):
+            f_no_grad = f.detach()
+            residual = f_no_grad.clone()
+            f_hat = torch.zeros_like(residual)
+            for si in range(len(hws)):
+                idx, up = self._quantize_scale(residual, si, hws, codebook)
+                # Not in place: the codebook and phi get their gradient through f_hat.
+                f_hat = f_hat + up
+                residual.sub_(up.detach())
+                if self.training:
+                    self._record_hits(si, idx)
+                commitment = F.mse_loss(f_hat.detach(), f).mul_(self.beta)
+                vq_loss = vq_loss + (commitment + F.mse_loss(f_hat, f_no_grad))
+            vq_loss = vq_loss * (1.0 / len(hws))
+            # Forward value f_hat, gradient to f as the identity.
+            f_hat = (f_hat.detach() - f_no_grad).add_(f)
+        usages = self.usages(b * h * w) if ret_usages else None
+        return f_hat, usages, vq_loss
+
+    def _record_hits(self, si: int, idx: torch.Tensor) -> None:
+        hits = idx.flatten().bincount(minlength=self.vocab_size).float()
+        if _distributed():
+            torch.distributed.all_reduce(hits)
+        ema = self.ema_vocab_hit_SV[si]
+        if self.record_hit == 0:
+            ema.copy_(hits)
+        elif self.record_hit < 100:
+            ema.mul_(0.9).add_(hits.mul(0.1))
+        else:
+            ema.mul_(0.99).add_(hits.mul(0.01))
+        self.record_hit += 1
+
+    def usages(self, tokens_per_step: int) -> list[float]:
+        """Per scale, the percentage of codes whose hit EMA is at least 8% of an even share of the tokens.
+
+        tokens_per_step is B*H*W of the finest latent on this rank (VAR's margin, whatever the scale).
+        """
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        margin = world * tokens_per_step / self.vocab_size * 0.08
+        return [(row >= margin).float().mean().item() * 100 for row in self.ema_vocab_hit_SV]
 
     # -- encoding -------------------------------------------------------------------------------------
 
@@ -165,6 +229,22 @@ class MultiScaleQuantizer(nn.Module):
             )
         return hws
 
+    def _quantize_scale(
+        self, residual: torch.Tensor, si: int, hws: Sequence[tuple[int, int]], codebook: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale si of the residual: its codes (B, ph, pw) and phi(upsampled embeddings) (B, C, H, W)."""
+        b, c, h, w = residual.shape
+        ph, pw = hws[si]
+        last = si == len(hws) - 1
+        # The finest scale uses the residual itself, never an identity interpolation.
+        z = residual if last else _area(residual, (ph, pw))
+        idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, c), codebook).view(b, ph, pw)
+        up = self.embedding(idx).permute(0, 3, 1, 2)
+        if not last:
+            up = _bicubic(up, (h, w))
+        # Contiguous here (channels-last views in the decode paths): the phi conv rounds differently.
+        return idx, self.quant_resi.select(si, len(hws))(up.contiguous())
+
     def f_to_idxBl_or_fhat(
         self, f: torch.Tensor, to_fhat: bool, v_patch_nums: Sequence[PatchNum] | None = None
     ) -> list[torch.Tensor]:
@@ -173,33 +253,24 @@ class MultiScaleQuantizer(nn.Module):
         Returns per scale the codes (B, ph*pw) int64, or (to_fhat) a copy of the running f_hat (B, C, H, W).
         Runs in f's dtype, which must be the codebook's (float32): no implicit casts.
         """
-        b, c, h, w = f.shape
+        b, _, h, w = f.shape
         codebook = self.embedding.weight.detach()
         if f.dtype != codebook.dtype:
             raise TypeError(
                 f"latent is {f.dtype} but the codebook is {codebook.dtype}; cast the latent first"
             )
         hws = self._patch_hws(v_patch_nums, h, w)
-        num_scales = len(hws)
         out: list[torch.Tensor] = []
         with _no_autocast(f.device):
             residual = f.detach().clone()
             f_hat = torch.zeros_like(residual)
-            for si, (ph, pw) in enumerate(hws):
+            for si in range(len(hws)):
                 if 0 <= self.prog_si < si:
                     break
-                last = si == num_scales - 1
-                # The finest scale uses the residual itself, never an identity interpolation.
-                z = residual if last else _area(residual, (ph, pw))
-                idx = self._nearest(z.permute(0, 2, 3, 1).reshape(-1, c), codebook)
-                up = self.embedding(idx.view(b, ph, pw)).permute(0, 3, 1, 2)
-                if not last:
-                    up = _bicubic(up, (h, w))
-                # Contiguous here (channels-last views in the decode paths): the phi conv rounds differently.
-                up = self.quant_resi.select(si, num_scales)(up.contiguous())
+                idx, up = self._quantize_scale(residual, si, hws, codebook)
                 f_hat.add_(up)
                 residual.sub_(up)
-                out.append(f_hat.clone() if to_fhat else idx.reshape(b, ph * pw))
+                out.append(f_hat.clone() if to_fhat else idx.reshape(b, -1))
         return out
 
     def f_to_idxBl(

@@ -20,7 +20,7 @@ class VQVAE(nn.Module):
 
     Keywords are VAR's. Differences: `ch` defaults to 160, the width of the released checkpoint
     `vae_ch160v4096z32.pth` (VAR's class default is 128 and its builder passes 160); `ch_mult` and
-    `num_res_blocks` (hard-coded in VAR) are exposed for small test models; there is no training `forward`.
+    `num_res_blocks` (hard-coded in VAR) are exposed for small test models.
     Construction has no global side effects (VAR's builder disables layer init process-wide).
     """
 
@@ -77,6 +77,19 @@ class VQVAE(nn.Module):
     def resolution(self) -> int:
         """Image side the model's own schedule expects."""
         return self.downsample * self.v_patch_nums[-1]
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def forward(
+        self, img: torch.Tensor, ret_usages: bool = False
+    ) -> tuple[torch.Tensor, list[float] | None, torch.Tensor]:
+        """VAR's training forward (SPEC §3.4): (reconstruction, usages, vq_loss).
+
+        The reconstruction is not clamped (fhat_to_img clamps); gradients reach the encoder straight
+        through the quantizer. Build with test_mode=False (or unfreeze) to train.
+        """
+        f_hat, usages, vq_loss = self.quantize(self.encode_latent(img), ret_usages)
+        return self.decoder(self.post_quant_conv(f_hat)), usages, vq_loss
 
     # -- image -> codes ---------------------------------------------------------------------------------
 

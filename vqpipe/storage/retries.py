@@ -20,34 +20,52 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Retry policy for transient errors (connection reset, timeout) that escape the filesystem's own retries.
-# botocore and s3fs already retry throttling and HTTP/connect errors per request, but a connection dropped
-# while a body is being read surfaces as a plain ConnectionError and would kill a shard hours into a job.
+# botocore, s3fs and gcsfs already retry throttling, 5xx and connect errors per request, but a connection
+# dropped while a body is being read surfaces as a plain ConnectionError and would kill a shard hours into a job.
 # A few attempts with doubling backoff (0.5 + 1 + 2 s) ride out a network blip without multiplying the
 # client's own retries against a dead endpoint; past that, the job's per-shard retry takes over.
 RETRY_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.5
 
-# Errors worth a re-open. botocore's connection errors are left out on purpose: botocore and s3fs have
-# already retried those (~7 s against a dead endpoint) and another round would multiply the wait. What
-# escapes them mid-body is a plain ConnectionError or an aiohttp error, which s3fs re-raises as is.
+# Which errors vqpipe retries itself: failures that break a call after the client library has returned a
+# response (a connection dropped or timed out while a body streams; an open file's read is retried by no
+# client). Everything the client retries per request is left out on purpose, so that a store that stays down
+# fails in the client's time, not a multiple of it: HTTP error answers (503 SlowDown, 500, 429: botocore makes
+# 5 attempts and s3fs 5 more rounds for SlowDown; gcsfs makes 6 attempts with 1-16 s backoff) and failures to
+# connect (botocore's EndpointConnectionError, aiohttp's ClientConnectorError from gcsfs). Permanent errors
+# (403, 404, NoSuchBucket, bad arguments) are retried by nobody. Past these retries, the job's per-shard retry
+# takes over. tests/test_storage_faults.py shows each case through a fault-injecting proxy.
 _OPTIONAL_TRANSIENT = (
     ("aiohttp", ("ClientPayloadError", "ClientConnectionError", "ServerTimeoutError")),
     ("requests.exceptions", ("ConnectionError", "ChunkedEncodingError", "Timeout")),
 )
+# Subclasses of the above that mean "could not connect" (gcsfs has retried them) or an HTTP 502 answer (gcsfs
+# raises requests' ProxyError for it, after its retries).
+_OPTIONAL_NOT_TRANSIENT = (
+    ("aiohttp", ("ClientConnectorError",)),
+    ("requests.exceptions", ("ProxyError",)),
+)
 
 
-def _is_transient(e: BaseException) -> bool:
-    """A dropped connection or timeout worth retrying (as opposed to missing, forbidden, malformed)."""
-    if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
-        return True
+def _is_instance_of_any(e: BaseException, classes: tuple[tuple[str, tuple[str, ...]], ...]) -> bool:
     # Client libraries are only consulted when already imported: none is a dependency of this module.
-    for module_name, names in _OPTIONAL_TRANSIENT:
+    for module_name, names in classes:
         module = sys.modules.get(module_name)
         for name in names:
             cls = getattr(module, name, None) if module is not None else None
             if isinstance(cls, type) and isinstance(e, cls):
                 return True
     return False
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A dropped connection or timeout that vqpipe retries (see above), as opposed to an error answer the
+    client already retried, or a missing, forbidden or malformed request."""
+    if _is_instance_of_any(e, _OPTIONAL_NOT_TRANSIENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
+        return True
+    return _is_instance_of_any(e, _OPTIONAL_TRANSIENT)
 
 
 def _backoff(attempt: int, backoff_s: float) -> float:
