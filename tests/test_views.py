@@ -253,6 +253,7 @@ def test_default_run_writes_the_1_0_columns(tmp_path, one_torch_thread):
 def test_job_with_crops10(ray_session, tmp_path):
     from vqpipe.job import tokenize
     from vqpipe.ledger import Ledger
+    from vqpipe.plan import shard_id
 
     samples = [{"__key__": f"k{i}", "jpg": good_image_bytes(i, "jpg", (70 + i, 64))} for i in range(3)]
     samples.insert(1, {"__key__": "bad", "jpg": b"\xff\xd8 not really a jpeg"})
@@ -260,7 +261,7 @@ def test_job_with_crops10(ray_session, tmp_path):
     cfg = _config(tmp_path, views="crops10", batch_size=8)  # 30 rows: the last batch holds no center view
     summary = tokenize(cfg)
     assert summary.ok
-    done = Ledger(cfg.output).read_done("part-000000")
+    done = Ledger(cfg.output).read_done(shard_id(str(tmp_path / "part-000000.tar")))
     assert (done["samples"], done["images"], done["rows"], done["errors"]) == (4, 3, 30, 1)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert (

@@ -1,4 +1,4 @@
-"""`vqpipe tokenize | status | inspect | decode | sample | finetune`: the command line.
+"""`vqpipe tokenize | status | compact | inspect | decode | sample | finetune`: the command line.
 
 Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
 (nothing was written), 3 OUT in use by another run, 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun
@@ -105,6 +105,32 @@ def run_status(args: argparse.Namespace) -> int:
         if d["active_run"]:
             print(f"active:  {d['active_run']['description']}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from .compact import CompactOptions, compact, duckdb_sql, read_sources
+
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    if args.sql:
+        print(duckdb_sql(read_sources(args.output.rstrip("/"), storage_options)))
+        return EXIT_OK
+    result = compact(
+        CompactOptions(
+            output=args.output.rstrip("/"),
+            target_bytes=None if args.target_rows else args.target_bytes,
+            target_rows=args.target_rows,
+            row_group_rows=args.row_group_rows,
+            delete_sources=args.delete_sources,
+            storage_options=storage_options,
+            wait_for_lease_s=args.wait_for_lease_s,
+        )
+    )
+    print(
+        f"compacted {result.shards} shard(s), {result.rows} rows into {len(result.new_parts)} new file(s); "
+        f"{result.already_compacted} compacted before; {result.stale} stale entr(ies) ignored; "
+        f"{result.deleted_sources} data file(s) deleted"
+    )
+    return EXIT_OK
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -225,6 +251,32 @@ def parser() -> argparse.ArgumentParser:
         "--storage-options", help="fsspec options as JSON (credentials normally come from the environment)"
     )
     s.set_defaults(func=run_status, log_level=None)
+    c = sub.add_parser(
+        "compact", help="copy committed shards into fewer, larger Parquet files (docs/compaction.md)"
+    )
+    c.add_argument("output", metavar="OUT")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument(
+        "--target-bytes",
+        type=int,
+        default=256 * 2**20,
+        help="data-file bytes per compacted file (default 256 MiB)",
+    )
+    g.add_argument("--target-rows", type=int, help="rows per compacted file, instead of --target-bytes")
+    c.add_argument("--row-group-rows", type=int, default=512, help="rows per row group (default 512)")
+    c.add_argument(
+        "--delete-sources",
+        action="store_true",
+        help="delete the data files of compacted shards once the manifest lists them (default: keep them)",
+    )
+    c.add_argument(
+        "--sql",
+        action="store_true",
+        help="write nothing; print a DuckDB query over every committed row (compacted and data files)",
+    )
+    c.add_argument("--wait-for-lease", dest="wait_for_lease_s", type=float, default=0.0, metavar="SECONDS")
+    c.add_argument("--storage-options", help="fsspec options as JSON")
+    c.set_defaults(func=run_compact, log_level=None)
     i = sub.add_parser(
         "inspect", help="a report on an output: reconstructions, codebook usage, errors, speed"
     )

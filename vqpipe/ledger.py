@@ -1,6 +1,6 @@
 """The run directory: run.json, plan.json, done markers (commit records), failure records, and the status summary.
 
-Layout under OUT (see README, "Output format"):
+Layout under OUT (see docs/format.md):
     run.json                 resolved config, output fingerprint, versions (written at the start)
     plan.json                the shards the latest run was asked to process (id -> input URL)
     lease.json               the run writing here now, if any (vqpipe/lease.py)

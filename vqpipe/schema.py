@@ -1,4 +1,4 @@
-"""The Parquet schema and file metadata of vqpipe's output (format documented in README, "Output format").
+"""The Parquet schema and file metadata of vqpipe's output (format documented in docs/format.md).
 
 Plain Arrow types only, so pyarrow, Hugging Face `datasets`, Polars, DuckDB, pandas and Ray Data read the files
 without vqpipe: `codes` is a fixed-size list and, since format 1.1, `var_input` a fixed-size list of fixed-size

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # Statistics over 680-long code lists and 20k-value tensors cost time and space and answer no query, and
 # dictionary-encoding them costs 2.3-3.4 ms of CPU per row for files 3.5% larger (benchmarks/README.md).
 _PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["key", "label"], "use_dictionary": ["label"]}
+PARQUET_OPTIONS = _PARQUET_OPTIONS  # the same for compacted files (vqpipe/compact.py)
 
 
 @dataclass(frozen=True)

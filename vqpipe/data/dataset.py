@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import StorageError
 from ..ledger import Ledger
+from ..manifest import Manifest, Source, sources
 from ..schema import read_metadata
 from .epoch import EpochPlan, make_plan, window_order
 from .rows import RowBlock
@@ -32,7 +33,8 @@ _STATE_VERSION = 1
 class TokenDataset(IterableDataset):
     """Rows of an OUT as `{"key", "label", "codes", "var_input"?, "meta"?}`, sharded like DistributedSampler.
 
-    - Only shards with a done marker at construction are read; rows per shard come from the markers.
+    - Only shards with a done marker at construction are read; rows per shard come from the markers. Shards
+      that `vqpipe compact` copied are read from their compacted file, the others from data/ (manifest.py).
     - `rank`/`world_size` default to torch.distributed's when it is initialised, else 0/1; DataLoader workers
       split a rank's rows further. Every rank yields `len(self)` rows; `drop_last=False` fills the last round by
       repeating rows from the epoch's start, `drop_last=True` drops the tail.
@@ -41,6 +43,7 @@ class TokenDataset(IterableDataset):
     - `columns`: any of label, codes, var_input, meta, and any other column the files have (fixed-size
       lists as tensors, other types as Python values; nulls in those stay None).
     - A null label becomes `label_fill` (VAR's trainer takes `num_classes` as its "no class" index).
+    - `compacted=False`: ignore `vqpipe compact`'s files and read data/ (to resume an epoch begun before it).
     - `batch_size`: yield ready batches (use `DataLoader(ds, batch_size=None)`), much cheaper per row than
       collating single items; the same rows in the same order either way.
     """
@@ -59,6 +62,7 @@ class TokenDataset(IterableDataset):
         shuffle_buffer: int = 4096,
         batch_size: int | None = None,
         shards: Sequence[str] | None = None,
+        compacted: bool = True,
         storage_options: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -86,9 +90,11 @@ class TokenDataset(IterableDataset):
         markers = ledger.read_done_many(committed)
         self.shard_ids = tuple(committed)
         self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
-        self.data_urls = tuple(ledger.data_url(s) for s in committed)
+        # The files to read: the epoch is planned over these (a data file, or a compacted file's counted rows).
+        # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a compaction.
+        self.sources: tuple[Source, ...] = tuple(sources(ledger, markers, None if compacted else Manifest()))
         self.metadata = self._check_columns()
-        self._digest = hashlib.sha256(repr(list(zip(self.shard_ids, self.shard_rows))).encode()).hexdigest()
+        self._digest = _digest(self.shard_ids, self.shard_rows, self.sources)
 
     # -- public API ---------------------------------------------------------------------------------------------
 
@@ -134,8 +140,9 @@ class TokenDataset(IterableDataset):
                 )
         if state["shards_digest"] != self._digest:
             raise ValueError(
-                f"{self.out}: the committed shards changed since the state was saved (now {len(self.shard_ids)}); "
-                "build the dataset with shards= the saved run's shard_ids to finish that epoch"
+                f"{self.out}: the committed shards changed since the state was saved (now {len(self.shard_ids)}), "
+                "or where their rows are stored (vqpipe compact); to finish that epoch, build the dataset with "
+                "shards= the saved run's shard_ids, and compacted=False if OUT was compacted since"
             )
         self.epoch = state["epoch"]
         self._resume = dict(state)
@@ -182,7 +189,7 @@ class TokenDataset(IterableDataset):
 
     def _plan(self) -> EpochPlan:
         return make_plan(
-            self.shard_rows,
+            [s.rows for s in self.sources],
             world_size=self.world_size,
             drop_last=self.drop_last,
             shuffle=self.shuffle,
@@ -237,11 +244,11 @@ class TokenDataset(IterableDataset):
 
     def _check_columns(self) -> dict[str, Any]:
         """The first non-empty data file's vqpipe metadata; every asked column must be in it."""
-        for url, rows in zip(self.data_urls, self.shard_rows):
-            if rows:
-                f, source = open_parquet(url, self.storage_options)
+        for src in self.sources:
+            if src.rows:
+                f, source = open_parquet(src.url, self.storage_options)
                 try:
-                    check_file(f.schema_arrow, url, self.columns)
+                    check_file(f.schema_arrow, src.url, self.columns)
                     return read_metadata(f.schema_arrow)
                 finally:
                     f.close()
@@ -284,6 +291,16 @@ class TokenBatch:
         pinned = {n: getattr(self, n).pin_memory() for n in ("label", "codes", "var_input") if n in self}
         extra = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
         return replace(self, **pinned, extra=extra)
+
+
+def _digest(shard_ids: tuple[str, ...], shard_rows: tuple[int, ...], srcs: tuple[Source, ...]) -> str:
+    """What a saved state must match: the committed shards and, once some are compacted, where their rows are."""
+    if all(
+        s.file_rows is None for s in srcs
+    ):  # data files only: the digest states saved before compaction have
+        return hashlib.sha256(repr(list(zip(shard_ids, shard_rows))).encode()).hexdigest()
+    layout = [(s.id, s.rows, s.ranges, s.shards) for s in srcs]
+    return hashlib.sha256(repr(layout).encode()).hexdigest()
 
 
 def _worker() -> tuple[int, int]:
