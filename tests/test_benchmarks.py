@@ -5,9 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow  # a benchmark script end to end (~30 s on 2 cores): not a unit test
 def test_gpu_check_reports_every_mode_with_its_agreement(tmp_path):
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, "benchmarks/gpu_check.py", "--preset", "tiny", "--device", "cpu", "--images", "16"]
@@ -37,6 +39,7 @@ def test_gpu_check_reports_every_mode_with_its_agreement(tmp_path):
         assert r["encoder_only_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0
 
 
+@pytest.mark.slow  # starts Ray, runs Ray Data
 def test_bench_runs_every_pipeline_and_they_agree(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "benchmarks/bench.py", "--quick", "--preset", "tiny", "--batch-size", "4"]

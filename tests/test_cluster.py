@@ -263,7 +263,7 @@ def head():
 
 def job_args(shard_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "python", "jobs/tokenize.py", str(shard_dir), "--output", str(out), "--model", "tiny", "--random-weights",
+        "python", "jobs/run_tokenize.py", str(shard_dir), "--output", str(out), "--model", "tiny", "--random-weights",
         "--batch-size", "4", "--max-error-rate", "0.6", *extra,
     ]  # fmt: skip
 
@@ -301,7 +301,7 @@ class TestRayJob:
         packages = list(head.tmp.glob("ray/session_*/runtime_resources/working_dir_files/*/"))
         assert packages, "the job ran without the uploaded working dir"
         for pkg in packages:
-            assert (pkg / "jobs" / "tokenize.py").is_file() and (pkg / "vqpipe" / "cluster.py").is_file()
+            assert (pkg / "jobs" / "run_tokenize.py").is_file() and (pkg / "vqpipe" / "cluster.py").is_file()
             assert not (pkg / ".venv").exists() and not (pkg / ".git").exists()
 
     def test_actor_metrics_are_exported(self, head):

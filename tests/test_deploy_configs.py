@@ -247,7 +247,7 @@ def test_rayjob_shape(label):
     assert DNS_1123.match(name) and len(name) <= 42, name  # KubeRay caps RayJob names at 47 (+5 generated)
     spec = job["spec"]
     args = shlex.split(spec["entrypoint"])
-    assert args[0] == "python" and args[1].endswith("jobs/tokenize.py") and "--config" in args
+    assert args[0] == "python" and args[1].endswith("jobs/run_tokenize.py") and "--config" in args
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True
     for key in ("ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds"):
@@ -283,6 +283,13 @@ def test_entrypoint_script_is_in_the_repo():
         script = shlex.split(job["spec"]["entrypoint"])[1]
         rel = script[script.index("jobs/") :]
         assert (ROOT / rel).is_file(), f"{rel} (the image copies the repo to {script[: -len(rel)]})"
+
+
+def test_entry_points_shadow_no_standard_module():
+    """`python jobs/x.py` puts jobs/ first on sys.path: a jobs/tokenize.py once hid the standard library's
+    tokenize (which logging and traceback import) and the job died on a circular import."""
+    names = [p.stem for p in (ROOT / "jobs").glob("*.py")]
+    assert names and not [n for n in names if n in sys.stdlib_module_names]
 
 
 @pytest.mark.parametrize("label", SOURCES)

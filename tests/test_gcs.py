@@ -55,7 +55,7 @@ def test_gcs_expansion_is_one_listing_and_fresh(gcs: Any, prefix: str) -> None:
     assert [u for u, _ in got] == [gcs.url(f"{prefix}/shards/part-{i:06d}.tar") for i in range(12)]
     assert len(gcs.requests) - start == 1, gcs.requests[start:]  # one listing, no per-object GET
     assert got[0][1]["size"] == 3 and got[0][1]["version"]  # the generation identifies the object version
-    assert got[0][1] == storage.input_fingerprint(got[0][0], opts)
+    assert got[0][1] == storage.input_version(got[0][0], opts)
 
     want = [gcs.url(f"{prefix}/shards/part-{i:06d}.tar") for i in range(12)]
     assert storage.expand_inputs([gcs.url(f"{prefix}/shards/*.tar")], opts) == want
@@ -71,7 +71,7 @@ def test_gcs_expansion_is_one_listing_and_fresh(gcs: Any, prefix: str) -> None:
 def test_gcs_reads_stream_and_survive_a_reset_mid_body(
     gcs: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     data = os.urandom(5 * MiB)
     gcs.seed({f"{prefix}/x.tar": data})
     with fault_proxy(gcs.endpoint_url, flavor="gcs", rate=0.0) as proxy:

@@ -66,7 +66,7 @@ def out(tmp_path_factory, one_torch_thread):
     ledger.write_plan({f"part-{i:06d}": u for i, u in enumerate(urls)})
     worker = ShardWorker.from_config(cfg)
     for i, url in enumerate(urls):
-        shard = Shard(f"part-{i:06d}", url, storage.input_fingerprint(url))
+        shard = Shard(f"part-{i:06d}", url, storage.input_version(url))
         try:
             worker.process(shard)
         except ShardError as e:  # what the job's driver records for a shard that failed

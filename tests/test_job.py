@@ -205,44 +205,7 @@ def test_cli_exit_codes_and_status(first_run, shard_dir, capsys):
     assert status["shards"] == {"planned": 3, "done": 3, "failed": 0, "pending": 0}
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--precision", "fp8"], "model.precision: must be one of"),
-        (["--batch-size", "0"], "encode.batch_size: must be > 0"),
-        (["--model", "var1024"], "unknown preset 'var1024'"),
-        (["--checkpoint", "/nonexistent/vae.pth"], "model.random_weights: conflicts"),
-    ],
-)
-def test_cli_rejects_bad_settings_with_the_key_named(tmp_path, shard_dir, caplog, extra, message):
-    d, _ = shard_dir
-    args = [
-        "tokenize",
-        str(d),
-        "--output",
-        str(tmp_path / "o"),
-        "--model",
-        "tiny",
-        "--random-weights",
-        *extra,
-    ]
-    assert main(args) == 2
-    assert message in caplog.text
-
-
-def test_config_file_unknown_key_and_missing_inputs(tmp_path, caplog):
-    cfg = tmp_path / "job.toml"
-    cfg.write_text(
-        'inputs = ["x.tar"]\noutput = "o"\n[model]\npreset = "tiny"\nrandom_weights = true\nprecison = "exact"\n'
-    )
-    assert main(["tokenize", "--config", str(cfg)]) == 2
-    assert "model.precison: unknown setting (did you mean 'precision'?)" in caplog.text
-    yml = tmp_path / "job.yaml"
-    yml.write_text(
-        f"inputs: [{tmp_path}/nothing-*.tar]\noutput: {tmp_path}/o\nmodel: {{preset: tiny, random_weights: true}}\n"
-    )
-    assert main(["tokenize", "--config", str(yml)]) == 2
-    assert "nothing-*.tar" in caplog.text
+# The usage errors (bad settings, unknown keys, missing inputs) are unit tests: tests/test_cli.py.
 
 
 def test_rerun_with_different_output_settings_is_refused(first_run, shard_dir, caplog):

@@ -81,7 +81,7 @@ def test_a_masked_url_must_also_match_the_fingerprint(tmp_path):
     a = touch(tmp_path / "in/key=1/part-0.tar", b"aaa")
     b = touch(tmp_path / "in/key=2/part-0.tar", b"bbbb")
     assert storage.redact(str(a)) == storage.redact(str(b))
-    fp_a = storage.input_fingerprint(str(a))
+    fp_a = storage.input_version(str(a))
     commit(ledger, "part-0", str(a), fp_a)
     plan = planned([tmp_path / "in/*/part-0.tar"], ledger)
     assert [s.url for s in plan.done] == [str(a)] and [s.url for s in plan.todo] == [str(b)]
@@ -90,7 +90,7 @@ def test_a_masked_url_must_also_match_the_fingerprint(tmp_path):
 def test_changed_input_is_reported_and_redone_under_its_id(tmp_path):
     ledger = Ledger(str(tmp_path / "out"))
     a = touch(tmp_path / "in/part-0.tar", b"old")
-    commit(ledger, "part-0", str(a), storage.input_fingerprint(str(a)))  # legacy id
+    commit(ledger, "part-0", str(a), storage.input_version(str(a)))  # legacy id
     touch(a, b"newer")
     plan = planned([a], ledger, reprocess_changed=True)
     assert [s.shard_id for s in plan.changed] == ["part-0"] and [s.shard_id for s in plan.todo] == ["part-0"]

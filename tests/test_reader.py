@@ -75,9 +75,7 @@ def worker(tmp_path_factory):
 
 def process(worker, path, shard_id=None, **kwargs) -> dict:
     shard_id = shard_id or path.name.split(".")[0]
-    return worker.process(
-        Shard(shard_id, str(path), storage.input_fingerprint(str(path))), **kwargs
-    ).to_json()
+    return worker.process(Shard(shard_id, str(path), storage.input_version(str(path))), **kwargs).to_json()
 
 
 def error_table(worker, shard_id):
@@ -296,7 +294,7 @@ def test_the_done_marker_records_the_fingerprint_read_not_the_planned_one(worker
     path.write_bytes(tar_of([("a.jpg", JPG)]))
     stale = {"size": 1, "mtime": 0.0}  # as if planned before the file was replaced
     record = worker.process(Shard("fp", str(path), stale))
-    assert record.input.fingerprint == storage.input_fingerprint(str(path)) != stale
+    assert record.input.fingerprint == storage.input_version(str(path)) != stale
 
 
 def test_an_input_changed_while_read_fails_the_attempt_and_commits_nothing(worker, tmp_path):

@@ -269,7 +269,7 @@ def test_every_sample_is_a_row_or_an_error_and_every_member_is_accounted(worker,
     path = worker.tars / f"{shard_id}.tar"
     path.write_bytes(tar_bytes(members, fmt))
 
-    record = worker.process(Shard(shard_id, str(path), storage.input_fingerprint(str(path)))).to_json()
+    record = worker.process(Shard(shard_id, str(path), storage.input_version(str(path)))).to_json()
 
     with tarfile.open(path) as tar:  # `tar t`, read independently of vqpipe (random access, not a stream)
         listed = tar.getmembers()

@@ -98,7 +98,7 @@ def flaky(monkeypatch: pytest.MonkeyPatch) -> type[FlakyMemoryFileSystem]:
     fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
     for name, value in (("failures", 0), ("fail_at", 0), ("opens", 0)):
         monkeypatch.setattr(FlakyMemoryFileSystem, name, value)
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage.retries, "RETRY_BACKOFF_S", 0.0)
     return FlakyMemoryFileSystem
 
 
@@ -250,10 +250,10 @@ def test_fingerprint_from_listing_matches_input_fingerprint(mem: str) -> None:
     put(f"{mem}/s/a.tar", b"abc")
     put(f"{mem}/s/b.tar", b"abcd")
     for url, fp in storage.expand_inputs_with_info([f"{mem}/s/{{a,b}}.tar"]):
-        assert fp == storage.input_fingerprint(url)
-    assert storage.input_fingerprint(f"{mem}/s/b.tar")["size"] == 4
+        assert fp == storage.input_version(url)
+    assert storage.input_version(f"{mem}/s/b.tar")["size"] == 4
     with pytest.raises(StorageError, match="no such file"):
-        storage.input_fingerprint(f"{mem}/s/c.tar")
+        storage.input_version(f"{mem}/s/c.tar")
 
 
 def test_atomic_write_memory(mem: str) -> None:
@@ -369,18 +369,18 @@ def test_expand_local_paths_are_absolute(tmp_path: Any, monkeypatch: pytest.Monk
     got = storage.expand_inputs_with_info(["shards/p-{0..2}.tar"])
     assert [u for u, _ in got] == want
     for url, fp in got:
-        assert fp == storage.input_fingerprint(url)
+        assert fp == storage.input_version(url)
         assert set(fp) == {"size", "mtime"}
 
 
 def test_local_fingerprint_changes_with_the_file(tmp_path: Any) -> None:
     p = tmp_path / "a.tar"
     p.write_bytes(b"one")
-    before = storage.input_fingerprint(str(p))
-    assert storage.input_fingerprint(str(p)) == before
+    before = storage.input_version(str(p))
+    assert storage.input_version(str(p)) == before
     p.write_bytes(b"three")
     os.utime(p, (1_000_000, 1_000_000))
-    assert storage.input_fingerprint(str(p)) != before
+    assert storage.input_version(str(p)) != before
 
 
 def test_atomic_write_local_creates_dirs_and_replaces(tmp_path: Any) -> None:
@@ -483,23 +483,23 @@ def test_s3_reads_and_listings_are_not_served_from_a_stale_cache(s3: S3Server, p
         assert f.read() == b"a longer content"
     assert storage.list_files(s3.url(f"{prefix}/d"), ".tar", s3.storage_options) == ["a.tar", "b.tar"]
     assert storage.exists(s3.url(f"{prefix}/d/b.tar"), s3.storage_options)
-    assert storage.input_fingerprint(s3.url(f"{prefix}/d/a.tar"), s3.storage_options)["size"] == 16
+    assert storage.input_version(s3.url(f"{prefix}/d/a.tar"), s3.storage_options)["size"] == 16
 
 
 def test_s3_fingerprint_has_etag_and_matches_listing(s3: S3Server, prefix: str) -> None:
     s3.seed({f"{prefix}/a.tar": b"aaa", f"{prefix}/b.tar": b"bbbb"})
     got = dict(storage.expand_inputs_with_info([s3.url(f"{prefix}/{{a,b}}.tar")], s3.storage_options))
-    fp = storage.input_fingerprint(s3.url(f"{prefix}/a.tar"), s3.storage_options)
+    fp = storage.input_version(s3.url(f"{prefix}/a.tar"), s3.storage_options)
     assert fp == got[s3.url(f"{prefix}/a.tar")]  # listing (ms precision) and HEAD (s precision) agree
     assert fp["etag"] == hashlib.md5(b"aaa").hexdigest() and fp["size"] == 3 and isinstance(fp["mtime"], int)
     s3.seed({f"{prefix}/a.tar": b"AAA"})
-    assert storage.input_fingerprint(s3.url(f"{prefix}/a.tar"), s3.storage_options)["etag"] != fp["etag"]
+    assert storage.input_version(s3.url(f"{prefix}/a.tar"), s3.storage_options)["etag"] != fp["etag"]
 
 
 def test_s3_open_input_streams_in_range_requests(
     s3: S3Server, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     buf = io.BytesIO()
     members = {f"{i:04d}.jpg": os.urandom(300_000) for i in range(20)}  # ~6 MB tar
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -532,7 +532,7 @@ def test_s3_open_input_survives_a_connection_reset(
 ) -> None:
     data = os.urandom(5 * MiB)
     s3.seed({f"{prefix}/x.tar": data})
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     calls = {"n": 0}
     real_fetch = s3fs.core.S3File._fetch_range
 
@@ -555,7 +555,7 @@ def test_s3_open_input_refuses_an_object_that_changed(
     s3: S3Server, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s3.seed({f"{prefix}/x.tar": os.urandom(3 * MiB)})
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     real_fetch = s3fs.core.S3File._fetch_range
     calls = {"n": 0}
 
@@ -607,7 +607,7 @@ def test_s3_atomic_write_big_object(s3: S3Server, prefix: str) -> None:
             f.write(data[i : i + MiB])
         assert not storage.exists(url, s3.storage_options)  # nothing visible before the block exits
     assert storage.read_bytes(url, s3.storage_options) == data
-    assert storage.input_fingerprint(url, s3.storage_options)["etag"].endswith("-3")  # 3 parts: 5 + 5 + 2 MiB
+    assert storage.input_version(url, s3.storage_options)["etag"].endswith("-3")  # 3 parts: 5 + 5 + 2 MiB
     storage.write_json_atomic(s3.url(f"{prefix}/out/done/a.json"), {"ok": True}, s3.storage_options)
     assert storage.read_json(s3.url(f"{prefix}/out/done/a.json"), s3.storage_options) == {"ok": True}
     assert storage.list_files(s3.url(f"{prefix}/out"), ".parquet", s3.storage_options) == ["big.parquet"]
@@ -630,7 +630,7 @@ def test_s3_cleanup_removes_temp_keys_and_stale_uploads(s3: S3Server, prefix: st
 def test_s3_credentials_never_appear_in_errors(
     s3: S3Server, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage.retries, "RETRY_BACKOFF_S", 0.0)
     opts = {**s3.storage_options, "key": KEY_CANARY, "secret": SECRET_CANARY}
     s3.seed({f"{prefix}/a.tar": b"a"})
     host = s3.endpoint_url.removeprefix("http://")
@@ -642,7 +642,7 @@ def test_s3_credentials_never_appear_in_errors(
     failing = [
         lambda: storage.open_input(s3.url(f"{prefix}/missing.tar"), opts),
         lambda: storage.read_bytes(s3.url(f"{prefix}/missing.tar?token={SECRET_CANARY}"), opts),
-        lambda: storage.input_fingerprint(s3.url(f"{prefix}/missing.tar"), opts),
+        lambda: storage.input_version(s3.url(f"{prefix}/missing.tar"), opts),
         lambda: storage.expand_inputs([s3.url(f"{prefix}/x-{{0..3}}.tar")], opts),
         lambda: storage.expand_inputs([s3.url(f"{prefix}/*.parquet")], opts),
         lambda: storage.expand_inputs([f"s3://no-such-bucket-{prefix}/x.tar"], opts),
@@ -680,3 +680,15 @@ def test_atomic_write_whose_commit_flush_hits_a_full_disk(tiny_disk: Any) -> Non
     with pytest.raises(StorageError, match="plan.json: cannot write .*No space left on device"):
         storage.write_bytes_atomic(str(tiny_disk / "plan.json"), b"p" * 3000)  # buffered: fails on commit
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+def test_redaction_is_pure_text():
+    """redaction is used everywhere messages are built: it must not need fsspec (the other modules own it)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(storage.__file__).parent / "redaction.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported and not [m for m in imported if m.split(".")[0] in ("fsspec", "storage", "urls")]
+    assert storage.redact("s3://u:hunter2@b/x?X-Amz-Signature=abc") == "s3://u:***@b/x?X-Amz-Signature=***"

@@ -126,7 +126,7 @@ def _transient_cases() -> list[tuple[str, BaseException, bool]]:
 
 
 def test_transient_error_classification() -> None:
-    got = {name: storage._is_transient(e) for name, e, _ in _transient_cases()}
+    got = {name: storage.retries._is_transient(e) for name, e, _ in _transient_cases()}
     assert got == {name: want for name, _, want in _transient_cases()}
     assert isinstance(_s3_error("AccessDenied", 403), PermissionError)
     assert isinstance(_s3_error("NoSuchBucket", 404), FileNotFoundError)
@@ -136,7 +136,7 @@ def test_retrying_backs_off_on_transient_errors_and_gives_up_on_permanent_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+    monkeypatch.setattr(storage.retries.time, "sleep", sleeps.append)
 
     def failing(errors: list[BaseException]) -> Any:
         calls = {"n": 0}
@@ -150,20 +150,20 @@ def test_retrying_backs_off_on_transient_errors_and_gives_up_on_permanent_ones(
         return fn, calls
 
     fn, calls = failing([ConnectionResetError("a"), TimeoutError("b")])
-    assert storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5) == "ok"
+    assert storage.retries._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5) == "ok"
     assert calls["n"] == 3 and sleeps == [0.5, 1.0]  # doubling backoff
 
     for permanent in (_s3_error("AccessDenied", 403), ValueError("x"), _s3_error("SlowDown", 503)):
         fn, calls = failing([permanent])
         with pytest.raises(StorageError, match=r"^s3://b/k: cannot read \("):
-            storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
+            storage.retries._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
         assert calls["n"] == 1
     fn, calls = failing([_s3_error("NoSuchKey", 404)])
     with pytest.raises(FileNotFoundError):  # callers turn it into their own message ("no such file")
-        storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
+        storage.retries._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
     fn, calls = failing([ConnectionResetError(str(i)) for i in range(4)])
     with pytest.raises(StorageError, match="ConnectionResetError: 3"):
-        storage._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
+        storage.retries._retrying("s3://b/k", "read", fn, attempts=4, backoff_s=0.5)
     assert calls["n"] == 4
 
 
@@ -204,7 +204,7 @@ def test_transient_faults_are_retried(s3: S3Server, proxy: FaultProxy, prefix: s
 def test_a_mid_body_reset_on_a_streamed_shard_is_resumed(
     s3: S3Server, proxy: FaultProxy, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "READ_BLOCK_SIZE", 1 * MiB)
+    monkeypatch.setattr(storage.reads, "READ_BLOCK_SIZE", 1 * MiB)
     data = os.urandom(4 * MiB)
     s3.seed({f"{prefix}/x.tar": data})
     proxy.script = ["", "", "reset", "", "reset"]  # HEAD, first block, then two blocks cut off half-way
@@ -220,7 +220,7 @@ def test_permanent_errors_are_not_retried(s3: S3Server, proxy: FaultProxy, prefi
         (["forbidden"], lambda: storage.read_bytes(s3.url(f"{prefix}/a.tar"), opts), "PermissionError"),
         (
             ["forbidden"],
-            lambda: storage.input_fingerprint(s3.url(f"{prefix}/a.tar"), opts),
+            lambda: storage.input_version(s3.url(f"{prefix}/a.tar"), opts),
             "PermissionError",
         ),
         ([], lambda: storage.read_bytes(s3.url(f"{prefix}/missing.tar"), opts), "no such file"),
@@ -247,7 +247,7 @@ def test_permanent_errors_are_not_retried(s3: S3Server, proxy: FaultProxy, prefi
 def test_multipart_writes_commit_or_vanish_under_faults(
     s3: S3Server, proxy: FaultProxy, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage.retries, "RETRY_BACKOFF_S", 0.0)
     proxy.rate = 0.3
     opts = via(s3, proxy)
     written = {}
@@ -283,7 +283,7 @@ def test_multipart_writes_commit_or_vanish_under_faults(
 def test_a_store_that_stays_down_fails_cleanly(
     s3: S3Server, proxy: FaultProxy, prefix: str, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(storage.retries, "RETRY_BACKOFF_S", 0.0)
     s3.seed({f"{prefix}/a.tar": b"a"})
     opts = via(s3, proxy, **FAST_GIVE_UP)
     if how == "503 forever":

@@ -11,10 +11,10 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
 from .errors import ConfigError, IncompleteRunError, LeaseError, VqpipeError
 from .logs import setup_logging
+from .options import add_arguments, overrides
 
 logger = logging.getLogger("vqpipe.cli")
 
@@ -23,140 +23,8 @@ EXIT_BUSY = 3  # another run holds OUT's lease (or this run lost it): try again 
 
 
 def tokenize_arguments(p: argparse.ArgumentParser) -> None:
-    """The tokenize options; shared with jobs/tokenize.py so both accept exactly the same arguments."""
-    p.add_argument(
-        "inputs",
-        nargs="*",
-        metavar="INPUT",
-        help="tar files, directories, globs or brace patterns (local or any fsspec URL)",
-    )
-    p.add_argument("--output", "-o", help="output directory or URL (OUT)")
-    p.add_argument("--config", help="TOML or YAML file with settings; command-line options override it")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", dest="preset", help="tokenizer preset: var256 (default), var512, tiny")
-    g.add_argument(
-        "--checkpoint", help="VAR-format state dict (local path or URL), e.g. vae_ch160v4096z32.pth"
-    )
-    g.add_argument(
-        "--random-weights",
-        action="store_true",
-        default=None,
-        help="use the preset's fixed-seed random weights (smoke tests and demos only)",
-    )
-    g.add_argument("--precision", help="exact (default), tf32 or bf16")
-    g.add_argument(
-        "--channels-last",
-        action="store_true",
-        default=None,
-        help="NHWC encoder convolutions (faster on tensor cores; not bit-exact)",
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the encoder convolutions (one compile per replica; not bit-exact)",
-    )
-    g.add_argument("--device", help="auto (default), cpu or cuda")
-    g = p.add_argument_group("encode")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument(
-        "--no-var-input",
-        dest="var_input",
-        action="store_false",
-        default=None,
-        help="write codes only, not the teacher-forcing tensor",
-    )
-    g.add_argument("--var-input-dtype", help="float16 (default) or float32")
-    g.add_argument(
-        "--decode", help="pil (default, VAR-exact) or device (JPEGs decoded on the GPU; not VAR-exact)"
-    )
-    g.add_argument(
-        "--views",
-        help="augmented views, one row each, comma-separated: center (default), hflip, tl, tr, bl, br, "
-        "X+hflip, crops5, crops10 (docs/views.md)",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    g.add_argument("--replicas", type=int, help="encoder actors (default: one per GPU, or one without GPUs)")
-    g.add_argument(
-        "--cpus-per-replica",
-        type=float,
-        help="CPUs (decode threads) per actor (default: a GPU node's CPUs divided among its GPUs)",
-    )
-    g.add_argument(
-        "--gpus-per-replica",
-        type=float,
-        help="GPUs per actor (default: 1 when the cluster has GPUs at start, else 0); set 1 on "
-        "clusters that autoscale GPU nodes from zero",
-    )
-    g.add_argument("--max-attempts", type=int)
-    g.add_argument(
-        "--max-error-rate", type=float, help="fail a shard with more bad samples than this fraction"
-    )
-    g.add_argument("--limit-shards", type=int, help="process only the first N shards (by shard id)")
-    g.add_argument(
-        "--reprocess-changed",
-        action="store_true",
-        default=None,
-        help="redo done shards whose input changed since they were committed",
-    )
-    g.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        default=None,
-        help="write into an OUT made with different output settings",
-    )
-    g.add_argument(
-        "--allow-unterminated-tar",
-        action="store_true",
-        default=None,
-        help="accept tars without an end-of-archive marker (for writers that omit it; a cut-off copy then passes)",
-    )
-    p.add_argument(
-        "--wait-for-lease",
-        dest="wait_for_lease_s",
-        type=float,
-        metavar="SECONDS",
-        help="when another run is writing into OUT, wait this long for it to end (default: refuse at once)",
-    )
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
-
-
-def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Command-line values as a nested config dict; None means 'not given' and leaves the file's value."""
-    return {
-        "inputs": args.inputs or None,
-        "output": args.output,
-        "model": {
-            "preset": args.preset,
-            "checkpoint": args.checkpoint,
-            "random_weights": args.random_weights,
-            "precision": args.precision,
-            "channels_last": args.channels_last,
-            "compile": args.compile,
-            "device": args.device,
-        },
-        "encode": {
-            "batch_size": args.batch_size,
-            "var_input": args.var_input,
-            "var_input_dtype": args.var_input_dtype,
-            "decode": args.decode,
-            "views": args.views,
-        },
-        "run": {
-            "address": args.address,
-            "replicas": args.replicas,
-            "cpus_per_replica": args.cpus_per_replica,
-            "gpus_per_replica": args.gpus_per_replica,
-            "max_attempts": args.max_attempts,
-            "max_error_rate": args.max_error_rate,
-            "limit_shards": args.limit_shards,
-            "reprocess_changed": args.reprocess_changed,
-            "allow_config_change": args.allow_config_change,
-            "allow_unterminated_tar": args.allow_unterminated_tar,
-            "wait_for_lease_s": args.wait_for_lease_s,
-        },
-    }
+    """The tokenize options, derived from the config dataclasses (vqpipe/options.py)."""
+    add_arguments(p)
 
 
 def prepare_local_ray(address: str | None) -> None:
@@ -329,7 +197,17 @@ def run_finetune(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    keys = ("checkpoint", "steps", "lr", "batch_size", "seed", "recon_loss", "vq_weight", "hflip", "device")
+    keys: tuple[str, ...] = (
+        "checkpoint",
+        "steps",
+        "lr",
+        "batch_size",
+        "seed",
+        "recon_loss",
+        "vq_weight",
+        "hflip",
+    )
+    keys += ("device",)
     keys += ("log_every", "eval_every")
     cfg = FinetuneConfig(
         inputs=tuple(args.inputs), out=args.out, preset=args.preset, storage_options=options,

@@ -74,7 +74,7 @@ class EncoderActor:
         from .logs import setup_logging
 
         setup_logging()
-        self.config, self.expected_sha, self.replica, self.threads = config, model_sha256, replica, threads
+        self.config, self.model_sha256, self.replica, self.threads = config, model_sha256, replica, threads
         self.worker = None
         self._setup_lock = threading.Lock()  # max_concurrency > 1: shards arriving together load one model
         self.images = metrics.Counter("vqpipe_images", "Images encoded", tag_keys=("replica",))
@@ -98,7 +98,7 @@ class EncoderActor:
 
                 torch.set_num_threads(self.threads)
                 self.worker = ShardWorker.from_config(
-                    self.config, expected_sha256=self.expected_sha, cpus=self.threads
+                    self.config, expected_sha256=self.model_sha256, cpus=self.threads
                 )
         return {"replica": self.replica, "device": str(self.worker.encoder.device), "pid": os.getpid()}
 
@@ -136,7 +136,7 @@ class Dispatcher:
     run.stop_grace_s to commit, the rest stay pending for the next run."""
 
     def __init__(self, config: JobConfig, model_sha256: str, on_done, on_failed, progress, stop=None):
-        self.config, self.sha = config, model_sha256
+        self.config, self.model_sha256 = config, model_sha256
         self.on_done, self.on_failed, self.progress = on_done, on_failed, progress
         self.stop = stop
         self.actors: list[Any] = []
@@ -172,7 +172,7 @@ class Dispatcher:
                 max_concurrency=run.in_flight_per_replica,
                 runtime_env=self._runtime_env(),
                 name=None,
-            ).remote(self.config, self.sha, f"replica-{idx}", max(1, int(self._cpus())))
+            ).remote(self.config, self.model_sha256, f"replica-{idx}", max(1, int(self._cpus())))
             self.actors.append(actor)
         if first:
             try:

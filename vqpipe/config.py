@@ -12,7 +12,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 from .views import DEFAULT_VIEWS, parse_views
@@ -27,10 +27,22 @@ FORMAT_VERSION = "1.1"  # of the files written (CHANGELOG.md)
 # terms (the `var_input` layout, only when var_input is written; `views`, only when not the default), so a
 # codes-only OUT keeps its fingerprint while an OUT of 1.0 var_input files is not mixed with 1.1 ones.
 FINGERPRINT_FORMAT_VERSION = "1.0"
-PRECISIONS = ("exact", "tf32", "bf16")
-DECODERS = ("pil", "device")
-VAR_INPUT_DTYPES = ("float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
+
+# The choices of the settings that take one of a few names: the types say them once, validation and the
+# command line's help read them from there.
+PresetName = Literal["var256", "var512", "tiny", "small256"]  # equal to model.presets.PRESETS (a test checks)
+Precision = Literal["exact", "tf32", "bf16"]
+DecodeBackend = Literal["pil", "device"]
+VarInputDtype = Literal["float16", "float32"]
+Device = Literal["auto", "cpu", "cuda"]
+PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DECODERS: tuple[str, ...] = get_args(DecodeBackend)
+VAR_INPUT_DTYPES: tuple[str, ...] = get_args(VarInputDtype)
+DEVICES: tuple[str, ...] = get_args(Device)
+
+# Equal to PIL's own default `Image.MAX_IMAGE_PIXELS` (about 9459x9459); vqpipe applies it before decoding.
+MAX_IMAGE_PIXELS = 89_478_485
 
 # glibc returns big freed blocks (a batch's activations, 100+ MB) to the kernel at once, so every batch on a CPU
 # page-faults them in again: about half of a CPU encoder's time (benchmarks/README.md). Keeping them in the heap
@@ -42,61 +54,126 @@ CPU_ALLOCATOR_ENV = {
 }
 
 
+def option(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None) -> Any:
+    """A setting: its default and its one-line help, from which the command line (`vqpipe.options`) and
+    docs/options.md are derived. `flag` overrides the derived flag name (`--batch-size`, or `--no-var-input`
+    for a boolean that defaults to true)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
+
+
+# Adding a setting: one field with its help below (and its check in `_validate` if it has bounds).
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which tokenizer, which weights, and how numerically strict to be."""
 
-    preset: str = "var256"
-    checkpoint: str | None = None  # local path or fsspec URL of a VAR-format state dict
-    random_weights: bool = False  # explicit opt-in to random init (smoke tests, demos); never implicit
-    precision: str = "exact"
-    channels_last: bool = False  # NHWC convolutions: faster on tensor cores, not bit-identical
-    compile: bool = False  # torch.compile the encoder convolutions (one compile per replica)
-    device: str = "auto"
+    preset: PresetName = option(
+        "var256",
+        "var256: VAR's tokenizer (patch nums 1,2,3,4,5,6,8,10,13,16; 256 px); var512: same weights "
+        "(1,2,3,4,6,9,13,18,24,32; 512 px); tiny: tests and demos (64 px); small256: benchmarks (VAR's 256 px "
+        "schedule on a light backbone)",
+        flag="--model",
+    )
+    checkpoint: str | None = option(
+        None,
+        "VAR-format state dict (local path or URL), e.g. vae_ch160v4096z32.pth; loaded with weights_only=True, "
+        "strict keys and shapes. Required unless --random-weights",
+        metavar="URL",
+    )
+    random_weights: bool = option(
+        False, "use the preset's fixed-seed random weights (smoke tests and demos only); never implicit"
+    )
+    precision: Precision = option(
+        "exact",
+        "exact: float32, TF32 off, deterministic cuDNN (VAR-identical codes). Opt-in: tf32, bf16 (encoder "
+        "under bf16 autocast, quantizer in float32)",
+    )
+    channels_last: bool = option(False, "NHWC encoder convolutions (faster on tensor cores; not bit-exact)")
+    compile: bool = option(
+        False, "torch.compile the encoder convolutions (one compile per replica; not bit-exact)"
+    )
+    device: Device = option("auto", "where the encoder runs (auto: CUDA when the replica has a GPU)")
 
 
 @dataclass(frozen=True)
 class EncodeConfig:
     """What each sample becomes and how samples are batched."""
 
-    batch_size: int = 16
-    var_input: bool = True
-    var_input_dtype: str = "float16"
-    max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb threshold
-    decode_threads: int = 0  # 0: one per CPU given to the replica
-    decode: str = "pil"  # "device": JPEGs decoded and resized on the GPU (nvJPEG); not VAR-exact
-    rows_per_group: int = 512  # Parquet row group size; bounds writer memory
-    # Augmented views, one row each (vqpipe/views.py); stored expanded, in canonical order. Not `center` alone:
-    # the data files get a `view` column.
-    views: tuple[str, ...] = DEFAULT_VIEWS
+    batch_size: int = option(16, "images (crops, with views) per encoder batch")
+    var_input: bool = option(True, "write the teacher-forcing tensor var_input (off: codes only)")
+    var_input_dtype: VarInputDtype = option("float16", "dtype of var_input")
+    max_image_pixels: int = option(
+        MAX_IMAGE_PIXELS, "larger images are sample errors, checked before decoding (decompression bombs)"
+    )
+    decode_threads: int = option(0, "image decode threads per replica (0: one per CPU given to the replica)")
+    decode: DecodeBackend = option(
+        "pil", "pil is VAR-exact; device decodes and resizes JPEGs on the GPU (nvJPEG; not VAR-exact)"
+    )
+    rows_per_group: int = option(512, "Parquet row group size; bounds writer memory")
+    views: tuple[str, ...] = option(
+        DEFAULT_VIEWS,
+        "augmented views, one row each, comma-separated: center (default), hflip, tl, tr, bl, br, X+hflip, "
+        "crops5, crops10 (docs/views.md); stored expanded in canonical order; other than center alone, the "
+        "data files get a `view` column",
+    )
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """How the job is distributed, retried and judged."""
 
-    address: str | None = None  # Ray address; None: RAY_ADDRESS, a Ray job's cluster, or a local cluster
-    replicas: int = 0  # 0: one per GPU in the cluster, or one on a CPU-only cluster
-    cpus_per_replica: float | None = None  # None: a GPU node's CPUs shared by its replicas (decode threads)
-    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    in_flight_per_replica: int = 2  # shards queued per actor so the next one streams while one encodes
-    max_attempts: int = 3
-    retry_backoff_s: float = 2.0
-    speculative: bool = True  # re-issue the slowest tail shards to idle actors
-    max_error_rate: float = 0.1  # a shard with a larger fraction of bad samples fails
-    limit_shards: int | None = None
-    reprocess_changed: bool = False  # redo done shards whose input changed since (size/mtime/ETag)
-    allow_config_change: bool = False  # let a rerun into OUT use a different fingerprint
-    allow_unterminated_tar: bool = False  # accept tars without an end-of-archive marker (cut copies too)
-    progress_interval_s: float = 10.0
-    # The run lease on OUT (docs/reliability.md): a holder silent this long is taken for gone; a second run
-    # waits this long for a live holder to finish, then refuses (0: refuse at once).
-    lease_ttl_s: float = 120.0
-    wait_for_lease_s: float = 0.0
-    placement_timeout_s: float = 900.0  # give up when no replica can be placed (autoscaling may take minutes)
-    stop_grace_s: float = 20.0  # after SIGTERM/SIGINT: how long running shards may take to commit
-    # CPU replicas keep freed activation memory (CPU_ALLOCATOR_ENV): about 2x encoder speed
-    tune_cpu_allocator: bool = True
+    address: str | None = option(
+        None, "Ray cluster address (default: RAY_ADDRESS, a Ray job's cluster, else a local cluster)"
+    )
+    replicas: int = option(0, "encoder actors (0: one per GPU in the cluster, or one without GPUs)")
+    cpus_per_replica: float | None = option(
+        None,
+        "CPUs reserved per actor; also its decode and torch threads (default: a GPU node's CPUs divided among "
+        "its GPUs' replicas, the smallest share in the cluster; without GPUs, the cluster's CPUs divided among "
+        "the replicas, at most one node's). Set it on clusters that autoscale GPU nodes from zero",
+    )
+    gpus_per_replica: float | None = option(
+        None,
+        "GPUs per actor (default: 1 when the cluster has GPUs at start, else 0); set 1 on clusters that "
+        "autoscale GPU nodes from zero",
+    )
+    in_flight_per_replica: int = option(
+        2, "shards queued per actor, so the next one streams while one encodes"
+    )
+    max_attempts: int = option(
+        3, "tries per shard (on another replica when one dies), with exponential backoff, before it fails"
+    )
+    retry_backoff_s: float = option(2.0, "seconds before a failed shard's first retry (doubling after)")
+    speculative: bool = option(True, "re-issue the slowest tail shards to idle actors")
+    max_error_rate: float = option(
+        0.1, "a shard with more bad samples than this fraction fails: a bug or the wrong input, not noise"
+    )
+    limit_shards: int | None = option(None, "process only the first N shards (by shard id)", metavar="N")
+    reprocess_changed: bool = option(
+        False, "redo done shards whose input changed (size/mtime/ETag) since they were committed"
+    )
+    allow_config_change: bool = option(False, "write into an OUT made with different output settings")
+    allow_unterminated_tar: bool = option(
+        False,
+        "accept tars without an end-of-archive marker (for writers that omit it; a cut-off copy then passes)",
+    )
+    progress_interval_s: float = option(10.0, "seconds between progress log lines")
+    # The run lease on OUT (docs/reliability.md).
+    lease_ttl_s: float = option(120.0, "a lease holder silent this long is taken for gone")
+    wait_for_lease_s: float = option(
+        0.0,
+        "when another run is writing into OUT, wait this long for it to end (0: refuse at once)",
+        flag="--wait-for-lease",
+        metavar="SECONDS",
+    )
+    placement_timeout_s: float = option(
+        900.0, "give up when no replica can be placed this long (autoscaling may take minutes)"
+    )
+    stop_grace_s: float = option(20.0, "after SIGTERM/SIGINT: how long running shards may take to commit")
+    tune_cpu_allocator: bool = option(
+        True, "CPU replicas keep freed activation memory (about 2x encoder speed; RSS stays at its peak)"
+    )
 
 
 @dataclass(frozen=True)
@@ -143,7 +220,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         if v is None:
             continue
         if isinstance(v, dict) and k != "storage_options":
-            out[k] = merge(out.get(k) if isinstance(out.get(k), dict) else {}, v)
+            inner = out.get(k)
+            out[k] = merge(inner if isinstance(inner, dict) else {}, v)
         else:
             out[k] = v
     return out
@@ -200,6 +278,10 @@ def _build_section(cls: type, values: dict[str, Any], name: str) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one value against its annotation; accept ints where floats are expected."""
+    if get_origin(hint) is Literal:  # which of the names: checked in _validate, after the types
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be one of {', '.join(get_args(hint))}, got {value!r}")
+        return value
     if getattr(hint, "__origin__", None) is tuple:  # tuple[str, ...]: a list, or a comma-separated string
         if isinstance(value, str):
             value = value.split(",")
@@ -224,10 +306,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _validate(cfg: JobConfig) -> None:
     m, e, r = cfg.model, cfg.encode, cfg.run
-    _choice("model.precision", m.precision, PRECISIONS)
-    _choice("model.device", m.device, DEVICES)
-    _choice("encode.var_input_dtype", e.var_input_dtype, VAR_INPUT_DTYPES)
-    _choice("encode.decode", e.decode, DECODERS)
+    if m.preset not in PRESET_NAMES:
+        raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESET_NAMES)}")
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        for key, hint in get_type_hints(cls).items():
+            if get_origin(hint) is Literal:
+                _choice(f"{name}.{key}", getattr(section, key), get_args(hint))
     if m.checkpoint is None and not m.random_weights:
         raise ConfigError(
             f"model.checkpoint: preset '{m.preset}' needs weights: pass --checkpoint "
@@ -263,7 +348,7 @@ def _validate(cfg: JobConfig) -> None:
         _positive("run.limit_shards", r.limit_shards)
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
 

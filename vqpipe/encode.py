@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 class LoadedModel:
     model: torch.nn.Module
     preset: ModelPreset
-    sha256: str
+    model_sha256: str  # the checkpoint file's sha256, or random_weights_id
 
 
 def load_model(
@@ -41,17 +41,19 @@ def load_model(
 ) -> LoadedModel:
     """Build the preset and load its weights (or keep the seeded random init when no checkpoint is given)."""
     model = build_model(preset, seed=0)
-    sha = load_checkpoint(model, checkpoint, storage_options) if checkpoint else random_weights_id(preset)
-    return LoadedModel(model.to(device).eval(), PRESETS[preset], sha)
+    model_sha256 = (
+        load_checkpoint(model, checkpoint, storage_options) if checkpoint else random_weights_id(preset)
+    )
+    return LoadedModel(model.to(device).eval(), PRESETS[preset], model_sha256)
 
 
 def build_encoder(cfg: JobConfig, expected_sha256: str | None = None) -> tuple[Encoder, str, int]:
     """The encoder a job config asks for: (encoder, model sha256, resolution)."""
     device = pick_device(cfg.model.device)
     loaded = load_model(cfg.model.preset, cfg.model.checkpoint, cfg.storage_options, device)
-    if expected_sha256 is not None and loaded.sha256 != expected_sha256:
+    if expected_sha256 is not None and loaded.model_sha256 != expected_sha256:
         raise CheckpointError(
-            f"{cfg.model.checkpoint}: changed during the run (sha256 {loaded.sha256[:12]}..., "
+            f"{cfg.model.checkpoint}: changed during the run (sha256 {loaded.model_sha256[:12]}..., "
             f"expected {expected_sha256[:12]}...)"
         )
     p = loaded.preset
@@ -59,7 +61,7 @@ def build_encoder(cfg: JobConfig, expected_sha256: str | None = None) -> tuple[E
         p.patch_nums, p.vocab_size, p.z_channels, cfg.encode.var_input, cfg.encode.var_input_dtype
     )
     mode = EncoderMode(cfg.model.precision, cfg.model.channels_last, cfg.model.compile)
-    return Encoder(loaded, device, mode, layout), loaded.sha256, p.resolution
+    return Encoder(loaded, device, mode, layout), loaded.model_sha256, p.resolution
 
 
 def pick_device(name: str) -> torch.device:

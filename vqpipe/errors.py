@@ -27,7 +27,7 @@ class _ReasonError(VqpipeError):
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return type(self), (self.reason, self.detail)
 
 

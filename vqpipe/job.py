@@ -15,7 +15,7 @@ from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
-from .errors import ConfigError, StorageError
+from .errors import StorageError
 from .lease import Lease
 from .ledger import Ledger, Status, read_status
 from .plan import Plan, Shard, legacy_stem, make_plan
@@ -140,7 +140,6 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     t0 = time.monotonic()
     lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
     ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
-    _check_preset(cfg.model.preset, ledger.read_run_record())
     inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
     sha = model_sha256(cfg)
     record = run_record(cfg, sha)
@@ -148,17 +147,6 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     lease.acquire(wait_s=cfg.run.wait_for_lease_s)
     with lease:
         return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
-
-
-def _check_preset(preset: str, previous: RunRecord | None) -> None:
-    """Refuse an unknown preset. The preset table imports torch (seconds and ~300 MB on a driver that may
-    have nothing to do): a preset that the previous run into this OUT used was checked then."""
-    if previous is not None and previous.output_settings.get("preset") == preset:
-        return
-    from .model import PRESETS
-
-    if preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
 
 
 def _tokenize_holding(

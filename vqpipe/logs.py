@@ -16,5 +16,5 @@ def setup_logging(level: str | None = None) -> None:
     if not any(getattr(h, "_vqpipe", False) for h in root.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
-        handler._vqpipe = True
+        handler._vqpipe = True  # type: ignore[attr-defined]  # marks the handler this function added
         root.addHandler(handler)

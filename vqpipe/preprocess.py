@@ -31,6 +31,7 @@ import threading
 import numpy as np
 from PIL import Image
 
+from vqpipe.config import MAX_IMAGE_PIXELS
 from vqpipe.errors import SampleError
 from vqpipe.views import DEFAULT_VIEWS, crop_box, split_view
 
@@ -58,8 +59,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 # header-less formats such as TGA would accept random bytes and turn `not_an_image` into `decode_error`.
 PIL_FORMATS: tuple[str, ...] = ("BMP", "DIB", "GIF", "JPEG", "PPM", "PNG", "AVIF", "TIFF", "WEBP")
 
-# Equal to PIL's own default `Image.MAX_IMAGE_PIXELS` (about 9459×9459); ours is applied before decoding.
-DEFAULT_MAX_PIXELS = 89_478_485
+# The job's default limit (encode.max_image_pixels), for callers without a config.
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 
 _DETAIL_CHARS = 200
 _init_lock = threading.Lock()

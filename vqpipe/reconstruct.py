@@ -47,7 +47,7 @@ class Decoder:
     model: torch.nn.Module
     preset: str
     patch_nums: tuple[int, ...]
-    sha256: str
+    model_sha256: str
     device: torch.device
     source: str  # the checkpoint URL (redacted) or "random weights"
 
@@ -109,7 +109,7 @@ def load_decoder(
     dev = pick_device(device)
     loaded = load_model(preset, checkpoint, storage_options, dev)
     source = storage.redact(checkpoint) if checkpoint else "random weights"
-    return Decoder(loaded.model, preset, loaded.preset.patch_nums, loaded.sha256, dev, source)
+    return Decoder(loaded.model, preset, loaded.preset.patch_nums, loaded.model_sha256, dev, source)
 
 
 def fetch_originals(
@@ -129,7 +129,7 @@ def fetch_originals(
     wanted = set(keys)
     found: dict[str, np.ndarray | str] = {}
     try:
-        if fingerprint and storage.input_fingerprint(url, storage_options) != fingerprint:
+        if fingerprint and storage.input_version(url, storage_options) != fingerprint:
             return dict.fromkeys(keys, f"{url} changed since {shard_id} was committed")
         with storage.open_input(url, storage_options) as stream:
             for sample in iter_samples(stream, shard_id):
@@ -182,10 +182,10 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
             f"preset {decoder.preset} has scales {decoder.patch_nums}, the tokens {lay.patch_nums} ({lay.preset})"
         )
     note = None
-    if decoder.sha256 != lay.model_sha256:
+    if decoder.model_sha256 != lay.model_sha256:
         note = (
             f"The tokens were made with model {lay.model_sha256[:16]}, not with {decoder.source} "
-            f"({decoder.sha256[:16]}): reconstructions below do not show what the tokens hold."
+            f"({decoder.model_sha256[:16]}): reconstructions below do not show what the tokens hold."
         )
     codes = np.stack([r.codes for r in rows])
     images = decoder.images(codes)
@@ -224,7 +224,7 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
         per_sample.append(rec)
     quality = {
         "model": decoder.source,
-        "model_sha256": decoder.sha256,
+        "model_sha256": decoder.model_sha256,
         "seed": opts.seed,
         "samples": len(rows),
         "psnr": summary_of([r.get("psnr") for r in per_sample]),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import scales
 from .config import FORMAT_VERSION
 from .views import DEFAULT_VIEWS
 
@@ -46,16 +47,16 @@ class TokenLayout:
 
     @property
     def seq_len(self) -> int:
-        return sum(p * p for p in self.patch_nums)
+        return scales.seq_len(self.patch_nums)
 
     @property
     def scale_offsets(self) -> list[int]:
         """Start of each scale in `codes`, plus the end (VAR's gt_BL order)."""
-        return np.concatenate([[0], np.cumsum([p * p for p in self.patch_nums])]).tolist()
+        return list(scales.scale_offsets(self.patch_nums))
 
     @property
     def var_input_shape(self) -> tuple[int, int]:
-        return (self.seq_len - self.patch_nums[0] ** 2, self.cvae)
+        return (scales.var_input_len(self.patch_nums), self.cvae)
 
     @property
     def code_dtype(self) -> np.dtype:

@@ -99,9 +99,9 @@ class ShardWorker:
         cls, cfg: JobConfig, expected_sha256: str | None = None, cpus: int | None = None
     ) -> ShardWorker:
         """`cpus`: the CPUs this replica was given (decode threads unless encode.decode_threads says)."""
-        encoder, sha, resolution = build_encoder(cfg, expected_sha256)
+        encoder, model_sha256, resolution = build_encoder(cfg, expected_sha256)
         cpus = cpus or max(1, int(cfg.run.cpus_per_replica or 1))
-        return cls(cfg, encoder, resolution, sha, cfg.encode.decode_threads or cpus)
+        return cls(cfg, encoder, resolution, model_sha256, cfg.encode.decode_threads or cpus)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -211,7 +211,7 @@ class ShardWorker:
 
         opts = self.config.storage_options
         # The version read, from the open's own metadata request (no request of its own).
-        stream, read_fp = storage.open_input_fingerprinted(shard.url, opts)
+        stream, read_fp = storage.open_input_with_version(shard.url, opts)
         if shard.fingerprint and read_fp != shard.fingerprint:
             logger.info("%s: input changed since planning; reading the new version", shard.shard_id)
         with stream, writer:
@@ -237,7 +237,7 @@ class ShardWorker:
                         on_progress(images)
                     if committed_elsewhere():
                         raise _Superseded
-            now = storage.input_fingerprint(shard.url, opts)
+            now = storage.input_version(shard.url, opts)
             if now != read_fp:  # the done marker must name the version that was read, and only one was
                 raise ShardError(
                     "input_changed",

@@ -118,7 +118,7 @@ def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
-class Encoder(nn.Module):
+class ConvEncoder(nn.Module):
     """Image (B, 3, R, R) -> latent (B, z_channels, R/2^(levels-1), R/2^(levels-1))."""
 
     def __init__(
@@ -165,7 +165,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
-class Decoder(nn.Module):
+class ConvDecoder(nn.Module):
     """Latent (B, z_channels, h, w) -> image (B, 3, h*2^(levels-1), ...), unclamped (no tanh)."""
 
     def __init__(

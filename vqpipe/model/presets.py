@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import accumulate
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from .. import scales
 from .vqvae import VQVAE
 
 logger = logging.getLogger(__name__)
@@ -41,17 +41,17 @@ class ModelPreset:
     @property
     def seq_len(self) -> int:
         """L: number of codes per image over all scales."""
-        return sum(pn * pn for pn in self.patch_nums)
+        return scales.seq_len(self.patch_nums)
 
     @property
     def scale_offsets(self) -> tuple[int, ...]:
         """Start of each scale in the concatenated codes, then the end (len = scales + 1)."""
-        return (0, *accumulate(pn * pn for pn in self.patch_nums))
+        return scales.scale_offsets(self.patch_nums)
 
     @property
     def var_input_len(self) -> int:
         """Rows of VAR's teacher-forcing input: L minus the first scale."""
-        return self.seq_len - self.patch_nums[0] ** 2
+        return scales.var_input_len(self.patch_nums)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Constructor keywords of `VQVAE` for this preset."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import Decoder, Encoder
+from .blocks import ConvDecoder, ConvEncoder
 from .quant import MultiScaleQuantizer, PatchNum
 
 EMA_KEY = "quantize.ema_vocab_hit_SV"
@@ -54,8 +54,8 @@ class VQVAE(nn.Module):
         self.v_patch_nums = tuple(int(pn) for pn in v_patch_nums)
         self.downsample = 2 ** (len(ch_mult) - 1)
         backbone = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
-        self.encoder = Encoder(dropout=dropout, **backbone)
-        self.decoder = Decoder(dropout=dropout, **backbone)
+        self.encoder = ConvEncoder(dropout=dropout, **backbone)
+        self.decoder = ConvDecoder(dropout=dropout, **backbone)
         self.quantize = MultiScaleQuantizer(
             vocab_size,
             z_channels,

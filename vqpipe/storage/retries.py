@@ -1,0 +1,106 @@
+"""Transient errors (a dropped connection, a timeout) that escape the filesystem's own retries: which errors
+are worth another attempt, and a bounded retry loop with doubling backoff."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+from ..errors import StorageError
+from .redaction import _describe, _error, redact
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Retry policy for transient errors (connection reset, timeout) that escape the filesystem's own retries.
+# botocore, s3fs and gcsfs already retry throttling, 5xx and connect errors per request, but a connection
+# dropped while a body is being read surfaces as a plain ConnectionError and would kill a shard hours into a job.
+# A few attempts with doubling backoff (0.5 + 1 + 2 s) ride out a network blip without multiplying the
+# client's own retries against a dead endpoint; past that, the job's per-shard retry takes over.
+RETRY_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.5
+
+# Which errors vqpipe retries itself: failures that break a call after the client library has returned a
+# response (a connection dropped or timed out while a body streams; an open file's read is retried by no
+# client). Everything the client retries per request is left out on purpose, so that a store that stays down
+# fails in the client's time, not a multiple of it: HTTP error answers (503 SlowDown, 500, 429: botocore makes
+# 5 attempts and s3fs 5 more rounds for SlowDown; gcsfs makes 6 attempts with 1-16 s backoff) and failures to
+# connect (botocore's EndpointConnectionError, aiohttp's ClientConnectorError from gcsfs). Permanent errors
+# (403, 404, NoSuchBucket, bad arguments) are retried by nobody. Past these retries, the job's per-shard retry
+# takes over. tests/test_storage_faults.py shows each case through a fault-injecting proxy.
+_OPTIONAL_TRANSIENT = (
+    ("aiohttp", ("ClientPayloadError", "ClientConnectionError", "ServerTimeoutError")),
+    ("requests.exceptions", ("ConnectionError", "ChunkedEncodingError", "Timeout")),
+)
+# Subclasses of the above that mean "could not connect" (gcsfs has retried them) or an HTTP 502 answer (gcsfs
+# raises requests' ProxyError for it, after its retries).
+_OPTIONAL_NOT_TRANSIENT = (
+    ("aiohttp", ("ClientConnectorError",)),
+    ("requests.exceptions", ("ProxyError",)),
+)
+
+
+def _is_instance_of_any(e: BaseException, classes: tuple[tuple[str, tuple[str, ...]], ...]) -> bool:
+    # Client libraries are only consulted when already imported: none is a dependency of this module.
+    for module_name, names in classes:
+        module = sys.modules.get(module_name)
+        for name in names:
+            cls = getattr(module, name, None) if module is not None else None
+            if isinstance(cls, type) and isinstance(e, cls):
+                return True
+    return False
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A dropped connection or timeout that vqpipe retries (see above), as opposed to an error answer the
+    client already retried, or a missing, forbidden or malformed request."""
+    if _is_instance_of_any(e, _OPTIONAL_NOT_TRANSIENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
+        return True
+    return _is_instance_of_any(e, _OPTIONAL_TRANSIENT)
+
+
+def _backoff(attempt: int, backoff_s: float) -> float:
+    return backoff_s * 2 ** (attempt - 1)
+
+
+def _retrying(
+    url: str,
+    action: str,
+    fn: Callable[[], T],
+    attempts: int | None = None,
+    backoff_s: float | None = None,
+) -> T:
+    """fn() with transient errors retried; FileNotFoundError passes through, other failures -> StorageError."""
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, StorageError):
+            raise
+        except Exception as e:
+            if not _is_transient(e) or attempt >= attempts:
+                raise _error(f"{url}: cannot {action} ({_describe(e)})") from None
+            logger.warning(redact(f"{url}: {action} failed ({_describe(e)}), retry {attempt}/{attempts - 1}"))
+            time.sleep(_backoff(attempt, backoff_s))
+    raise AssertionError("unreachable")
+
+
+def _ls(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """One fresh, detailed, non-recursive listing (s3fs pages through it: one request per 1000 keys)."""
+    fs.invalidate_cache(path)  # other workers write here: a cached listing would be stale
+    return fs.ls(path, detail=True)
+
+
+def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    fs.invalidate_cache(path)
+    return fs.info(path)
