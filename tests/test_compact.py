@@ -122,7 +122,7 @@ def test_a_shard_committed_again_after_compaction_is_read_from_its_new_data(out)
     # c is tokenized again (e.g. --reprocess-changed): new rows, a new marker (a new commit's `started`)
     new = write_out(d, {"c": 6})
     ledger = Ledger(str(d))
-    ledger.mark_done("c", {**ledger.read_done("c"), "started": 1234.5})
+    ledger.mark_done("c", {**ledger.read_done("c").to_json(), "started": 1234.5})
     expected.update(new)
     check_rows(d, expected)
     (src,) = [s for s in read_sources(str(d)) if s.file_rows is not None]
@@ -223,7 +223,7 @@ def test_duckdb_and_pyarrow_read_compacted_and_data_files_once(out, capsys):
     expected.update(write_out(d, {"h": 7}))  # read from data/
     new_c = write_out(d, {"c": 6})  # committed again: its old rows in part-000000 must not count
     ledger = Ledger(str(d))
-    ledger.mark_done("c", {**ledger.read_done("c"), "started": 99.0})
+    ledger.mark_done("c", {**ledger.read_done("c").to_json(), "started": 99.0})
     expected.update(new_c)
     srcs = read_sources(str(d))
     sql = duckdb_sql(srcs)

@@ -261,7 +261,7 @@ def test_job_with_crops10(ray_session, tmp_path):
     cfg = _config(tmp_path, views="crops10", batch_size=8)  # 30 rows: the last batch holds no center view
     summary = tokenize(cfg)
     assert summary.ok
-    done = Ledger(cfg.output).read_done(shard_id(str(tmp_path / "part-000000.tar")))
+    done = Ledger(cfg.output).read_done(shard_id(str(tmp_path / "part-000000.tar"))).to_json()
     assert (done["samples"], done["images"], done["rows"], done["errors"]) == (4, 3, 30, 1)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert (
