@@ -16,6 +16,7 @@ from shards import good_image_bytes, write_shard
 
 from vqpipe.job import Progress
 from vqpipe.progress import progress_bar
+from vqpipe.records import DoneRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,9 +47,9 @@ def test_a_terminal_gets_a_live_bar_with_shards_rate_errors_and_eta():
         bar = progress_bar(4, tty)
         assert bar is not None
         progress = Progress(total=4, interval_s=10.0, renderer=bar)
-        progress.record({"rows": 30, "errors": 2})
+        progress.record(DoneRecord(rows=30, images=30, errors=2))
         progress.tick(replicas=2)
-        progress.record({"rows": 10, "errors": 0})
+        progress.record(DoneRecord(rows=10, errors=0))
         progress.failed += 1
         progress.tick(replicas=1)
         bar.close()
@@ -69,7 +70,7 @@ def test_no_bar_off_a_terminal_or_when_asked_and_progress_is_logged(caplog, monk
         assert progress_bar(4, tty) is None
     os.close(master)
     progress = Progress(total=2, interval_s=0.0)
-    progress.record({"rows": 5, "errors": 1})
+    progress.record(DoneRecord(rows=5, images=5, errors=1))
     with caplog.at_level(logging.INFO, logger="vqpipe"):
         progress.tick(replicas=1)
     assert "progress: shards 1/2 done, 5 images" in caplog.text and "1 sample errors" in caplog.text

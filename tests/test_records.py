@@ -12,7 +12,9 @@ MARKER_1_1 = {
     "shard_id": "part-000000-1a2b3c4d",
     "input": {"url": "s3://b/in/part-000000.tar", "fingerprint": {"size": 10240, "etag": "abc", "mtime": 17}},
     "samples": 5,
+    "images": 4,
     "rows": 4,
+    "views": ["center"],
     "errors": 1,
     "errors_by_reason": {"decode_error": 1},
     "members": 11,
@@ -55,6 +57,12 @@ def test_a_1_0_marker_without_member_counts_reads_with_defaults():
     rec = DoneRecord.from_json(old)
     assert rec.members is None and rec.ignored_members == 0 and rec.ignored_by_reason == {}
     assert rec.rows == 4
+
+
+def test_a_marker_from_before_views_reads_images_as_unknown_and_the_center_view():
+    old = {k: v for k, v in MARKER_1_1.items() if k not in ("images", "views")}
+    rec = DoneRecord.from_json(old)
+    assert rec.images is None and rec.views == ["center"] and rec.rows == 4
 
 
 def test_unknown_keys_of_a_newer_version_are_kept_and_the_skip_flag_is_never_written():
