@@ -85,21 +85,6 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05, expla
     )
 
 
-@pytest.fixture
-def driver_log():
-    """The driver's vqpipe log records (a handler on the `vqpipe` logger: setup_logging stops propagation)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    root = logging.getLogger("vqpipe")
-    level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    yield records
-    root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def messages(records: list[logging.LogRecord]) -> list[str]:
     return [r.getMessage() for r in records]
 

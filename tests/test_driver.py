@@ -20,21 +20,6 @@ from vqpipe.plan import shard_id
 TINY = ["--model", "tiny", "--batch-size", "2"]
 
 
-@pytest.fixture
-def driver_log():
-    """The driver's vqpipe log records (setup_logging stops propagation to the root logger)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    root = logging.getLogger("vqpipe")
-    level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    yield records
-    root.removeHandler(handler)
-    root.setLevel(level)
-
-
 # -- checked before OUT is touched or Ray starts (no Ray: fast) ---------------------------------------------------
 
 
