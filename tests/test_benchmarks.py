@@ -61,6 +61,7 @@ def test_bench_refuses_a_ray_data_run_that_could_never_schedule():
     assert run.returncode == 2 and "needs --cpus 2 or more" in run.stderr
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess (~30 s): not part of the fast unit layer
 def test_views_bench_reports_crops_beside_center(tmp_path):
     out = tmp_path / "views.json"
     cmd = [
