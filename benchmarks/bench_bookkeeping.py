@@ -74,7 +74,7 @@ def template_marker(work: str) -> tuple[str, dict[str, Any], str, str]:
     worker = ShardWorker.from_config(config([tar], out), cpus=1)
     try:
         sid = shard_id(tar)
-        worker.process(Shard(sid, tar, storage.input_fingerprint(tar)))
+        worker.process(Shard(sid, tar, storage.input_version(tar)))
     finally:
         worker.close()
     with open(os.path.join(out, "done", f"{sid}.json")) as f:
@@ -112,7 +112,7 @@ def build_local(root: str, n: int, template: tuple[str, dict[str, Any], str, str
             tar, data, errors = (_copy(f, i) for f in (tar, data, errors))
         url = os.path.join(inp, f"part-{i:06d}.tar")
         os.link(tar, url)
-        fingerprint = fingerprint or storage.input_fingerprint(url)  # the copies keep size and mtime
+        fingerprint = fingerprint or storage.input_version(url)  # the copies keep size and mtime
         sid = shard_id(url)
         rec = {**marker, "shard_id": sid, "input": {"url": url, "fingerprint": fingerprint}}
         with open(os.path.join(out, "done", f"{sid}.json"), "w") as f:

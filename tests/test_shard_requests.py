@@ -52,7 +52,7 @@ def test_a_committed_shard_costs_its_input_read_and_five_requests(s3, s3_worker,
     assert on_input.count("HEAD") == 2 and set(on_input) == {"HEAD", "GET"}, cost  # open, and after reading
     assert rest == [("HEAD", "done"), ("PUT", "data"), ("PUT", "done"), ("PUT", "errors")], cost
     # the version read is the one the open saw: equal to a fresh stat's fingerprint
-    assert record.input.fingerprint == storage.input_fingerprint(url, s3.storage_options)
+    assert record.input.fingerprint == storage.input_version(url, s3.storage_options)
 
 
 def test_a_retry_looks_for_an_earlier_commit_with_one_head(s3, s3_worker):

@@ -56,6 +56,17 @@ def uploads(s3: S3Server, prefix: str) -> list[str]:
     return [u["Key"] for u in listed.get("Uploads", [])]
 
 
+def data_keys(s3: S3Server, out: list[str]) -> list[str]:
+    """Every row's key in the data files among the object keys `out` (duplicates kept, to be counted)."""
+    client = s3.boto3_client()
+    rows: list[str] = []
+    for key in out:
+        if "/out/data/" in key:
+            body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+            rows += pq.read_table(io.BytesIO(body), columns=["key"]).column("key").to_pylist()
+    return rows
+
+
 def keys(s3: S3Server, prefix: str) -> list[str]:
     pages = s3.boto3_client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
@@ -356,11 +367,7 @@ def test_job_completes_exactly_once_with_a_tenth_of_requests_failing(
     assert not [k for k in out if os.path.basename(k).startswith(storage.TMP_PREFIX)]
     assert uploads(s3, prefix) == []
     client = s3.boto3_client()
-    rows = []
-    for key in out:
-        if "/out/data/" in key:
-            body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-            rows += pq.read_table(io.BytesIO(body), columns=["key"]).column("key").to_pylist()
+    rows = data_keys(s3, out)
     assert len(rows) == len(set(rows)) == summary.status.rows > 0  # every key once, none twice
     run = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/out/run.json")["Body"].read()
     assert SECRET.encode() not in run and SECRET not in caplog.text
@@ -433,10 +440,5 @@ def test_store_going_down_mid_job_fails_it_and_a_rerun_completes_exactly_once(
     assert len([k for k in out if "/out/done/" in k]) == 3
     assert not [k for k in out if os.path.basename(k).startswith(storage.TMP_PREFIX)]
     assert uploads(s3, prefix) == []  # uploads the outage kept from being aborted are cleaned up
-    client = s3.boto3_client()
-    rows = []
-    for key in out:
-        if "/out/data/" in key:
-            body = client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-            rows += pq.read_table(io.BytesIO(body), columns=["key"]).column("key").to_pylist()
+    rows = data_keys(s3, out)
     assert len(rows) == len(set(rows)) == summary.status.rows > 0

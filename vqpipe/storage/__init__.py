@@ -41,10 +41,6 @@ from .writes import (
     write_json_atomic,
 )
 
-# The old name of input_version, kept so code written against it (other branches) still works; new code
-# says input_version: "fingerprint" is the output settings' hash (config.fingerprint).
-input_fingerprint = input_version
-
 __all__ = [
     "READ_BLOCK_SIZE",
     "RETRY_ATTEMPTS",
@@ -62,7 +58,6 @@ __all__ = [
     "file_exists",
     "expand_inputs",
     "expand_inputs_with_info",
-    "input_fingerprint",
     "input_version",
     "is_local",
     "join",
