@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -21,9 +19,11 @@ from ..errors import StorageError
 from ..ledger import Ledger
 from ..manifest import Manifest, Source, sources
 from ..schema import read_metadata
+from .batch import TokenBatch, block_columns
 from .epoch import EpochPlan, make_plan, window_order
 from .rows import RowBlock
 from .shards import ShardReader, check_file, open_parquet
+from .views import RANDOM, check_file_views, columns_to_read, view_choice
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _STATE_VERSION = 1
 
 
 class TokenDataset(IterableDataset):
-    """Rows of an OUT as `{"key", "label", "codes", "var_input"?, "meta"?}`, sharded like DistributedSampler.
+    """Rows of an OUT as `{"key", "label", "codes", "var_input"?, "meta"?, "view"?}`, sharded like DistributedSampler.
 
     - Only shards with a done marker at construction are read; rows per shard come from the markers. Shards
       that `vqpipe compact` copied are read from their compacted file, the others from data/ (manifest.py).
@@ -44,6 +44,8 @@ class TokenDataset(IterableDataset):
       lists as tensors, other types as Python values; nulls in those stay None).
     - A null label becomes `label_fill` (VAR's trainer takes `num_classes` as its "no class" index).
     - `compacted=False`: ignore `vqpipe compact`'s files and read data/ (to resume an epoch begun before it).
+    - `view`: of an OUT written with `--views`, "random" (one seeded view per image per epoch: the epoch, len()
+      and the state count images), a view's name (that view only), or "all" (every row). One view: every row.
     - `batch_size`: yield ready batches (use `DataLoader(ds, batch_size=None)`), much cheaper per row than
       collating single items; the same rows in the same order either way.
     """
@@ -61,6 +63,7 @@ class TokenDataset(IterableDataset):
         label_fill: int = -1,
         shuffle_buffer: int = 4096,
         batch_size: int | None = None,
+        view: str = RANDOM,
         shards: Sequence[str] | None = None,
         compacted: bool = True,
         storage_options: dict[str, Any] | None = None,
@@ -90,6 +93,13 @@ class TokenDataset(IterableDataset):
         markers = ledger.read_done_many(committed)
         self.shard_ids = tuple(committed)
         self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
+        self.shard_rows_by_id = dict(zip(self.shard_ids, self.shard_rows))
+        self.choice = view_choice(view, markers, ledger.done_url)  # which rows of each image an epoch yields
+        self.views = self.choice.views  # the OUT's, in the order of an image's rows
+        self.read_columns, self._view_fill = (
+            self.columns,
+            None,
+        )  # from the first file's schema (_check_columns)
         # The files to read: the epoch is planned over these (a data file, or a compacted file's counted rows).
         # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a compaction.
         self.sources: tuple[Source, ...] = tuple(sources(ledger, markers, None if compacted else Manifest()))
@@ -99,12 +109,16 @@ class TokenDataset(IterableDataset):
     # -- public API ---------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Rows this rank yields per epoch (all its DataLoader workers together)."""
+        """Rows this rank yields per epoch (all its DataLoader workers together); images with a view per image."""
         return self._plan().per_rank
 
     @property
     def total_rows(self) -> int:
         return sum(self.shard_rows)
+
+    @property
+    def total_images(self) -> int:
+        return self.total_rows // len(self.views) if self.choice.per_image else self.total_rows
 
     def set_epoch(self, epoch: int) -> None:
         if self._resume is not None and self._resume["epoch"] != epoch:
@@ -123,6 +137,7 @@ class TokenDataset(IterableDataset):
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "shuffle_buffer": self.shuffle_buffer,
+            "view": self.choice.sampling,
             "world_size": self.world_size,
             "rank": self.rank,
             "num_workers": num_workers,
@@ -133,7 +148,17 @@ class TokenDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The next iteration continues right after the last row the saved iteration yielded."""
         mine = self.state_dict()
-        for key in ("version", "seed", "shuffle", "drop_last", "shuffle_buffer", "world_size", "rank"):
+        state = {"view": "all", **state}  # states saved before view= existed read every row
+        for key in (
+            "version",
+            "seed",
+            "shuffle",
+            "drop_last",
+            "shuffle_buffer",
+            "view",
+            "world_size",
+            "rank",
+        ):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"state was saved with {key}={state.get(key)!r}, this dataset has {mine[key]!r}"
@@ -188,8 +213,9 @@ class TokenDataset(IterableDataset):
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _plan(self) -> EpochPlan:
+        per = len(self.views) if self.choice.per_image else 1  # positions are images: one row each
         return make_plan(
-            [s.rows for s in self.sources],
+            [s.rows // per for s in self.sources],
             world_size=self.world_size,
             drop_last=self.drop_last,
             shuffle=self.shuffle,
@@ -209,7 +235,7 @@ class TokenDataset(IterableDataset):
         return int(state["yielded"])
 
     def _items(self, block: RowBlock) -> Iterator[dict[str, Any]]:
-        cols = self._tensors(block)
+        cols = block_columns(block, self.columns, self._view_fill)
         if "label" in cols:
             cols["label"] = cols["label"].tolist()  # Python ints
         names = list(cols)
@@ -219,78 +245,26 @@ class TokenDataset(IterableDataset):
 
     def _batch(self, block: RowBlock) -> TokenBatch:
         self._yielded += len(block)
-        out = self._tensors(block)
-        if "label" in out:
-            out["label"] = torch.from_numpy(out["label"])
-        named = {f.name for f in fields(TokenBatch)}
-        return TokenBatch(
-            **{k: v for k, v in out.items() if k in named},
-            extra={k: v for k, v in out.items() if k not in named},
-        )
-
-    def _tensors(self, block: RowBlock) -> dict[str, Any]:
-        out: dict[str, Any] = {"key": block.keys.tolist()}
-        if "label" in self.columns:
-            out["label"] = block.labels
-        if "codes" in self.columns:
-            out["codes"] = torch.from_numpy(block.codes.astype(np.int64))
-        if "var_input" in self.columns:
-            out["var_input"] = torch.from_numpy(np.ascontiguousarray(block.var_input))
-        if "meta" in self.columns:
-            out["meta"] = [m if m is not None else "" for m in block.metas]
-        for name, values in block.extra.items():  # other columns: tensors for fixed-size lists, else values
-            out[name] = values.tolist() if values.dtype == object else torch.from_numpy(values)
-        return out
+        return TokenBatch.of(block_columns(block, self.columns, self._view_fill))
 
     def _check_columns(self) -> dict[str, Any]:
-        """The first non-empty data file's vqpipe metadata; every asked column must be in it."""
+        """The first non-empty data file's vqpipe metadata; every asked column must be in it. A default run's files
+        have no `view` column: asked for, it is their one view (center)."""
         for src in self.sources:
             if src.rows:
                 f, source = open_parquet(src.url, self.storage_options)
                 try:
-                    check_file(f.schema_arrow, src.url, self.columns)
+                    self.read_columns, self._view_fill = columns_to_read(
+                        self.columns, self.choice, f.schema_arrow.names
+                    )
+                    check_file(f.schema_arrow, src.url, self.read_columns)
+                    check_file_views(f.schema_arrow, self.choice, src.url)
                     return read_metadata(f.schema_arrow)
                 finally:
                     f.close()
                     if source is not None:
                         source.close()
         return {}
-
-
-@dataclass
-class TokenBatch:
-    """A batch as TokenDataset(batch_size=...) yields it: what default_collate makes of single items, readable
-    as `batch["codes"]` or `batch.codes`. Not a dict on purpose: the DataLoader passes it through untouched
-    instead of walking every key string, and `pin_memory=True` pins its tensors."""
-
-    key: list[str]
-    label: torch.Tensor | None = None
-    codes: torch.Tensor | None = None
-    var_input: torch.Tensor | None = None
-    meta: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # other columns asked for, by name
-
-    def __len__(self) -> int:
-        return len(self.key)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.keys()
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self.extra:
-            return self.extra[name]
-        if name not in self:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def keys(self) -> list[str]:
-        named = [f.name for f in fields(self) if f.name != "extra" and getattr(self, f.name) is not None]
-        return named + list(self.extra)
-
-    def pin_memory(self) -> TokenBatch:
-        pinned = {n: getattr(self, n).pin_memory() for n in ("label", "codes", "var_input") if n in self}
-        extra = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
-        return replace(self, **pinned, extra=extra)
 
 
 def _digest(shard_ids: tuple[str, ...], shard_rows: tuple[int, ...], srcs: tuple[Source, ...]) -> str:

@@ -1,9 +1,10 @@
 """Which rows of an OUT each (rank, DataLoader worker) reads in an epoch, and in what order. Pure functions.
 
-An epoch is one sequence of "positions" over the committed shards, in shard-id order or (shuffle) a seeded
-permutation of the shards. As with `DistributedSampler`, the sequence is padded by wrapping around to the start
-(drop_last=False) or cut (drop_last=True) to a multiple of the world size; rank r then takes the r-th contiguous
-block, so every rank yields the same count and reads only the shards its block covers (no rank reads every file).
+An epoch is one sequence of "positions" (rows; images when one view per image is read) over the committed
+shards, in shard-id order or (shuffle) a seeded permutation of the shards. As with `DistributedSampler`, the
+sequence is padded by wrapping around to the start (drop_last=False) or cut (drop_last=True) to a multiple of the
+world size; rank r then takes the r-th contiguous block, so every rank yields the same count and reads only the
+shards its block covers (no rank reads every file).
 A rank's block is split further into contiguous runs, one per DataLoader worker. Only numpy's platform-independent
 generators are used: the same (seed, epoch, world size, workers) gives the same rows on any machine.
 """
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Separate generator streams for the three seeded choices, so that none repeats another's draws.
-_SHARDS, _ROW_GROUPS, _WINDOW = 0, 1, 2
+# Separate generator streams for the four seeded choices, so that none repeats another's draws.
+_SHARDS, _ROW_GROUPS, _WINDOW, _VIEWS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ def window_order(size: int, *, shuffle: bool, seed: int, epoch: int, window_star
     if not shuffle:
         return np.arange(size)
     return _rng(seed, epoch, _WINDOW, window_start).permutation(size)
+
+
+def view_picks(shard_id: str, images: int, views: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The view (index) of each of a shard's images that the epoch yields with view="random", seeded by the shard's
+    id: the same wherever the shard's rows are read from and whoever reads them."""
+    return _rng(seed, epoch, _VIEWS, zlib.crc32(shard_id.encode())).integers(views, size=images)
 
 
 def _rng(*entropy: int) -> np.random.Generator:
