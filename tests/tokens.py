@@ -69,15 +69,26 @@ def write_out(
     legacy: bool = False,
     uncommitted: dict[str, int] | None = None,
     storage_options: dict | None = None,
+    views: tuple[str, ...] | None = None,
 ) -> dict[str, dict]:
     """An OUT with one committed shard per entry of `rows` (id -> row count) and data files without a done
-    marker for `uncommitted`. Returns key -> {"label", "codes", "var_input"} of the committed rows."""
+    marker for `uncommitted`. Returns key -> {"label", "codes", "var_input"} of the committed rows.
+
+    `views` (a `--views` run): `rows` counts images, each written as one row per view (a `view` column, the
+    markers' `images` and `views`, `batch` rows per write as the job's crop batches), and the result is keyed by
+    (key, view)."""
     ledger = Ledger(str(out), storage_options)
     ledger.start_run({"fingerprint": "test", "output_settings": {"var_input": var_input}}, allow_change=False)
     lay = layout(var_input)
     expected = {}
-    for seed, (shard_id, n) in enumerate([*rows.items(), *(uncommitted or {}).items()]):
+    n_views = len(views) if views else 1
+    for seed, (shard_id, images) in enumerate([*rows.items(), *(uncommitted or {}).items()]):
+        n = images * n_views
         keys, labels, metas, codes, vi = shard_rows(shard_id, n, seed, labeled, var_input)
+        names = None
+        if views:  # an image's rows share key, label and meta; codes differ per view
+            keys, labels, metas = ([col[i - i % n_views] for i in range(n)] for col in (keys, labels, metas))
+            names = [views[i % n_views] for i in range(n)]
         meta = file_metadata(
             lay,
             resolution=64,
@@ -87,8 +98,9 @@ def write_out(
             shard={"id": shard_id, "url": f"/in/{shard_id}.tar"},
             batch_size=batch,
             vqpipe_version="test",
+            **({"views": views} if views else {}),
         )
-        schema = data_schema(lay, meta)
+        schema = data_schema(lay, meta, view_column=bool(views))
         if legacy:
             schema = _legacy_schema(schema, lay)
         writer = ShardWriter(
@@ -106,12 +118,16 @@ def write_out(
                     if writer._pending_rows >= rows_per_group:
                         writer._flush()
                 else:
-                    writer.write(keys[sl], labels[sl], metas[sl], codes[sl], None if vi is None else vi[sl])
+                    one = None if vi is None else vi[sl]
+                    writer.write(keys[sl], labels[sl], metas[sl], codes[sl], one, names and names[sl])
             writer.commit()
         if shard_id in rows:
-            ledger.mark_done(shard_id, {"shard_id": shard_id, "rows": n, "samples": n, "errors": 0})
+            marker = {"shard_id": shard_id, "rows": n, "samples": images, "errors": 0}
+            ledger.mark_done(
+                shard_id, {**marker, **({"images": images, "views": list(views)} if views else {})}
+            )
             for i, k in enumerate(keys):
-                expected[k] = {
+                expected[(k, names[i]) if names else k] = {
                     "label": labels[i],
                     "codes": codes[i],
                     "var_input": None if vi is None else vi[i],

@@ -51,10 +51,11 @@ class ViewChoice:
 
 def view_choice(view: str, markers: Mapping[str, Mapping[str, Any]], marker_url: Any) -> ViewChoice:
     """Validate `view=` against the committed shards' done markers (`marker_url(shard_id)` names one in errors):
-    they must list the same views, and in per-image mode hold a whole number of images."""
+    to pick views they must list the same views and hold whole images; view="all" reads rows as they are."""
     views: tuple[str, ...] | None = None
     first = ""
-    for shard_id, marker in markers.items():
+    shards = list(markers.items())
+    for shard_id, marker in shards if view != ALL else shards[:1]:  # "all" reads rows as they are
         got = tuple(marker.get("views") or DEFAULT_VIEWS)
         if views is None:
             views, first = got, shard_id
@@ -94,7 +95,7 @@ def check_file_views(schema: pa.Schema, choice: ViewChoice, url: str) -> None:
     """A data (or compacted) file must hold the views its markers list: the pick is row arithmetic on that list."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     got = tuple(json.loads(raw).get("views") or DEFAULT_VIEWS) if raw else choice.views
-    if got != choice.views:
+    if got != choice.views and choice.view != ALL:
         raise StorageError(
             f"{url}: its metadata lists views {','.join(got)}, its done marker(s) {','.join(choice.views)}"
         )
