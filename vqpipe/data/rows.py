@@ -23,7 +23,7 @@ class RowBlock:
     codes: np.ndarray | None  # (N, L) as stored (uint16 or int32)
     var_input: np.ndarray | None  # (N, L - pn0², Cvae) as stored (float16 or float32)
     metas: np.ndarray | None  # (N,) object (str or None)
-    # Any other column asked for (e.g. a later format's `view`): numpy for fixed-size lists, else objects.
+    # Any other column asked for (e.g. `view`): numpy for fixed-size lists, else objects.
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
