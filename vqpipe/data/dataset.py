@@ -28,6 +28,8 @@ from .views import RANDOM, check_file_views, columns_to_read, view_choice
 logger = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
+# What a saved state must have been saved with to apply here.
+_STATE_SETTINGS = ("version", "seed", "shuffle", "drop_last", "shuffle_buffer", "view", "world_size", "rank")
 
 
 class TokenDataset(IterableDataset):
@@ -96,10 +98,9 @@ class TokenDataset(IterableDataset):
         self.shard_rows_by_id = dict(zip(self.shard_ids, self.shard_rows))
         self.choice = view_choice(view, markers, ledger.done_url)  # which rows of each image an epoch yields
         self.views = self.choice.views  # the OUT's, in the order of an image's rows
-        self.read_columns, self._view_fill = (
-            self.columns,
-            None,
-        )  # from the first file's schema (_check_columns)
+        # What the files are read for, and the view of files without a `view` column: from the first file's schema.
+        self.read_columns: tuple[str, ...] = self.columns
+        self._view_fill: str | None = None
         # The files to read: the epoch is planned over these (a data file, or a compacted file's counted rows).
         # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a compaction.
         self.sources: tuple[Source, ...] = tuple(sources(ledger, markers, None if compacted else Manifest()))
@@ -149,16 +150,7 @@ class TokenDataset(IterableDataset):
         """The next iteration continues right after the last row the saved iteration yielded."""
         mine = self.state_dict()
         state = {"view": "all", **state}  # states saved before view= existed read every row
-        for key in (
-            "version",
-            "seed",
-            "shuffle",
-            "drop_last",
-            "shuffle_buffer",
-            "view",
-            "world_size",
-            "rank",
-        ):
+        for key in _STATE_SETTINGS:
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"state was saved with {key}={state.get(key)!r}, this dataset has {mine[key]!r}"

@@ -28,6 +28,8 @@ ALL, RANDOM = "all", "random"
 
 @dataclass(frozen=True)
 class ViewChoice:
+    """The `view=` asked for, and the views of the OUT it applies to."""
+
     views: tuple[str, ...]  # the OUT's views, in the order of an image's rows
     view: str  # "all" (every row), "random" (one seeded view per image) or the name of one view
 
@@ -55,7 +57,7 @@ def view_choice(view: str, markers: Mapping[str, Mapping[str, Any]], marker_url:
     views: tuple[str, ...] | None = None
     first = ""
     shards = list(markers.items())
-    for shard_id, marker in shards if view != ALL else shards[:1]:  # "all" reads rows as they are
+    for shard_id, marker in shards if view != ALL else shards[:1]:  # the first names the views of "all"
         got = tuple(marker.get("views") or DEFAULT_VIEWS)
         if views is None:
             views, first = got, shard_id
