@@ -267,3 +267,14 @@ def test_job_with_crops10(ray_session, tmp_path):
     assert (
         run["output_settings"]["views"] == list(parse_views("crops10")) and run["config"]["encode"]["views"]
     )
+    # The training reader over the job's own output: one view of each good image per epoch, the row of that view.
+    from vqpipe.data import TokenDataset
+
+    table = pq.read_table(tmp_path / "out" / "data")
+    rows = {(k, v): c for k, v, c in zip(*(table.column(n).to_pylist() for n in ("key", "view", "codes")))}
+    for epoch in (0, 1):
+        ds = TokenDataset(cfg.output, columns=("codes", "view"), seed=1)
+        ds.set_epoch(epoch)
+        items = list(ds)
+        assert sorted(it["key"] for it in items) == ["k0", "k1", "k2"] and len(ds) == 3
+        assert all(it["codes"].tolist() == rows[(it["key"], it["view"])] for it in items)
