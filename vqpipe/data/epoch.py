@@ -4,9 +4,9 @@ An epoch is one sequence of "positions" (rows; images when one view per image is
 shards, in shard-id order or (shuffle) a seeded permutation of the shards. As with `DistributedSampler`, the
 sequence is padded by wrapping around to the start (drop_last=False) or cut (drop_last=True) to a multiple of the
 world size; rank r then takes the r-th contiguous block, so every rank yields the same count and reads only the
-shards its block covers (no rank reads every file).
-A rank's block is split further into contiguous runs, one per DataLoader worker. Only numpy's platform-independent
-generators are used: the same (seed, epoch, world size, workers) gives the same rows on any machine.
+shards its block covers (no rank reads every file). A rank's block is split further into contiguous runs, one per
+DataLoader worker. Only numpy's platform-independent generators are used: the same (seed, epoch, world size,
+workers) gives the same rows on any machine.
 """
 
 from __future__ import annotations
