@@ -312,7 +312,7 @@ def arrow_dataset(srcs: list[Source]) -> Any:
     files = [s.url for s in srcs if s.ranges is None and s.rows]
     if not any(s.ranges for s in srcs):
         return pads.dataset(files, format="parquet")
-    tables = []
+    tables: list[pa.Table] = []
     for s in srcs:
         if s.ranges:
             t = pq.read_table(s.url)

@@ -120,11 +120,19 @@ class OutputReader:
         url = self.ledger.data_url(shard_id)
         with storage.open_input(url, self.ledger.storage_options) as raw:
             f = pq.ParquetFile(raw)
-            self._check_layout(url, json.loads((f.schema_arrow.metadata or {})[b"vqpipe"]))
+            self._check_layout(url, f)
             yield f
 
-    def _check_layout(self, url: str, meta: dict[str, Any]) -> None:
-        layout = Layout.from_metadata(meta)
+    def read_layout(self) -> Layout:
+        """The rows' layout: the one of the data files read so far, else the first committed shard's."""
+        if self.layout is not None:
+            return self.layout
+        url = self.ledger.data_url(next(iter(self.markers)))
+        with storage.open_input(url, self.ledger.storage_options) as raw:
+            return self._check_layout(url, pq.ParquetFile(raw))
+
+    def _check_layout(self, url: str, f: pq.ParquetFile) -> Layout:
+        layout = Layout.from_metadata(json.loads((f.schema_arrow.metadata or {})[b"vqpipe"]))
         if self.layout is None:
             self.layout = layout
         elif (layout.patch_nums, layout.vocab_size) != (self.layout.patch_nums, self.layout.vocab_size):
@@ -132,6 +140,7 @@ class OutputReader:
                 f"{url}: tokens of another layout ({layout.preset}, scales {layout.patch_nums}) than the "
                 f"other shards ({self.layout.preset}, scales {self.layout.patch_nums})"
             )
+        return layout
 
     def sample_rows(self, n: int, seed: int) -> list[Row]:
         """n committed rows drawn uniformly without replacement (seeded), in the order drawn."""
@@ -180,9 +189,10 @@ class OutputReader:
         counted = 0
         for s in order:
             with self.data_file(ids[s]) as f:
-                offsets, vocab = self.layout.offsets, self.layout.vocab_size
+                layout = self.read_layout()  # known: the data file was just read
+                offsets, vocab = layout.offsets, layout.vocab_size
                 if counts is None:
-                    counts = [np.zeros(vocab, np.int64) for _ in self.layout.patch_nums]
+                    counts = [np.zeros(vocab, np.int64) for _ in layout.patch_nums]
                 for batch in f.iter_batches(columns=["codes"], batch_size=8192):
                     codes = _codes(batch)
                     for k in range(len(counts)):
@@ -195,7 +205,7 @@ class OutputReader:
 
     def error_examples(self) -> dict[str, list[dict[str, str]]]:
         """reason -> a few (shard, key, detail) examples, from the error files of shards that had errors."""
-        wanted = Counter()
+        wanted: Counter[str] = Counter()
         for rec in self.markers.values():
             wanted.update(rec.get("errors_by_reason", {}))
         examples: dict[str, list[dict[str, str]]] = {r: [] for r in wanted}
@@ -248,11 +258,9 @@ def inspect(opts: InspectOptions) -> str:
         raise ConfigError(f"{storage.redact(opts.output)}: no committed shard (done/*.json) to inspect")
     stats = {"output": storage.redact(opts.output), **gather_status(reader)}
     counts, counted = reader.code_counts(opts.usage_rows, opts.seed)
-    if reader.layout is None:  # every committed shard is empty: the layout still comes from a data file
-        with reader.data_file(next(iter(reader.markers))):
-            pass
-        counts = [np.zeros(reader.layout.vocab_size, np.int64) for _ in reader.layout.patch_nums]
-    lay = reader.layout
+    lay = reader.read_layout()  # every committed shard may be empty: the layout still comes from a data file
+    if not counts:  # no row was counted
+        counts = [np.zeros(lay.vocab_size, np.int64) for _ in lay.patch_nums]
     stats["layout"] = {
         "preset": lay.preset,
         "model_sha256": lay.model_sha256,

@@ -76,9 +76,12 @@ class PhiNonShared(nn.ModuleList):
         return self[phi_index(len(self), si, num_scales)]
 
 
+PhiWrapper = PhiShared | PhiPartiallyShared | PhiNonShared
+
+
 def make_phi(
     channels: int, quant_resi: float, share_quant_resi: int, num_scales: int, default_qresi_counts: int = 0
-) -> nn.Module:
+) -> PhiWrapper:
     """The phi wrapper VAR builds for these settings; |quant_resi| <= 1e-6 gives keyless Identity phis."""
 
     def one() -> nn.Module:
@@ -115,6 +118,8 @@ def _area(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 class MultiScaleQuantizer(nn.Module):
     """VAR's `VectorQuantizer2`: the training forward (SPEC §3.4) and the inference paths (§3.1-3.3)."""
+
+    ema_vocab_hit_SV: torch.Tensor  # a buffer (register_buffer below)
 
     def __init__(
         self,
@@ -163,7 +168,7 @@ class MultiScaleQuantizer(nn.Module):
         b, _, h, w = f.shape
         hws = self._patch_hws(None, h, w)
         codebook = self.embedding.weight.detach()
-        vq_loss: torch.Tensor | float = 0.0
+        vq_loss = f.new_zeros(())  # float32: f was cast above
         with _no_autocast(f.device):
             f_no_grad = f.detach()
             residual = f_no_grad.clone()
