@@ -23,7 +23,15 @@ import torch
 
 from .config import JobConfig, random_weights_id
 from .errors import CheckpointError
-from .model import PRESETS, VQVAE, ModelPreset, build_model, load_checkpoint, precision_mode, precision_settings
+from .model import (
+    PRESETS,
+    VQVAE,
+    ModelPreset,
+    build_model,
+    load_checkpoint,
+    precision_mode,
+    precision_settings,
+)
 from .schema import TokenLayout
 
 logger = logging.getLogger(__name__)

@@ -145,7 +145,7 @@ def _members(tar: tarfile.TarFile, stats: ReadStats) -> Iterator[tuple[tarfile.T
         data: bytes | None
         if member.isreg():
             file = tar.extractfile(member)
-            if file is None:  # not reached: tarfile returns None only for members that are neither files nor links
+            if file is None:  # not reached: tarfile gives None only for members that are not files or links
                 raise tarfile.ReadError(f"{member.name}: a file member without data")
             data = file.read()
         else:  # a hard link names the target's path; a symbolic one is relative to the link's directory

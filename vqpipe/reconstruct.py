@@ -29,7 +29,8 @@ from .reader import iter_samples
 from .stats import summary_of
 
 if TYPE_CHECKING:
-    from .inspect import InspectOptions, OutputReader
+    from .inspect import InspectOptions
+    from .output_reader import OutputReader
     from .report import GridRow
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def decode_keys(
     """Write `<to_dir>/<key>.png` (decoded codes) for each key; returns (paths written, keys not found).
 
     A key committed in several shards gets one file per shard, named `<key>@<shard_id>.png`."""
-    from .inspect import OutputReader
+    from .output_reader import OutputReader
 
     reader = OutputReader.open(output, storage_options)
     rows = reader.find_keys(keys)

@@ -76,7 +76,12 @@ def crop_box(position: str, width: int, height: int, size: int) -> tuple[int, in
         return left, top, left + size, top + size
     if size > width or size > height:
         raise ValueError(f"corner crop {size} of a {width}x{height} image")
-    corners = {"tl": (0, 0), "tr": (width - size, 0), "bl": (0, height - size), "br": (width - size, height - size)}
+    corners = {
+        "tl": (0, 0),
+        "tr": (width - size, 0),
+        "bl": (0, height - size),
+        "br": (width - size, height - size),
+    }
     if position not in corners:
         raise ValueError(f"unknown crop position {position!r}")
     left, top = corners[position]

@@ -178,7 +178,8 @@ class VQVAE(nn.Module):
         if ema is not None and ema.shape[0] != own.shape[0]:
             patched = OrderedDict(state_dict)
             metadata = getattr(state_dict, "_metadata", None)
-            if metadata is not None:  # torch reads a state dict's `_metadata`; typeshed's OrderedDict lacks it
+            if metadata is not None:
+                # torch reads a state dict's `_metadata`; typeshed's OrderedDict does not declare it.
                 patched._metadata = metadata  # type: ignore[attr-defined]
             patched[EMA_KEY] = own.detach().clone()
             state_dict = patched
