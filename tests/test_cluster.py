@@ -526,6 +526,6 @@ class TestFailures:
     ],
 )
 def test_cpus_per_replica_default_follows_the_cluster(nodes, gpus, replicas, want):
-    from vqpipe.cluster import replica_cpus
+    from vqpipe.replicas import replica_cpus
 
     assert replica_cpus(nodes, gpus, replicas) == want

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from vqpipe.model import PRESETS, VQVAE, ModelPreset, build_model, exact_mode, precision_settings
+from vqpipe.model.phi import phi_index, phi_ticks
 from vqpipe.model.precision import precision_mode
 from vqpipe.model.presets import get_preset
-from vqpipe.model.quant import MultiScaleQuantizer, phi_index, phi_ticks
+from vqpipe.model.quant import MultiScaleQuantizer
 
 STATE_DICT_TXT = Path(__file__).parent / "data" / "var256_state_dict.txt"
 

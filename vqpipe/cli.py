@@ -2,7 +2,10 @@
 
 Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
 (nothing was written), 3 OUT in use by another run, 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun
-to resume)."""
+to resume).
+
+One module although over ~300 lines: one thin `run_*` per command (arguments in, exit code out) over the module
+that does the work, and the one parser that lists them all."""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ metadata and row groups of `row_group_rows`; a file only holds shards whose sche
 shard's own id and URL) agree. Each file is committed atomically, and the manifest after them. Files already
 listed are never rewritten. `delete_sources` removes the data files of compacted shards, only once the manifest
 that lists them is committed.
+
+One module although over ~300 lines: the readers at the end (`read_sources`, `duckdb_sql`, `arrow_dataset`) are the
+documented way to read what compaction writes (docs/compaction.md) and follow the same manifest rules.
 """
 
 from __future__ import annotations
@@ -312,7 +315,7 @@ def arrow_dataset(srcs: list[Source]) -> Any:
     files = [s.url for s in srcs if s.ranges is None and s.rows]
     if not any(s.ranges for s in srcs):
         return pads.dataset(files, format="parquet")
-    tables = []
+    tables: list[pa.Table] = []
     for s in srcs:
         if s.ranges:
             t = pq.read_table(s.url)

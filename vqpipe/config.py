@@ -2,6 +2,9 @@
 
 Settings are grouped by the stage that uses them. Precedence: defaults < config file < command line.
 Unknown keys and bad values raise `ConfigError` naming the key; nothing is silently ignored.
+
+One module although over ~300 lines: the dataclasses are the single table of options (options.py derives the
+flags and docs/options.md from them), and loading, validation and the fingerprint are written against that table.
 """
 
 from __future__ import annotations

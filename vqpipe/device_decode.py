@@ -121,13 +121,14 @@ class DeviceDecoder:
         One batched decode_jpeg call (RGB, no EXIF orientation: VAR's loader applies none); if it raises,
         the JPEGs are decoded one by one so that a bad one only affects itself.
         """
-        decoded = self._decode(jpegs)
-        results: list[torch.Tensor | Exception] = list(decoded)
+        results = self._decode(jpegs)
+        images: dict[int, torch.Tensor] = {}
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, img in enumerate(decoded):
+        for i, img in enumerate(results):
             if isinstance(img, torch.Tensor):
                 too_large = self._too_large(img)
                 if too_large is None:
+                    images[i] = img
                     by_size[tuple(img.shape)].append(i)
                 else:
                     results[i] = too_large
@@ -135,11 +136,12 @@ class DeviceDecoder:
             step = max(1, _CHUNK_PIXELS // (shape[1] * shape[2]))
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
+                outs: list[torch.Tensor | Exception]
                 try:
-                    pixels = resize_center_crop(torch.stack([decoded[i] for i in chunk]), self.resolution)
+                    outs = list(resize_center_crop(torch.stack([images[i] for i in chunk]), self.resolution))
                 except Exception as exc:  # e.g. out of device memory: these samples take the PIL path
-                    pixels = [exc] * len(chunk)
-                for i, out in zip(chunk, pixels):
+                    outs = [exc] * len(chunk)
+                for i, out in zip(chunk, outs):
                     results[i] = out
         return results
 
@@ -153,7 +155,7 @@ class DeviceDecoder:
         if not jpegs:
             return []
         try:
-            return self._decode_jpegs(jpegs)
+            return list(self._decode_jpegs(jpegs))
         except Exception as exc:
             logger.debug("batched JPEG decode failed (%s); decoding %d one by one", exc, len(jpegs))
         results: list[torch.Tensor | Exception] = []

@@ -23,7 +23,15 @@ import torch
 
 from .config import JobConfig, random_weights_id
 from .errors import CheckpointError
-from .model import PRESETS, ModelPreset, build_model, load_checkpoint, precision_mode, precision_settings
+from .model import (
+    PRESETS,
+    VQVAE,
+    ModelPreset,
+    build_model,
+    load_checkpoint,
+    precision_mode,
+    precision_settings,
+)
 from .schema import TokenLayout
 
 logger = logging.getLogger(__name__)
@@ -31,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: torch.nn.Module
+    model: VQVAE
     preset: ModelPreset
     model_sha256: str  # the checkpoint file's sha256, or random_weights_id
 
@@ -117,11 +125,12 @@ class Encoder:
 
     def _fast_latent(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """encode_latent as the mode runs it. The eager contiguous model stays as the exact reference."""
-        net: torch.nn.Module = torch.nn.Sequential(self.model.encoder, self.model.quant_conv)
+        net = torch.nn.Sequential(self.model.encoder, self.model.quant_conv)
         if self.mode.channels_last:  # a copy: converting in place would change the reference too
-            net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+            # Module.to(memory_format=...) is documented; torch's type hints for `to` leave that overload out.
+            net = copy.deepcopy(net).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.mode.compile:
-            net = torch.compile(net)  # compiles on the first batch; a second batch size makes it dynamic
+            return torch.compile(net)  # compiles on the first batch; a second batch size makes it dynamic
         return net
 
     def __call__(
@@ -147,7 +156,10 @@ class Encoder:
         if not self.layout.var_input:
             return codes, None
         with precision_mode("exact"):  # var_input is a function of the codes; always computed as VAR does
-            var_input = self.model.idxBl_to_var_input(idx_bl).to(getattr(torch, self.layout.var_input_dtype))
+            var_input = self.model.idxBl_to_var_input(idx_bl)
+            if var_input is None:  # not reached: the quantizer refuses schedules of fewer than 2 scales
+                raise RuntimeError("the model gave no var_input: its schedule has a single scale")
+            var_input = var_input.to(getattr(torch, self.layout.var_input_dtype))
         return codes, var_input.cpu().numpy()
 
     def agreement_with_exact(
@@ -182,7 +194,7 @@ class Encoder:
         return x.float().div_(255).mul_(2).sub_(1)
 
     def _codes(self, x: torch.Tensor, exact: bool) -> list[torch.Tensor]:
-        if exact or self.mode.exact:
+        if exact or self._latent is None:  # None: the exact mode
             with precision_mode("exact"):
                 return self.model.img_to_idxBl(x)
         with precision_mode(_flags_mode(self.precision)):

@@ -235,7 +235,8 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.record is None or self._lost:
+        # A record always comes with its version.
+        if self.record is None or self._version is None or self._lost:
             return
         try:
             storage.remove_if(self.url, self.storage_options, if_version=self._version)

@@ -30,6 +30,7 @@ import threading
 
 import numpy as np
 from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 
 from vqpipe.config import MAX_IMAGE_PIXELS
 from vqpipe.errors import SampleError
@@ -157,6 +158,7 @@ def probe_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
     with _open(data, max_pixels) as img:
         if (
             img.format != "JPEG"
+            or not isinstance(img, JpegImageFile)  # always true when the format is JPEG
             or img.mode not in ("L", "RGB")
             or _jpeg_frame(data) not in _DEVICE_JPEG_FRAMES
         ):
@@ -183,7 +185,7 @@ def _jpeg_frame(data: bytes) -> int | None:
     return None
 
 
-def _is_ycbcr(img: Image.Image) -> bool:
+def _is_ycbcr(img: JpegImageFile) -> bool:
     # libjpeg's rule for 3 components: JFIF means YCbCr; else an Adobe marker's transform flag decides;
     # else component ids 'R', 'G', 'B' mean RGB.
     if "jfif" in img.info:

@@ -57,12 +57,19 @@ class ReadStats:
     ignored: Counter = field(default_factory=Counter)
 
 
+# tarfile's HeaderError subclasses say why a header read failed (CPython has had them since 3.2); they are not in
+# its documentation, so typeshed does not declare them.
+_EOFHeaderError: type[tarfile.HeaderError] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_EmptyHeaderError: type[tarfile.HeaderError] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
+_TruncatedHeaderError: type[tarfile.HeaderError] = tarfile.TruncatedHeaderError  # type: ignore[attr-defined]
+
+
 class _TarInfo(tarfile.TarInfo):
     """Remembers why the header read that ended the archive failed: tarfile's streaming mode ends quietly on
     an end-of-archive block, on no data at all and on a corrupt header alike, and only the first is an end."""
 
     @classmethod
-    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _TarInfo:
         try:
             return super().fromtarfile(tar)
         except tarfile.HeaderError as e:
@@ -122,7 +129,9 @@ def _members(tar: tarfile.TarFile, stats: ReadStats) -> Iterator[tuple[tarfile.T
     directories, devices and WebDataset metadata are counted as ignored instead."""
     recent = _Recent()
     for member in tar:
-        tar.members = []  # tarfile keeps every header of a stream otherwise: memory would grow with the shard
+        # tarfile keeps every header of a stream otherwise: memory would grow with the shard. (`members` is
+        # the list behind getmembers(); typeshed does not declare it.)
+        tar.members = []  # type: ignore[attr-defined]
         stats.members += 1
         if member.isdir():
             stats.ignored["directory"] += 1
@@ -133,8 +142,12 @@ def _members(tar: tarfile.TarFile, stats: ReadStats) -> Iterator[tuple[tarfile.T
         if "/" not in member.name and _WDS_META.match(member.name):
             stats.ignored["webdataset_meta"] += 1
             continue
+        data: bytes | None
         if member.isreg():
-            data = tar.extractfile(member).read()
+            file = tar.extractfile(member)
+            if file is None:  # not reached: tarfile gives None only for members that are not files or links
+                raise tarfile.ReadError(f"{member.name}: a file member without data")
+            data = file.read()
         else:  # a hard link names the target's path; a symbolic one is relative to the link's directory
             target = member.linkname
             if member.issym():
@@ -252,16 +265,16 @@ def _check_end(tar: tarfile.TarFile, shard_name: str, allow_unterminated: bool) 
     """Refuse a tar that ends without its end-of-archive marker (two zero blocks): an interrupted copy that
     stops at a block boundary would otherwise read as a shorter, valid tar."""
     end = getattr(tar, "vqpipe_end", None)
-    if isinstance(end, tarfile.EOFHeaderError):  # one zero block read; the marker has a second one
+    if isinstance(end, _EOFHeaderError):  # one zero block read; the marker has a second one
         rest = tar.fileobj.read(tarfile.BLOCKSIZE)
         if rest == tarfile.NUL * tarfile.BLOCKSIZE or (allow_unterminated and not rest):
             return
         if rest.strip(tarfile.NUL):
             raise ShardError("bad_tar", f"{shard_name}: data after an end-of-archive block")
-        end = tarfile.EmptyHeaderError("the end-of-archive marker is cut short")
-    elif isinstance(end, tarfile.EmptyHeaderError) and allow_unterminated:
+        end = _EmptyHeaderError("the end-of-archive marker is cut short")
+    elif isinstance(end, _EmptyHeaderError) and allow_unterminated:
         return
-    if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+    if isinstance(end, (_EmptyHeaderError, _TruncatedHeaderError)):
         raise ShardError(
             "truncated_tar",
             f"{shard_name}: no end-of-archive marker after {tar.offset} bytes ({end}); the tar was cut short "

@@ -23,13 +23,14 @@ from PIL import Image
 from . import storage
 from .encode import load_model, pick_device
 from .errors import ConfigError, SampleError, ShardError, StorageError
-from .model import PRESETS, exact_mode
+from .model import PRESETS, VQVAE, exact_mode
 from .preprocess import DEFAULT_MAX_PIXELS, preprocess
 from .reader import iter_samples
 from .stats import summary_of
 
 if TYPE_CHECKING:
-    from .inspect import InspectOptions, OutputReader
+    from .inspect import InspectOptions
+    from .output_reader import OutputReader
     from .report import GridRow
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _ENCODE_BATCH = 8  # re-encoding originals: a memory bound
 class Decoder:
     """A loaded tokenizer, ready to turn codes back into images."""
 
-    model: torch.nn.Module
+    model: VQVAE
     preset: str
     patch_nums: tuple[int, ...]
     model_sha256: str
@@ -76,10 +77,12 @@ class Decoder:
         rows: list[list[np.ndarray]] = []
         with torch.inference_mode():
             for i in range(0, len(codes), _DECODE_BATCH):
-                per_scale = self.model.idxBl_to_img(
-                    self.scales(codes[i : i + _DECODE_BATCH]), same_shape=True, last_one=False
-                )
-                per_scale = [to_uint8(img) for img in per_scale]
+                per_scale = [
+                    to_uint8(img)
+                    for img in self.model.idxBl_to_img(
+                        self.scales(codes[i : i + _DECODE_BATCH]), same_shape=True, last_one=False
+                    )
+                ]
                 rows.extend([s[b] for s in per_scale] for b in range(len(per_scale[0])))
         return rows
 
@@ -175,7 +178,7 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
     from .report import GridRow
 
     rows = reader.sample_rows(opts.samples, opts.seed)
-    lay = reader.layout
+    lay = reader.read_layout()
     decoder = load_decoder(opts.preset or lay.preset, opts.checkpoint, opts.storage_options)
     if decoder.patch_nums != lay.patch_nums:
         raise ConfigError(
@@ -207,7 +210,7 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
         originals.update(((shard_id, k), v) for k, v in got.items())
     # Re-encoding the originals checks the whole chain: same preprocessing, same model, same codes.
     have = [i for i, r in enumerate(rows) if not isinstance(originals[r.shard_id, r.key], str)]
-    agree = {}
+    agree: dict[int, float] = {}
     for i in range(0, len(have), _ENCODE_BATCH):
         part = have[i : i + _ENCODE_BATCH]
         recoded = decoder.encode(np.stack([originals[rows[j].shard_id, rows[j].key] for j in part]))
@@ -266,13 +269,13 @@ def decode_keys(
     """Write `<to_dir>/<key>.png` (decoded codes) for each key; returns (paths written, keys not found).
 
     A key committed in several shards gets one file per shard, named `<key>@<shard_id>.png`."""
-    from .inspect import OutputReader
+    from .output_reader import OutputReader
 
     reader = OutputReader.open(output, storage_options)
     rows = reader.find_keys(keys)
     if not rows:
         return [], keys
-    decoder = load_decoder(preset or reader.layout.preset, checkpoint, storage_options)
+    decoder = load_decoder(preset or reader.read_layout().preset, checkpoint, storage_options)
     images = decoder.images(np.stack([r.codes for r in rows]))
     per_key = Counter(r.key for r in rows)
     os.makedirs(to_dir, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +168,7 @@ def _num(x: Any, fmt: str = "{:,}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
-def _table(head: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
+def _table(head: list[str], rows: list[list[Any]], numeric: Collection[int] = frozenset()) -> str:
     out = ["<table><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr>"]
     for r in rows:
         cells = (f"<td{' class=n' if j in numeric else ''}>{_e(v)}</td>" for j, v in enumerate(r))

@@ -127,6 +127,8 @@ def data_table(
         nested_list_array(codes, schema.field("codes").type),
     ]
     if "var_input" in schema.names:
+        if var_input is None:
+            raise ValueError("the schema has a var_input column but no var_input was given")
         columns.append(nested_list_array(var_input, schema.field("var_input").type))
     return pa.Table.from_arrays(columns, schema=schema)
 

@@ -4,6 +4,7 @@ seconds per stage from the done markers. Plain numpy over plain records."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,8 @@ def usage_stats(counts: list[np.ndarray], patch_nums: tuple[int, ...]) -> list[d
     return out
 
 
-def summary_of(values: list[float]) -> dict[str, float] | None:
-    """mean, p5, p50, p95 of finite values (None when there are none)."""
+def summary_of(values: Sequence[float | None]) -> dict[str, float] | None:
+    """mean, p5, p50, p95 of finite values, Nones skipped (None when there are none)."""
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if not len(v):
         return None

@@ -76,8 +76,13 @@ def crop_box(position: str, width: int, height: int, size: int) -> tuple[int, in
         return left, top, left + size, top + size
     if size > width or size > height:
         raise ValueError(f"corner crop {size} of a {width}x{height} image")
-    left = {"tl": 0, "bl": 0, "tr": width - size, "br": width - size}.get(position)
-    top = {"tl": 0, "tr": 0, "bl": height - size, "br": height - size}.get(position)
-    if left is None or top is None:
+    corners = {
+        "tl": (0, 0),
+        "tr": (width - size, 0),
+        "bl": (0, height - size),
+        "br": (width - size, height - size),
+    }
+    if position not in corners:
         raise ValueError(f"unknown crop position {position!r}")
+    left, top = corners[position]
     return left, top, left + size, top + size

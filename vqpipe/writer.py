@@ -122,7 +122,7 @@ class ShardWriter:
     def commit(self) -> dict[str, int]:
         """Close the data file under its final name, then the error file. Returns bytes written."""
         self._flush()
-        parquet, self._parquet = self._parquet, None
+        parquet, self._parquet = self._open_parquet(), None
         parquet.close()
         data_bytes = self._file.tell()
         self._stack.close()  # the atomic commit of the data file
@@ -135,8 +135,13 @@ class ShardWriter:
     def _flush(self) -> None:
         if self._pending_rows:
             table = pa.concat_tables(self._pending)
-            self._parquet.write_table(table, row_group_size=max(self.rows_per_group, table.num_rows))
+            self._open_parquet().write_table(table, row_group_size=max(self.rows_per_group, table.num_rows))
             self._pending, self._pending_rows = [], 0
+
+    def _open_parquet(self) -> pq.ParquetWriter:
+        if self._parquet is None:
+            raise RuntimeError(f"{self.data_url}: the shard writer is used outside its `with` block")
+        return self._parquet
 
 
 def _escaped(text: str) -> str:

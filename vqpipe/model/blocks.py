@@ -8,6 +8,8 @@ near-ties in the quantizer turn 1e-7 differences into different codes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = normalize(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.nin_shortcut: nn.Module
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
         else:
@@ -90,32 +93,46 @@ class Upsample2x(nn.Module):
 
 
 class _Level(nn.Module):
-    """Container for one resolution level: `block` and `attn` lists, then an optional down/upsample."""
+    """One resolution level: the `block` and `attn` lists, then a downsample (encoder) or upsample (decoder),
+    each registered only where the level has one (None adds no state-dict key)."""
 
-    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]):
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        attns: Sequence[nn.Module],
+        downsample: nn.Module | None = None,
+        upsample: nn.Module | None = None,
+    ):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
+        self.downsample = downsample
+        self.upsample = upsample
 
-    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         # attn[j] (present only at the deepest level) follows block[j].
         for j, block in enumerate(self.block):
             h = block(h)
             if len(self.attn) > 0:
                 h = self.attn[j](h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
         return h
 
 
-def _mid(channels: int, dropout: float, using_mid_sa: bool) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels) if using_mid_sa else nn.Identity()
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
-    return mid
+class _Mid(nn.Module):
+    """The middle of the network: a residual block, self-attention (or Identity), a residual block."""
 
+    def __init__(self, channels: int, dropout: float, using_mid_sa: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1: nn.Module = AttnBlock(channels) if using_mid_sa else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout)
 
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 class ConvEncoder(nn.Module):
@@ -146,22 +163,17 @@ class ConvEncoder(nn.Module):
                 width_in = width
                 if i == last and using_sa:
                     attns.append(AttnBlock(width))
-            level = _Level(blocks, attns)
             # width_in, not width: with num_res_blocks == 0 the level keeps its input width (as in VAR).
-            if i != last:
-                level.downsample = Downsample2x(width_in)
-            self.down.append(level)
-        self.mid = _mid(width_in, dropout, using_mid_sa)
+            self.down.append(_Level(blocks, attns, downsample=Downsample2x(width_in) if i != last else None))
+        self.mid = _Mid(width_in, dropout, using_mid_sa)
         self.norm_out = normalize(width_in)
         self.conv_out = nn.Conv2d(width_in, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for i, level in enumerate(self.down):
-            h = level.run_blocks(h)
-            if i != len(self.down) - 1:
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
+        for level in self.down:  # each but the last downsamples
+            h = level(h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
@@ -184,7 +196,7 @@ class ConvDecoder(nn.Module):
         last = len(ch_mult) - 1
         width_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid(width_in, dropout, using_mid_sa)
+        self.mid = _Mid(width_in, dropout, using_mid_sa)
         # Built deepest first, but stored so that up[i] is level i (up[0] = full resolution), as in VAR.
         levels: list[_Level] = []
         for i in reversed(range(len(ch_mult))):
@@ -195,18 +207,13 @@ class ConvDecoder(nn.Module):
                 width_in = width
                 if i == last and using_sa:
                     attns.append(AttnBlock(width))
-            level = _Level(blocks, attns)
-            if i != 0:
-                level.upsample = Upsample2x(width)
-            levels.insert(0, level)
+            levels.insert(0, _Level(blocks, attns, upsample=Upsample2x(width) if i != 0 else None))
         self.up = nn.ModuleList(levels)
         self.norm_out = normalize(width_in)
         self.conv_out = nn.Conv2d(width_in, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
-        for i in reversed(range(len(self.up))):
-            h = self.up[i].run_blocks(h)
-            if i != 0:
-                h = self.up[i].upsample(h)
+        h = self.mid(self.conv_in(z))
+        for i in reversed(range(len(self.up))):  # deepest first; each but up[0] upsamples
+            h = self.up[i](h)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))

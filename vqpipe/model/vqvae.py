@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -53,9 +53,13 @@ class VQVAE(nn.Module):
         self.vocab_size = vocab_size
         self.v_patch_nums = tuple(int(pn) for pn in v_patch_nums)
         self.downsample = 2 ** (len(ch_mult) - 1)
-        backbone = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
-        self.encoder = ConvEncoder(dropout=dropout, **backbone)
-        self.decoder = ConvDecoder(dropout=dropout, **backbone)
+        mult = tuple(ch_mult)
+        self.encoder = ConvEncoder(
+            ch=ch, ch_mult=mult, num_res_blocks=num_res_blocks, z_channels=z_channels, dropout=dropout
+        )
+        self.decoder = ConvDecoder(
+            ch=ch, ch_mult=mult, num_res_blocks=num_res_blocks, z_channels=z_channels, dropout=dropout
+        )
         self.quantize = MultiScaleQuantizer(
             vocab_size,
             z_channels,
@@ -122,9 +126,24 @@ class VQVAE(nn.Module):
         self, ms_h_BChw: Sequence[torch.Tensor], all_to_max_scale: bool, last_one: bool = False
     ) -> torch.Tensor | list[torch.Tensor]:
         f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale=all_to_max_scale, last_one=last_one)
-        if last_one:
+        if isinstance(f_hats, torch.Tensor):  # last_one
             return self.fhat_to_img(f_hats)
         return [self.fhat_to_img(f_hat) for f_hat in f_hats]
+
+    @overload
+    def idxBl_to_img(
+        self, idx_Bl: Sequence[torch.Tensor], same_shape: bool = True, last_one: Literal[True] = True
+    ) -> torch.Tensor: ...
+
+    @overload
+    def idxBl_to_img(
+        self, idx_Bl: Sequence[torch.Tensor], same_shape: bool = True, *, last_one: Literal[False]
+    ) -> list[torch.Tensor]: ...
+
+    @overload
+    def idxBl_to_img(
+        self, idx_Bl: Sequence[torch.Tensor], same_shape: bool = True, last_one: bool = True
+    ) -> torch.Tensor | list[torch.Tensor]: ...
 
     def idxBl_to_img(
         self, idx_Bl: Sequence[torch.Tensor], same_shape: bool = True, last_one: bool = True
@@ -160,7 +179,8 @@ class VQVAE(nn.Module):
             patched = OrderedDict(state_dict)
             metadata = getattr(state_dict, "_metadata", None)
             if metadata is not None:
-                patched._metadata = metadata
+                # torch reads a state dict's `_metadata`; typeshed's OrderedDict does not declare it.
+                patched._metadata = metadata  # type: ignore[attr-defined]
             patched[EMA_KEY] = own.detach().clone()
             state_dict = patched
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
