@@ -14,21 +14,28 @@ from .rows import RowBlock
 def block_columns(block: RowBlock, columns: tuple[str, ...], view_fill: str | None) -> dict[str, Any]:
     """The asked `columns` of a block: codes as int64 and labels as numpy int64, other fixed-size lists as tensors,
     other values as Python lists. `view_fill`: the one view of files that have no `view` column."""
-    out: dict[str, Any] = {"key": block.keys.tolist()}
+    out: dict[str, Any] = {"key": _read(block.keys, "key").tolist()}
     if "label" in columns:
-        out["label"] = block.labels
+        out["label"] = _read(block.labels, "label")
     if "codes" in columns:
-        out["codes"] = torch.from_numpy(block.codes.astype(np.int64))
+        out["codes"] = torch.from_numpy(_read(block.codes, "codes").astype(np.int64))
     if "var_input" in columns:
-        out["var_input"] = torch.from_numpy(np.ascontiguousarray(block.var_input))
+        out["var_input"] = torch.from_numpy(np.ascontiguousarray(_read(block.var_input, "var_input")))
     if "meta" in columns:
-        out["meta"] = [m if m is not None else "" for m in block.metas]
+        out["meta"] = [m if m is not None else "" for m in _read(block.metas, "meta")]
     for name, values in block.extra.items():  # other columns: tensors for fixed-size lists, else values
         if name in columns:  # not a `view` read only to check the picks
             out[name] = values.tolist() if values.dtype == object else torch.from_numpy(values)
     if view_fill is not None:
         out["view"] = [view_fill] * len(block)
     return out
+
+
+def _read(values: np.ndarray | None, name: str) -> np.ndarray:
+    """A column the block must hold: TokenDataset reads every column it yields (`key` always)."""
+    if values is None:
+        raise ValueError(f"column {name!r} is asked for but was not read")
+    return values
 
 
 @dataclass

@@ -33,19 +33,40 @@ class RowBlock:
         return 0
 
     def take(self, index: np.ndarray | slice) -> RowBlock:
-        extra = {k: v[index] for k, v in self.extra.items()}
-        return RowBlock(*(None if c is None else c[index] for c in self._columns()), extra=extra)
+        def pick(col: np.ndarray | None) -> np.ndarray | None:
+            return None if col is None else col[index]
 
-    def _columns(self) -> tuple:
-        return (self.keys, self.labels, self.codes, self.var_input, self.metas)
+        return RowBlock(
+            keys=pick(self.keys),
+            labels=pick(self.labels),
+            codes=pick(self.codes),
+            var_input=pick(self.var_input),
+            metas=pick(self.metas),
+            extra={k: v[index] for k, v in self.extra.items()},
+        )
 
     @staticmethod
     def concat(blocks: list[RowBlock]) -> RowBlock:
         if len(blocks) == 1:
             return blocks[0]
-        cols = zip(*(b._columns() for b in blocks))
-        extra = {k: np.concatenate([b.extra[k] for b in blocks]) for k in blocks[0].extra}
-        return RowBlock(*(None if c[0] is None else np.concatenate(c) for c in cols), extra=extra)
+        return RowBlock(
+            keys=_concat([b.keys for b in blocks]),
+            labels=_concat([b.labels for b in blocks]),
+            codes=_concat([b.codes for b in blocks]),
+            var_input=_concat([b.var_input for b in blocks]),
+            metas=_concat([b.metas for b in blocks]),
+            extra={k: np.concatenate([b.extra[k] for b in blocks]) for k in blocks[0].extra},
+        )
+
+
+def _concat(cols: list[np.ndarray | None]) -> np.ndarray | None:
+    """One column of several blocks; blocks read with the same columns all have it or all lack it."""
+    present = [c for c in cols if c is not None]
+    if not present:
+        return None
+    if len(present) != len(cols):
+        raise ValueError("cannot concatenate row blocks that were read with different columns")
+    return np.concatenate(present)
 
 
 def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

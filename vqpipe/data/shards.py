@@ -100,6 +100,8 @@ class ShardReader:
         keep = {g: b for g, b in self.groups.items() if g in groups or g == self.last}
         missing = [g for g in groups if g not in keep]
         if missing:
+            if self.file is None:
+                raise RuntimeError("ShardReader._load before _open: no file is open")
             table = self.file.read_row_groups(missing, columns=list(self.ds.read_columns))
             block = to_block(table, self.ds.label_fill)
             offset = 0

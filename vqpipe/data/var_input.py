@@ -106,7 +106,12 @@ class VarInputBuilder(nn.Module):
         device = self.quantize.embedding.weight.device
         codes = codes.to(device=device, dtype=torch.int64, non_blocking=True)
         idx_Bl = [codes[:, a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-        return self.quantize.idxBl_to_var_input(idx_Bl)
+        var_input = self.quantize.idxBl_to_var_input(idx_Bl)
+        if var_input is None:  # a one-scale preset: VAR's input is the class token alone
+            raise ValueError(
+                f"preset {self.preset.name} has one scale: there is no teacher-forcing input to build"
+            )
+        return var_input
 
 
 def var_batch(
