@@ -127,8 +127,7 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        planned = {s.shard_id for s in self.plan.all}
-        return not self.failed and not self.error and planned <= set(self.status.done)
+        return not self.failed and not self.error and self.plan.ids <= set(self.status.done)
 
 
 def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
@@ -140,7 +139,7 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     t0 = time.monotonic()
     lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
     ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
-    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
+    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)  # planning empties it
     sha = model_sha256(cfg)
     record = run_record(cfg, sha)
     # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
@@ -170,15 +169,16 @@ def _tokenize_holding(
     # One listing of done/ and the index (markers it lacks are read once and indexed): no marker reads below.
     committed = ledger.committed(maintain=True)
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed, committed)
+    inputs.clear()  # the plan holds what it needs; 100k listed versions are ~30 MB the run no longer needs
     # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
-    ledger.write_plan(
-        {
-            s.shard_id: committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url)
-            for s in plan.all
-        }
+    planned = {s.shard_id: committed.url(s.shard_id) for s in plan.done}
+    planned.update(
+        (s.shard_id, committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url))
+        for s in plan.todo
     )
+    ledger.write_plan(planned)
     if record.legacy_stem_ids:
-        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - committed.ids):
+        for stem in sorted({legacy_stem(s.url) for s in plan.todo if legacy_stem(s.url) not in committed}):
             ledger.remove_uncommitted(stem)
     for shard in plan.changed:
         action = (
@@ -208,9 +208,11 @@ def _tokenize_holding(
             # this run started has returned by now, so none is a live write: remove them instead of leaving
             # them in OUT. After a stop or an error, the next run's start removes them.
             ledger.remove_temporaries()
-        status = read_status(ledger)  # a fresh listing: also commits whose report never reached this driver
+        status = read_status(ledger, planned=set(planned))  # a fresh listing: also commits never reported
     else:
-        status = read_status(ledger, committed)  # nothing ran: what the start found is still true
+        status = read_status(
+            ledger, committed, set(planned)
+        )  # nothing ran: what the start found is still true
     return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
 
 
