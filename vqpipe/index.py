@@ -190,7 +190,7 @@ class LedgerIndex:
         """All rows of all segments, later segments last (empty table when there is no index). A segment that
         cannot be read is skipped with a warning: the markers it summarised are read instead."""
         self.segments = storage.list_files(self.dir, ".parquet", self.storage_options)
-        tables = []
+        tables: list[pa.Table] = []
         with _system_memory_pool():
             for name in self.segments:  # names sort by time
                 self._read_segment(name, tables)

@@ -141,12 +141,10 @@ class Ledger:
         except (ValueError, TypeError) as e:  # not a record (edited by hand?): name the file
             raise StorageError(storage.redact(f"{url}: not a done record ({e})")) from None
 
-    def read_done_many(self, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Many markers as written (JSON), read concurrently: on an object store each is a round trip. For
+    def read_done_many(self, shard_ids: list[str]) -> dict[str, DoneRecord]:
+        """Many markers (`read_done` each), read concurrently: on an object store each is a round trip. For
         tools that want every key; `committed()` answers counts without reading markers."""
-        with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-            urls = [self.done_url(i) for i in shard_ids]
-            return dict(zip(shard_ids, pool.map(lambda u: storage.read_json(u, self.storage_options), urls)))
+        return dict(self._read_records(shard_ids))
 
     def is_done(self, shard_id: str) -> bool:
         return storage.file_exists(self.done_url(shard_id), self.storage_options)

@@ -89,7 +89,7 @@ class TokenDataset(IterableDataset):
             committed = sorted(set(shards))
         markers = ledger.read_done_many(committed)
         self.shard_ids = tuple(committed)
-        self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
+        self.shard_rows = tuple(markers[s].rows for s in committed)
         # The files to read: the epoch is planned over these (a data file, or a compacted file's counted rows).
         # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a compaction.
         self.sources: tuple[Source, ...] = tuple(sources(ledger, markers, None if compacted else Manifest()))

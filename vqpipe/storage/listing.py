@@ -130,18 +130,16 @@ def _expand_local(inp: str, path: str) -> list[tuple[str, dict[str, Any]]] | Non
     `os.scandir`: fsspec's glob costs ~30 us and a ~1 KB dict a file (3 s and 100 MB at 100k inputs), this a
     tenth. None when this path does not apply (the general code then answers, errors included). Symlinks are
     followed, as `input_version` does, so the listed version is the one a later stat of the URL gives."""
-    parent, name = os.path.split(path)
-    if _GLOB_MAGIC.search(name) and not _GLOB_MAGIC.search(parent) and "**" not in name:
-        match = fnmatch.fnmatchcase
-    elif not _GLOB_MAGIC.search(path) and os.path.isdir(path):
-        parent, name, match = path, "", lambda _n, _p: True
-    else:
-        return None
+    parent, pattern = os.path.split(path)
+    if not (_GLOB_MAGIC.search(pattern) and not _GLOB_MAGIC.search(parent) and "**" not in pattern):
+        if _GLOB_MAGIC.search(path) or not os.path.isdir(path):
+            return None
+        parent, pattern = path, "*"  # a directory: all its files
     files = []
     try:
         with os.scandir(parent) as entries:
             for e in entries:
-                if match(e.name, name):
+                if fnmatch.fnmatchcase(e.name, pattern):
                     with contextlib.suppress(FileNotFoundError):  # removed or a broken link: not listed
                         if e.is_file():
                             st = e.stat()
@@ -234,13 +232,13 @@ def iter_files_info(
     if isinstance(fs, LocalFileSystem):  # scandir: fsspec's ls costs ~50 us a file, 5 s for 100k markers
         try:
             with os.scandir(path) as found:
-                for e in found:
-                    if e.name.endswith(suffix) and e.is_file():
+                for entry in found:
+                    if entry.name.endswith(suffix) and entry.is_file():
                         try:
-                            st = e.stat()
+                            st = entry.stat()
                         except FileNotFoundError:  # removed since the scan saw it: not listed
                             continue
-                        yield e.name, {"size": st.st_size, "mtime": st.st_mtime}
+                        yield entry.name, {"size": st.st_size, "mtime": st.st_mtime}
         except FileNotFoundError:
             pass
         return
