@@ -171,7 +171,8 @@ def _tokenize_holding(
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed, committed)
     inputs.clear()  # the plan holds what it needs; 100k listed versions are ~30 MB the run no longer needs
     # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
-    planned = {s.shard_id: committed.url(s.shard_id) for s in plan.done}
+    done_ids = [s.shard_id for s in plan.done]
+    planned = dict(zip(done_ids, committed.urls(done_ids)))
     planned.update(
         (s.shard_id, committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url))
         for s in plan.todo

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,7 +38,8 @@ _READ_THREADS = 32  # concurrent small reads; object-store latency, not bandwidt
 # A run appends the commits it hears of to the index in batches: one write per this many, or this often.
 _INDEX_FLUSH_ROWS = 1000
 _INDEX_FLUSH_S = 60.0
-_PLAN_WRITE_ENTRIES = 8192  # plan.json entries encoded per write
+_PLAN_WRITE_ENTRIES = 8192
+_READ_CHUNK = 1024  # markers read per batch (each batch by _READ_THREADS threads)  # plan.json entries encoded per write
 
 
 class Ledger:
@@ -203,17 +204,26 @@ class Ledger:
         missing = sorted(i for i in listing if i not in position)
         if missing:
             logger.info("reading %d done marker(s) the index lacks", len(missing))
-            rows = [row_of(self._summary(i, rec), listing[i]) for i, rec in self._read_records(missing)]
-            table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+            tables, rows = [table], []
+            for i, rec in self._read_records(missing):  # a table per chunk: never 100k row dicts at once
+                rows.append(row_of(self._summary(i, rec), listing[i]))
+                if len(rows) == _READ_CHUNK:
+                    tables.append(pa.Table.from_pylist(rows, schema=table.schema))
+                    rows = []
+            table = pa.concat_tables([*tables, pa.Table.from_pylist(rows, schema=table.schema)])
             position = {sid: n for n, sid in enumerate(table.column("shard_id").to_pylist())}
         if maintain and (dirty or missing or len(self.index.segments) > MAX_SEGMENTS):
             table = stamped(table, listing)
             self.index.replace(table, self.index.segments)
         return Committed(table, position)
 
-    def _read_records(self, shard_ids: list[str]) -> list[tuple[str, DoneRecord]]:
+    def _read_records(self, shard_ids: list[str]) -> Iterator[tuple[str, DoneRecord]]:
+        """(id, record) of each, in order, read concurrently a chunk at a time (a caller that keeps less than
+        the records never holds them all)."""
         with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-            return list(zip(shard_ids, pool.map(self.read_done, shard_ids)))
+            for start in range(0, len(shard_ids), _READ_CHUNK):
+                chunk = shard_ids[start : start + _READ_CHUNK]
+                yield from zip(chunk, pool.map(self.read_done, chunk))
 
     @staticmethod
     def _summary(shard_id: str, record: DoneRecord) -> DoneRecord:

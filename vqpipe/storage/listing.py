@@ -135,17 +135,18 @@ def _expand_local(inp: str, path: str) -> list[tuple[str, dict[str, Any]]] | Non
         if _GLOB_MAGIC.search(path) or not os.path.isdir(path):
             return None
         parent, pattern = path, "*"  # a directory: all its files
+    match = re.compile(fnmatch.translate(pattern)).match  # fnmatchcase, compiled once
+    prefix = parent if parent.endswith(os.sep) else parent + os.sep
     files = []
     try:
         with os.scandir(parent) as entries:
             for e in entries:
-                if fnmatch.fnmatchcase(e.name, pattern):
-                    with contextlib.suppress(FileNotFoundError):  # removed or a broken link: not listed
-                        if e.is_file():
-                            st = e.stat()
-                            files.append(
-                                (os.path.join(parent, e.name), {"size": st.st_size, "mtime": st.st_mtime})
-                            )
+                if match(e.name) and e.is_file():
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:  # removed since the scan, or a broken link: not listed
+                        continue
+                    files.append((prefix + e.name, {"size": st.st_size, "mtime": st.st_mtime}))
     except OSError:  # missing, not a directory, not readable: the general code says which
         return None
     if not files:
