@@ -276,7 +276,8 @@ def child(args: list[str]) -> None:
     from vqpipe.plan import Shard, shard_id
 
     what, pattern, out, opts = args[0], args[1], args[2], json.loads(args[3])
-    inputs = storage.expand_inputs_with_info([pattern], opts)
+    # `noop` lists nothing itself: its requests are the run's alone
+    inputs = storage.expand_inputs_with_info([pattern], opts) if what != "noop" else []
     if what == "worker":
         from vqpipe import worker as worker_module
         from vqpipe.worker import ShardWorker
