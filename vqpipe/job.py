@@ -211,9 +211,8 @@ def _tokenize_holding(
             ledger.remove_temporaries()
         status = read_status(ledger, planned=set(planned))  # a fresh listing: also commits never reported
     else:
-        status = read_status(
-            ledger, committed, set(planned)
-        )  # nothing ran: what the start found is still true
+        # nothing ran: what the start found is still true
+        status = read_status(ledger, committed, set(planned))
     return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 from . import storage
@@ -88,7 +88,7 @@ def make_plan(
     plain-stem id's input) comes from the ledger index (`committed`, else `ledger.committed()`, which costs a
     listing of done/ and a read of each marker the index lacks). Per committed input this is an id, a lookup
     and a comparison of fingerprints; objects are made for the shards to run (and changed ones) only."""
-    listed = sorted((shard_id(u), u, fp) for u, fp in inputs)
+    listed = sorted(((shard_id(u), u, fp) for u, fp in inputs), key=itemgetter(0))
     for a, b in zip(listed, listed[1:]):  # 8 hex digits under one stem: never seen, but never silently merged
         if a[0] == b[0]:
             raise ConfigError(f"inputs {storage.redact(a[1])} and {storage.redact(b[1])} get one id {a[0]}")
