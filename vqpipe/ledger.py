@@ -38,8 +38,8 @@ _READ_THREADS = 32  # concurrent small reads; object-store latency, not bandwidt
 # A run appends the commits it hears of to the index in batches: one write per this many, or this often.
 _INDEX_FLUSH_ROWS = 1000
 _INDEX_FLUSH_S = 60.0
-_PLAN_WRITE_ENTRIES = 8192
-_READ_CHUNK = 1024  # markers read per batch (each batch by _READ_THREADS threads)  # plan.json entries encoded per write
+_PLAN_WRITE_ENTRIES = 8192  # plan.json entries encoded per write
+_READ_CHUNK = 1024  # markers read per batch (each batch by _READ_THREADS threads)
 
 
 class Ledger:
