@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from . import storage
 from .errors import ConfigError, StorageError
+from .gcpause import without_cyclic_gc
 from .index import MAX_SEGMENTS, Committed, LedgerIndex, marker_key, row_of, stamped, verified
 from .lease import read_lease
 from .records import DoneRecord, FailedRecord, RunRecord
@@ -111,6 +112,7 @@ class Ledger:
         for sub in (*_SUBDIRS, "index"):
             storage.cleanup_temporaries(self.path(sub), self.storage_options)
 
+    @without_cyclic_gc
     def write_plan(self, shards: dict[str, str]) -> None:
         """plan.json: {"shards": {id: input URL}}, laid out as `write_json_atomic` does (indent 2, sorted keys)
         but encoded by json's C encoder (an indent selects the Python one: ~1 s at 100k shards) and written
@@ -195,6 +197,7 @@ class Ledger:
 
     # -- the index ------------------------------------------------------------------------------------------------
 
+    @without_cyclic_gc
     def committed(self, maintain: bool = False) -> Committed:
         """The committed shards: one listing of done/, the index, and a read of each listed marker the index
         lacks or holds stale. `maintain` (only while holding the lease): write what was read, consolidated,
@@ -298,6 +301,7 @@ def ignored_members(by_reason: Counter) -> dict[str, Any]:
     return {"ignored_members": sum(by_reason.values()), "ignored_by_reason": dict(sorted(by_reason.items()))}
 
 
+@without_cyclic_gc
 def read_status(
     ledger: Ledger, committed: Committed | None = None, planned: set[str] | None = None
 ) -> Status:

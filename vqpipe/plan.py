@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from . import storage
 from .errors import ConfigError
+from .gcpause import without_cyclic_gc
 from .index import Committed
 from .ledger import Ledger
 from .records import InputRef
@@ -75,6 +76,7 @@ def legacy_stem(url: str) -> str:
 _CHUNK = 8192  # committed inputs compared per batch (bounds the parsed fingerprints held at once)
 
 
+@without_cyclic_gc
 def make_plan(
     inputs: list[tuple[str, dict[str, Any]]],
     ledger: Ledger,

@@ -18,6 +18,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StorageError
+from ..gcpause import without_cyclic_gc
 from .redaction import _error, redact
 from .retries import _info, _ls, _retrying
 from .urls import _basename, _fs, _is_s3, _key, _url
@@ -170,6 +171,7 @@ def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[
     return tars
 
 
+@without_cyclic_gc
 def expand_inputs_with_info(
     inputs: Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
