@@ -14,7 +14,14 @@ from vqpipe.storage import listing
 def shards(tmp_path):
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
-    for name, size in (("a.tar", 3), ("b.tar.gz", 5), ("c.tgz", 7), ("ab.tar", 11), (".hidden.tar", 1), ("side.parquet", 2)):
+    for name, size in (
+        ("a.tar", 3),
+        ("b.tar.gz", 5),
+        ("c.tgz", 7),
+        ("ab.tar", 11),
+        (".hidden.tar", 1),
+        ("side.parquet", 2),
+    ):
         (d / name).write_bytes(b"x" * size)
     (d / "sub" / "deep.tar").write_bytes(b"y")
     os.utime(d / "a.tar", (1_700_000_000.25, 1_700_000_000.25))
