@@ -115,3 +115,27 @@ def test_a_marker_that_is_not_a_record_is_named(tmp_path):
     (tmp_path / "out/done/a.json").write_text("[1, 2]\n")
     with pytest.raises(StorageError, match=r"done/a\.json: not a done record"):
         ledger.committed()
+
+
+def test_read_done_and_read_done_many_return_done_records(tmp_path):
+    """Issue 12: one type for a done marker; the compaction manifest still hashes a marker as written."""
+    import hashlib
+    import json
+
+    from vqpipe import storage
+    from vqpipe.manifest import _IDENTITY, marker_fingerprint
+
+    ledger = Ledger(str(tmp_path / "out"))
+    ledger.mark_done("a", record("a", rows=3))
+    old = {"shard_id": "old", "rows": 2, "samples": 2, "input": {"url": "/in/old.tar"}}  # an older marker
+    storage.write_json_atomic(ledger.done_url("old"), old)
+    many = ledger.read_done_many(["a", "old"])
+    assert many == {"a": ledger.read_done("a"), "old": ledger.read_done("old")}
+    assert many["a"].rows == 3 and many["old"].rows == 2 and many["old"].attempt == 1  # a default filled in
+    as_written = {k: old.get(k) for k in _IDENTITY}
+    digest = hashlib.sha256(
+        json.dumps(as_written, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    assert marker_fingerprint(many["old"]) == digest[:24]
+    rewritten = DoneRecord.from_json(many["old"].to_json())  # the same record, written back with defaults
+    assert marker_fingerprint(rewritten) != marker_fingerprint(many["old"])

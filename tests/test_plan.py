@@ -226,3 +226,28 @@ def test_planning_reads_each_marker_once_then_only_the_index(s3):
     assert [s.shard_id for s in again.done] == [s.shard_id for s in plan.done]
     assert not marker_reads(cost), cost
     assert len(cost) <= 5, cost  # listings of done/ and index/, one segment (HEAD, GETs)
+
+
+def test_plan_splits_new_committed_and_changed_inputs(tmp_path, monkeypatch):
+    """Recorded fingerprints are compared in batches (issue 16): every committed input lands once, in order."""
+    from vqpipe import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_CHUNK", 2)
+    ledger = Ledger(str(tmp_path / "out"))
+    for i in range(7):
+        touch(tmp_path / f"in/part-{i}.tar")
+    listed = storage.expand_inputs_with_info([str(tmp_path / "in")])
+    for url, fp in listed[:5]:
+        commit(ledger, shard_id(url), url, fp)
+    ledger.committed(maintain=True)
+    changed = tmp_path / "in/part-1.tar"
+    changed.write_bytes(b"longer")
+    urls = [u for u, _ in listed]
+    kept = planned([tmp_path / "in"], ledger)
+    assert sorted(s.url for s in kept.todo) == urls[5:]
+    assert [s.url for s in kept.changed] == [str(changed)]
+    assert sorted(s.url for s in kept.done) == urls[:5] and kept.ids == {shard_id(u) for u in urls}
+    assert [s.shard_id for s in kept.done] == sorted(s.shard_id for s in kept.done)
+    redo = planned([tmp_path / "in"], ledger, reprocess_changed=True)
+    assert sorted(s.url for s in redo.todo) == sorted([str(changed), *urls[5:]])
+    assert sorted(s.url for s in redo.done) == [u for u in urls[:5] if u != str(changed)]

@@ -55,11 +55,11 @@ def run_tokenize(args: argparse.Namespace) -> int:
         summary = tokenize(cfg, stop)
     finally:
         stop.restore()
-    st = summary.status
+    st, planned = summary.status, summary.plan.ids
     logger.info(
         "summary: %d/%d shards done, %d rows, %d sample errors %s, %.1fs",
-        len(set(st.done) & {s.shard_id for s in summary.plan.all}),
-        len(summary.plan.all),
+        len(planned.intersection(st.done)),
+        len(planned),
         st.rows,
         sum(st.errors_by_reason.values()),
         dict(st.errors_by_reason),

@@ -43,6 +43,7 @@ from .manifest import (
     sources,
     write_manifest,
 )
+from .records import DoneRecord
 from .schema import METADATA_KEY, read_metadata
 from .writer import PARQUET_OPTIONS
 
@@ -96,7 +97,7 @@ class _Shard:
     """A shard to compact: its marker, the footer of its data file, and what a compacted file must share."""
 
     id: str
-    marker: dict[str, Any]
+    marker: DoneRecord
     footer: pq.FileMetaData
     compat: str  # schema and metadata apart from the shard itself
     bytes: int  # compressed size of its row groups
@@ -160,7 +161,7 @@ def _remove_unlisted(ledger: Ledger, manifest: Manifest) -> None:
             storage.remove(ledger.path(COMPACTED_DIR, name), ledger.storage_options)
 
 
-def _footers(ledger: Ledger, shard_ids: list[str], markers: dict[str, dict[str, Any]]) -> Iterator[_Shard]:
+def _footers(ledger: Ledger, shard_ids: list[str], markers: dict[str, DoneRecord]) -> Iterator[_Shard]:
     """The shards' footers in order, read concurrently (on an object store each is a round trip or two)."""
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         for start in range(0, len(shard_ids), _FOOTER_CHUNK):  # bounded: footers of 1M shards do not fit
@@ -168,7 +169,7 @@ def _footers(ledger: Ledger, shard_ids: list[str], markers: dict[str, dict[str, 
             yield from pool.map(lambda i: _footer(ledger, i, markers[i]), chunk)
 
 
-def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
+def _footer(ledger: Ledger, shard_id: str, marker: DoneRecord) -> _Shard:
     url = ledger.data_url(shard_id)
     try:
         with storage.open_input(url, ledger.storage_options) as f:
@@ -177,8 +178,8 @@ def _footer(ledger: Ledger, shard_id: str, marker: dict[str, Any]) -> _Shard:
         raise StorageError(f"{url}: no such file, but shard {shard_id} has a done marker") from None
     except (pa.ArrowException, OSError) as e:
         raise StorageError(f"{url}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    if footer.num_rows != int(marker["rows"]):
-        raise StorageError(f"{url}: {footer.num_rows} rows, but its done marker says {marker['rows']}")
+    if footer.num_rows != marker.rows:
+        raise StorageError(f"{url}: {footer.num_rows} rows, but its done marker says {marker.rows}")
     schema = footer.schema.to_arrow_schema()
     meta = read_metadata(schema)
     meta.pop("shard", None)
@@ -197,7 +198,7 @@ def _pack(shards: Iterable[_Shard], opts: CompactOptions) -> Iterator[list[_Shar
     never split."""
     open_groups: dict[str, tuple[list[_Shard], list[int]]] = {}  # compat -> (shards, [rows, bytes])
     for s in shards:
-        n = int(s.marker["rows"])
+        n = s.marker.rows
         group, size = open_groups.get(s.compat, ([], [0, 0]))
         full = (opts.target_rows is not None and size[0] + n > opts.target_rows) or (
             opts.target_bytes is not None and size[1] + s.bytes > opts.target_bytes
@@ -243,7 +244,7 @@ def _write_part(ledger: Ledger, name: str, group: list[_Shard], row_group_rows: 
             pending.append(table.replace_schema_metadata(schema.metadata))
             if sum(t.num_rows for t in pending) >= row_group_rows:
                 pending = _write_full_groups(writer, pending, row_group_rows)
-            n = int(s.marker["rows"])
+            n = s.marker.rows
             entries.append(ShardEntry(s.id, n, offset, marker_fingerprint(s.marker)))
             offset += n
         table = pa.concat_tables(pending) if pending else None
@@ -260,9 +261,9 @@ def _read_shard(ledger: Ledger, s: _Shard) -> pa.Table:
             table = pq.ParquetFile(src, metadata=s.footer).read()
     except (pa.ArrowException, OSError) as e:
         raise StorageError(f"{ledger.data_url(s.id)}: cannot read ({type(e).__name__}: {e})") from None
-    if table.num_rows != int(s.marker["rows"]):
+    if table.num_rows != s.marker.rows:
         raise StorageError(
-            f"{ledger.data_url(s.id)}: {table.num_rows} rows, its done marker says {s.marker['rows']}"
+            f"{ledger.data_url(s.id)}: {table.num_rows} rows, its done marker says {s.marker.rows}"
         )
     return table
 

@@ -99,7 +99,7 @@ def inspect(opts: InspectOptions) -> str:
     stats["codebook"] = {"rows_counted": counted, "scales": usage_stats(counts, lay.patch_nums)}
     by_reason: Counter = Counter()
     for rec in reader.markers.values():
-        by_reason.update(rec.get("errors_by_reason", {}))
+        by_reason.update(rec.errors_by_reason)
     examples = reader.error_examples()
     stats["errors_by_reason"] = {
         r: {"count": n, "examples": examples.get(r, [])} for r, n in sorted(by_reason.items())

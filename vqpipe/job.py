@@ -5,6 +5,7 @@ Returns a summary; the entry points turn it into an exit code (0 only when every
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import platform
@@ -15,7 +16,7 @@ from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
-from .errors import StorageError
+from .errors import CheckpointError, StorageError
 from .lease import Lease
 from .ledger import Ledger, Status, read_status
 from .plan import Plan, Shard, legacy_stem, make_plan
@@ -25,14 +26,39 @@ from .stop import StopRequest
 logger = logging.getLogger(__name__)
 
 
-def model_sha256(cfg: JobConfig) -> str:
+def model_sha256(cfg: JobConfig, ledger: Ledger | None = None) -> str:
     """The checkpoint's sha256 (actors verify they loaded the same bytes), after checking on the driver that it
-    loads strictly into the preset: a bad checkpoint fails in seconds, before OUT is touched or Ray starts."""
+    loads strictly into the preset: a bad checkpoint fails in seconds, before OUT is touched or Ray starts.
+
+    That check imports torch and holds the checkpoint in memory (~2 s and 300 MB + its size, on a driver that
+    otherwise needs neither). It is skipped when OUT's run.json (`ledger`, read only) records these very bytes
+    (the same sha256, hashed here while streaming) with this preset: a run writes run.json only after this
+    check passed. So a nightly rerun with the same checkpoint, a no-op one above all, imports no torch; the
+    actors still load the checkpoint strictly and compare its sha256 before any shard runs."""
     if cfg.model.checkpoint is None:
         return random_weights_id(cfg.model.preset)
+    previous = ledger.read_run_record() if ledger is not None else None
+    if previous is not None and previous.output_settings.get("preset") == cfg.model.preset:
+        digest = _sha256(cfg.model.checkpoint, cfg.storage_options)
+        if previous.output_settings.get("model_sha256") == digest:
+            return digest
     from .model.checkpoint import verify_checkpoint
 
     return verify_checkpoint(cfg.model.checkpoint, cfg.model.preset, cfg.storage_options)
+
+
+def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
+    """sha256 of the file at `url`, read in 8 MiB parts (never held whole)."""
+    sha = hashlib.sha256()
+    try:
+        with storage.open_input(url, storage_options) as f:
+            while chunk := f.read(8 << 20):
+                sha.update(chunk)
+    except (StorageError, OSError) as e:
+        raise CheckpointError(
+            storage.redact(f"checkpoint {url}: cannot be read ({type(e).__name__}: {e})")
+        ) from e
+    return sha.hexdigest()
 
 
 def run_record(cfg: JobConfig, sha: str) -> RunRecord:
@@ -127,8 +153,7 @@ class Summary:
 
     @property
     def ok(self) -> bool:
-        planned = {s.shard_id for s in self.plan.all}
-        return not self.failed and not self.error and planned <= set(self.status.done)
+        return not self.failed and not self.error and self.plan.ids <= set(self.status.done)
 
 
 def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
@@ -140,8 +165,8 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     t0 = time.monotonic()
     lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
     ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
-    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)
-    sha = model_sha256(cfg)
+    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)  # planning empties it
+    sha = model_sha256(cfg, ledger)
     record = run_record(cfg, sha)
     # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
     lease.acquire(wait_s=cfg.run.wait_for_lease_s)
@@ -170,15 +195,17 @@ def _tokenize_holding(
     # One listing of done/ and the index (markers it lacks are read once and indexed): no marker reads below.
     committed = ledger.committed(maintain=True)
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed, committed)
+    inputs.clear()  # the plan holds what it needs; 100k listed versions are ~30 MB the run no longer needs
     # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
-    ledger.write_plan(
-        {
-            s.shard_id: committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url)
-            for s in plan.all
-        }
+    done_ids = [s.shard_id for s in plan.done]
+    planned = dict(zip(done_ids, committed.urls(done_ids)))
+    planned.update(
+        (s.shard_id, committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url))
+        for s in plan.todo
     )
+    ledger.write_plan(planned)
     if record.legacy_stem_ids:
-        for stem in sorted({legacy_stem(s.url) for s in plan.todo} - committed.ids):
+        for stem in sorted({legacy_stem(s.url) for s in plan.todo if legacy_stem(s.url) not in committed}):
             ledger.remove_uncommitted(stem)
     for shard in plan.changed:
         action = (
@@ -208,9 +235,10 @@ def _tokenize_holding(
             # this run started has returned by now, so none is a live write: remove them instead of leaving
             # them in OUT. After a stop or an error, the next run's start removes them.
             ledger.remove_temporaries()
-        status = read_status(ledger)  # a fresh listing: also commits whose report never reached this driver
+        status = read_status(ledger, planned=set(planned))  # a fresh listing: also commits never reported
     else:
-        status = read_status(ledger, committed)  # nothing ran: what the start found is still true
+        # nothing ran: what the start found is still true
+        status = read_status(ledger, committed, set(planned))
     return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
 
 

@@ -14,10 +14,11 @@ Everything here reads OUT alone: no Ray, no access to the inputs. The records ar
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ import pyarrow as pa
 
 from . import storage
 from .errors import ConfigError, StorageError
-from .index import MAX_SEGMENTS, Committed, LedgerIndex, row_of, stamped, verified
+from .gcpause import without_cyclic_gc
+from .index import MAX_SEGMENTS, Committed, LedgerIndex, marker_key, row_of, stamped, verified
 from .lease import read_lease
 from .records import DoneRecord, FailedRecord, RunRecord
 
@@ -37,6 +39,8 @@ _READ_THREADS = 32  # concurrent small reads; object-store latency, not bandwidt
 # A run appends the commits it hears of to the index in batches: one write per this many, or this often.
 _INDEX_FLUSH_ROWS = 1000
 _INDEX_FLUSH_S = 60.0
+_PLAN_WRITE_ENTRIES = 8192  # plan.json entries encoded per write
+_READ_CHUNK = 1024  # markers read per batch (each batch by _READ_THREADS threads)
 
 
 class Ledger:
@@ -108,18 +112,30 @@ class Ledger:
         for sub in (*_SUBDIRS, "index"):
             storage.cleanup_temporaries(self.path(sub), self.storage_options)
 
+    @without_cyclic_gc
     def write_plan(self, shards: dict[str, str]) -> None:
-        storage.write_json_atomic(self.path("plan.json"), {"shards": shards}, self.storage_options)
+        """plan.json: {"shards": {id: input URL}}, laid out as `write_json_atomic` does (indent 2, sorted keys)
+        but encoded by json's C encoder (an indent selects the Python one: ~1 s at 100k shards) and written
+        in parts (never the whole text at once: ~16 MB at 100k)."""
+        ids = sorted(shards)
+        with storage.atomic_write(self.path("plan.json"), self.storage_options) as f:
+            f.write(b'{\n  "shards": {')
+            for start in range(0, len(ids), _PLAN_WRITE_ENTRIES):
+                part = {i: shards[i] for i in ids[start : start + _PLAN_WRITE_ENTRIES]}
+                entries = json.dumps(part, separators=(",\n    ", ": "))[1:-1]  # in `ids` order: sorted
+                f.write(f"{',' if start else ''}\n    {entries}".encode())
+            f.write(b"\n  }\n}\n" if ids else b"}\n}\n")
 
     # -- per-shard records ----------------------------------------------------------------------------------------
 
     def done_ids(self) -> set[str]:
         return set(self.done_listing())
 
-    def done_listing(self) -> dict[str, dict[str, Any]]:
-        """Shard id -> fingerprint of its done marker (size, mtime or ETag), from one listing of done/."""
-        listing = storage.list_files_info(self.path("done"), ".json", self.storage_options)
-        return {n[: -len(".json")]: fp for n, fp in listing.items()}
+    def done_listing(self) -> dict[str, str]:
+        """Shard id -> fingerprint of its done marker (size, mtime or ETag) as `index.marker_key` writes it,
+        from one listing of done/ (one string per marker: 100k listing dicts would cost ~40 MB)."""
+        listing = storage.iter_files_info(self.path("done"), ".json", self.storage_options)
+        return {n[: -len(".json")]: marker_key(fp) for n, fp in listing}
 
     def read_done(self, shard_id: str) -> DoneRecord:
         url = self.done_url(shard_id)
@@ -128,12 +144,10 @@ class Ledger:
         except (ValueError, TypeError) as e:  # not a record (edited by hand?): name the file
             raise StorageError(storage.redact(f"{url}: not a done record ({e})")) from None
 
-    def read_done_many(self, shard_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Many markers as written (JSON), read concurrently: on an object store each is a round trip. For
+    def read_done_many(self, shard_ids: list[str]) -> dict[str, DoneRecord]:
+        """Many markers (`read_done` each), read concurrently: on an object store each is a round trip. For
         tools that want every key; `committed()` answers counts without reading markers."""
-        with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-            urls = [self.done_url(i) for i in shard_ids]
-            return dict(zip(shard_ids, pool.map(lambda u: storage.read_json(u, self.storage_options), urls)))
+        return dict(self._read_records(shard_ids))
 
     def is_done(self, shard_id: str) -> bool:
         return storage.file_exists(self.done_url(shard_id), self.storage_options)
@@ -183,26 +197,36 @@ class Ledger:
 
     # -- the index ------------------------------------------------------------------------------------------------
 
+    @without_cyclic_gc
     def committed(self, maintain: bool = False) -> Committed:
         """The committed shards: one listing of done/, the index, and a read of each listed marker the index
         lacks or holds stale. `maintain` (only while holding the lease): write what was read, consolidated,
         back into the index, so the next call reads no marker."""
         listing = self.done_listing()
         table, position, dirty = verified(self.index.load(), listing)
-        missing = sorted(set(listing) - set(position))
+        missing = sorted(i for i in listing if i not in position)
         if missing:
             logger.info("reading %d done marker(s) the index lacks", len(missing))
-            rows = [row_of(self._summary(i, rec), listing[i]) for i, rec in self._read_records(missing)]
-            table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+            tables, rows = [table], []
+            for i, rec in self._read_records(missing):  # a table per chunk: never 100k row dicts at once
+                rows.append(row_of(self._summary(i, rec), listing[i]))
+                if len(rows) == _READ_CHUNK:
+                    tables.append(pa.Table.from_pylist(rows, schema=table.schema))
+                    rows = []
+            table = pa.concat_tables([*tables, pa.Table.from_pylist(rows, schema=table.schema)])
             position = {sid: n for n, sid in enumerate(table.column("shard_id").to_pylist())}
         if maintain and (dirty or missing or len(self.index.segments) > MAX_SEGMENTS):
             table = stamped(table, listing)
             self.index.replace(table, self.index.segments)
         return Committed(table, position)
 
-    def _read_records(self, shard_ids: list[str]) -> list[tuple[str, DoneRecord]]:
+    def _read_records(self, shard_ids: list[str]) -> Iterator[tuple[str, DoneRecord]]:
+        """(id, record) of each, in order, read concurrently a chunk at a time (a caller that keeps less than
+        the records never holds them all)."""
         with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-            return list(zip(shard_ids, pool.map(self.read_done, shard_ids)))
+            for start in range(0, len(shard_ids), _READ_CHUNK):
+                chunk = shard_ids[start : start + _READ_CHUNK]
+                yield from zip(chunk, pool.map(self.read_done, chunk))
 
     @staticmethod
     def _summary(shard_id: str, record: DoneRecord) -> DoneRecord:
@@ -277,16 +301,21 @@ def ignored_members(by_reason: Counter) -> dict[str, Any]:
     return {"ignored_members": sum(by_reason.values()), "ignored_by_reason": dict(sorted(by_reason.items()))}
 
 
-def read_status(ledger: Ledger, committed: Committed | None = None) -> Status:
+@without_cyclic_gc
+def read_status(
+    ledger: Ledger, committed: Committed | None = None, planned: set[str] | None = None
+) -> Status:
     """Done / failed / pending shards of the latest plan, rows and errors by reason of its done shards, and
     what OUT holds outside that plan; from OUT alone (the index, and markers it lacks). Without a plan.json,
     every record counts as planned. `committed`: what the caller already knows to be committed (a run's
-    start listing plus its own commits), instead of a fresh listing."""
+    start listing plus its own commits), instead of a fresh listing; `planned`: the ids of the plan.json the
+    caller wrote, instead of reading it back."""
     committed = committed if committed is not None else ledger.committed()
     done = committed.ids
     failed_ids = ledger.failed_ids() - done
-    plan = ledger.read_plan()
-    planned = set(plan) if plan is not None else done | failed_ids
+    if planned is None:
+        plan = ledger.read_plan()
+        planned = set(plan) if plan is not None else done | failed_ids
     st = Status(planned=len(planned))
     st.done = sorted(done & planned)
     st.done_outside_plan = sorted(done - planned)

@@ -23,6 +23,7 @@ from typing import Any
 from . import storage
 from .errors import StorageError
 from .ledger import Ledger
+from .records import DoneRecord
 
 COMPACTED_DIR = "compacted"
 MANIFEST_NAME = "_manifest.json"  # "_": pyarrow, pandas and Spark skip it when reading the directory
@@ -34,8 +35,10 @@ MANIFEST_VERSION = 1
 _IDENTITY = ("shard_id", "rows", "samples", "started", "attempt", "input", "data_bytes")
 
 
-def marker_fingerprint(marker: dict[str, Any]) -> str:
-    """A short hash of the fields of a done marker that identify that commit of its shard."""
+def marker_fingerprint(record: DoneRecord) -> str:
+    """A short hash of the fields of a done marker that identify that commit of its shard, as written (a key
+    an older marker lacks hashes as null, not as the default the record filled in)."""
+    marker = record.as_written if record.as_written is not None else record.to_json()
     identity = {k: marker.get(k) for k in _IDENTITY}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
         :24
@@ -160,14 +163,12 @@ class Source:
     shards: tuple[str, ...]  # the committed shards whose rows these are, in file order
 
 
-def sources(
-    ledger: Ledger, markers: dict[str, dict[str, Any]], manifest: Manifest | None = None
-) -> list[Source]:
+def sources(ledger: Ledger, markers: dict[str, DoneRecord], manifest: Manifest | None = None) -> list[Source]:
     """The files holding every row of the shards of `markers` exactly once, ordered by their first shard id (so an
     unshuffled read keeps shard-id order as far as the compacted files allow)."""
     manifest = read_manifest(ledger) if manifest is None else manifest
     placed = place(manifest, markers)
-    out = [Source(i, ledger.data_url(i), int(markers[i]["rows"]), None, None, (i,)) for i in placed.in_data]
+    out = [Source(i, ledger.data_url(i), markers[i].rows, None, None, (i,)) for i in placed.in_data]
     for part, entries in placed.parts().values():
         ranges: list[tuple[int, int]] = []
         for e in entries:
@@ -189,13 +190,13 @@ def sources(
     return sorted(out, key=lambda s: (s.shards[0], s.id))
 
 
-def place(manifest: Manifest, markers: dict[str, dict[str, Any]]) -> Placement:
+def place(manifest: Manifest, markers: dict[str, DoneRecord]) -> Placement:
     """Assign each shard of `markers` (committed shards: id -> done marker) to one place its rows are read from."""
     placed = Placement()
     fingerprints = {i: marker_fingerprint(m) for i, m in markers.items()}
     for part in manifest.parts:
         for e in part.shards:
-            valid = fingerprints.get(e.id) == e.marker and int(markers[e.id]["rows"]) == e.rows
+            valid = fingerprints.get(e.id) == e.marker and markers[e.id].rows == e.rows
             if not valid:
                 placed.stale.append(e.id)
             elif e.id in placed.compacted:  # compact never writes this; refuse rather than read rows twice

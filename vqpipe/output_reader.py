@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .errors import ConfigError
 from .ledger import Ledger
+from .records import DoneRecord
 
 _EXAMPLES_PER_REASON = 3
 
@@ -63,7 +64,7 @@ class OutputReader:
     """An OUT's committed shards, read once: markers, then data and error files on demand."""
 
     ledger: Ledger
-    markers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    markers: dict[str, DoneRecord] = field(default_factory=dict)
     layout: Layout | None = None
 
     @classmethod
@@ -103,8 +104,8 @@ class OutputReader:
 
     def sample_rows(self, n: int, seed: int) -> list[Row]:
         """n committed rows drawn uniformly without replacement (seeded), in the order drawn."""
-        ids = [i for i in self.markers if self.markers[i]["rows"]]
-        counts = np.array([self.markers[i]["rows"] for i in ids], dtype=np.int64)
+        ids = [i for i in self.markers if self.markers[i].rows]
+        counts = np.array([self.markers[i].rows for i in ids], dtype=np.int64)
         picks = np.random.default_rng(seed).choice(
             int(counts.sum()), min(n, int(counts.sum())), replace=False
         )
@@ -140,7 +141,7 @@ class OutputReader:
 
     def code_counts(self, max_rows: int, seed: int) -> tuple[list[np.ndarray], int]:
         """Per scale, how often each code occurs, over every row or whole shards (seeded) covering `max_rows`."""
-        ids = [i for i in self.markers if self.markers[i]["rows"]]
+        ids = [i for i in self.markers if self.markers[i].rows]
         order = (
             np.random.default_rng(seed).permutation(len(ids)) if self._rows() > max_rows else range(len(ids))
         )
@@ -166,12 +167,12 @@ class OutputReader:
         """reason -> a few (shard, key, detail) examples, from the error files of shards that had errors."""
         wanted: Counter[str] = Counter()
         for rec in self.markers.values():
-            wanted.update(rec.get("errors_by_reason", {}))
+            wanted.update(rec.errors_by_reason)
         examples: dict[str, list[dict[str, str]]] = {r: [] for r in wanted}
         for shard_id, rec in self.markers.items():
             if all(len(v) >= min(_EXAMPLES_PER_REASON, wanted[r]) for r, v in examples.items()):
                 break
-            if not rec.get("errors"):
+            if not rec.errors:
                 continue
             url = self.ledger.errors_url(shard_id)
             with storage.open_input(url, self.ledger.storage_options) as f:
@@ -182,7 +183,7 @@ class OutputReader:
         return examples
 
     def _rows(self) -> int:
-        return sum(rec["rows"] for rec in self.markers.values())
+        return sum(rec.rows for rec in self.markers.values())
 
 
 def _codes(table: Any) -> np.ndarray:

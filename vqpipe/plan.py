@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import posixpath
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter, itemgetter
+from typing import Any, NamedTuple
 
 from . import storage
 from .errors import ConfigError
+from .gcpause import without_cyclic_gc
 from .index import Committed
 from .ledger import Ledger
 from .records import InputRef
@@ -34,15 +35,28 @@ class Shard:
     fingerprint: dict[str, Any] = field(default_factory=dict, compare=False)  # size, mtime/ETag at planning
 
 
+class DoneShard(NamedTuple):
+    """A planned input that is already committed: its id (its marker's) and URL. A tuple rather than a Shard:
+    a nightly rerun plans 100k of them and needs nothing else of them."""
+
+    shard_id: str
+    url: str
+
+
 @dataclass
 class Plan:
     todo: list[Shard]
-    done: list[Shard]
+    done: list[DoneShard]
     changed: list[Shard]  # done, but the input changed since (reported; redone only if asked)
 
     @property
-    def all(self) -> list[Shard]:
-        return sorted(self.todo + self.done, key=lambda s: s.shard_id)
+    def all(self) -> list[Shard | DoneShard]:
+        return sorted([*self.todo, *self.done], key=attrgetter("shard_id"))
+
+    @property
+    def ids(self) -> set[str]:
+        """The ids of every planned shard."""
+        return {s.shard_id for s in self.todo}.union([s.shard_id for s in self.done])
 
 
 def shard_id(url: str) -> str:
@@ -52,13 +66,17 @@ def shard_id(url: str) -> str:
 
 def legacy_stem(url: str) -> str:
     """The file name without its tar suffix: format 1.0's id for an input whose name no other input shared."""
-    name = posixpath.basename(url.rstrip("/"))
+    name = url.rstrip("/").rpartition("/")[2]
     for suffix in TAR_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
+_CHUNK = 8192  # committed inputs compared per batch (bounds the parsed fingerprints held at once)
+
+
+@without_cyclic_gc
 def make_plan(
     inputs: list[tuple[str, dict[str, Any]]],
     ledger: Ledger,
@@ -70,60 +88,62 @@ def make_plan(
 
     Reads no marker: what each committed input's marker recorded (to notice a changed input, or a legacy
     plain-stem id's input) comes from the ledger index (`committed`, else `ledger.committed()`, which costs a
-    listing of done/ and a read of each marker the index lacks)."""
-    shards = sorted((Shard(shard_id(u), u, fp) for u, fp in inputs), key=lambda s: s.shard_id)
-    for a, b in zip(shards, shards[1:]):  # 8 hex digits under one stem: never seen, but never silently merged
-        if a.shard_id == b.shard_id:
-            raise ConfigError(
-                f"inputs {storage.redact(a.url)} and {storage.redact(b.url)} get one id {a.shard_id}"
-            )
+    listing of done/ and a read of each marker the index lacks). Per committed input this is an id, a lookup
+    and a comparison of fingerprints; objects are made for the shards to run (and changed ones) only."""
+    listed = sorted(((shard_id(u), u, fp) for u, fp in inputs), key=itemgetter(0))
+    for a, b in zip(listed, listed[1:]):  # 8 hex digits under one stem: never seen, but never silently merged
+        if a[0] == b[0]:
+            raise ConfigError(f"inputs {storage.redact(a[1])} and {storage.redact(b[1])} get one id {a[0]}")
     if limit is not None:
-        shards = shards[:limit]
+        listed = listed[:limit]
     index = committed if committed is not None else ledger.committed()
-    done = {s.shard_id: s.shard_id for s in shards if s.shard_id in index}
-    legacy = {
-        s.shard_id: legacy_stem(s.url)
-        for s in shards
-        if s.shard_id not in index and legacy_stem(s.url) in index
-    }
-    taken = set(done.values())
-    for shard in shards:  # a legacy marker counts for the one input it recorded, at most once
-        stem = legacy.get(shard.shard_id)
-        if stem and stem not in taken and _legacy_match(index.input(stem), shard):
-            done[shard.shard_id] = stem
-            taken.add(stem)
-    plan = Plan(todo=[], done=[], changed=[])
-    for shard in shards:
-        if shard.shard_id not in done:
-            plan.todo.append(shard)
-            continue
-        shard = Shard(done[shard.shard_id], shard.url, shard.fingerprint)
-        if not index.same_input(shard.shard_id, shard.fingerprint) and _changed(
-            index.input(shard.shard_id), shard
-        ):
-            plan.changed.append(shard)
-            if reprocess_changed:
-                plan.todo.append(shard)
-                continue
-        plan.done.append(shard)
+    position = index.position
+    matched = [entry for entry in listed if entry[0] in position]
+    new = [entry for entry in listed if entry[0] not in position]
+    # A legacy (format-1.0) marker under the plain stem counts for the one input it recorded, at most once.
+    # Asked of new inputs only: a rerun's committed inputs cost nothing here.
+    legacy = [(sid, u, fp) for sid, u, fp in new if legacy_stem(u) in position]
+    if legacy:
+        taken = {entry[0] for entry in matched}
+        adopted = set()
+        for sid, u, fp in legacy:
+            stem = legacy_stem(u)
+            if stem not in taken and _legacy_match(index.input(stem), u, fp):
+                matched.append((stem, u, fp))
+                taken.add(stem)
+                adopted.add(sid)
+        new = [entry for entry in new if entry[0] not in adopted]
+    plan = Plan(todo=[Shard(sid, u, fp) for sid, u, fp in new], done=[], changed=[])
+    for start in range(0, len(matched), _CHUNK):
+        chunk = matched[start : start + _CHUNK]
+        recorded = index.input_fingerprints([sid for sid, _, _ in chunk])
+        for (sid, u, fp), before in zip(chunk, recorded):
+            if before != fp and _changed(before, fp):
+                shard = Shard(sid, u, fp)
+                plan.changed.append(shard)
+                if reprocess_changed:
+                    plan.todo.append(shard)
+                    continue
+            plan.done.append(DoneShard(sid, u))
+    plan.todo.sort(key=attrgetter("shard_id"))
+    plan.done.sort()
     return plan
 
 
-def _legacy_match(recorded: InputRef, shard: Shard) -> bool:
+def _legacy_match(recorded: InputRef, url: str, fingerprint: dict[str, Any]) -> bool:
     """Whether a format-1.0 marker under the plain stem is this input's commit: it recorded this URL (as
     written, credentials masked). Where masking hid part of the URL (`.../key=2024/part-0.tar`), the
     recorded size and ETag/mtime must match too, so another input that masks alike is not taken for it."""
-    public = storage.redact(shard.url)
+    public = storage.redact(url)
     if recorded.url != public:
         return False
-    if public == shard.url:
+    if public == url:
         return True
-    before, now = recorded.fingerprint, shard.fingerprint
+    before, now = recorded.fingerprint, fingerprint
     keys = [k for k in ("size", "etag", "mtime") if k in before and k in now]
     return bool(keys) and all(before[k] == now[k] for k in keys)
 
 
-def _changed(recorded: InputRef, shard: Shard) -> bool:
+def _changed(before: dict[str, Any], now: dict[str, Any]) -> bool:
     """True when the input's size, ETag or mtime differ from what the done marker recorded."""
-    before, now = recorded.fingerprint, shard.fingerprint
     return any(before.get(k) != now.get(k) for k in ("size", "etag", "mtime") if k in before and k in now)

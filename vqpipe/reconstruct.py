@@ -196,16 +196,16 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
     max_pixels = run.get("config", {}).get("encode", {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
     originals: dict[tuple[str, str], np.ndarray | str] = {}
     for shard_id in dict.fromkeys(r.shard_id for r in rows):
-        inp = reader.markers[shard_id].get("input", {})
+        inp = reader.markers[shard_id].input
         keys = [r.key for r in rows if r.shard_id == shard_id]
         got = fetch_originals(
             shard_id,
-            inp.get("url", ""),
+            inp.url,
             keys,
             lay.resolution,
             max_pixels,
             opts.storage_options,
-            inp.get("fingerprint"),
+            inp.fingerprint,
         )
         originals.update(((shard_id, k), v) for k, v in got.items())
     # Re-encoding the originals checks the whole chain: same preprocessing, same model, same codes.

@@ -94,15 +94,20 @@ class DoneRecord:
     # Not part of the marker: set on the record a worker returns when another attempt had committed the
     # shard first (the record is that attempt's marker; this attempt wrote nothing).
     skipped: bool = field(default=False, compare=False)
+    # Not part of the marker either: the JSON it was read from, for what hashes a marker as written (the
+    # compaction manifest: a default filled in for a key an older marker lacks must not change its hash).
+    as_written: Mapping[str, Any] | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return _as_json(self, skip=("skipped",))
+        return _as_json(self, skip=("skipped", "as_written"))
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> DoneRecord:
         kwargs = _split(cls, d, {"input": InputRef.from_json})
         kwargs.pop("skipped", None)
-        return cls(**kwargs)
+        record = cls(**kwargs)
+        record.as_written = d
+        return record
 
     def summary(self) -> dict[str, Any]:
         """The keys a status, a plan and a training reader need: what the ledger index keeps per shard."""

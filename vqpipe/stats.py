@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .records import DoneRecord
+
 
 def usage_stats(counts: list[np.ndarray], patch_nums: tuple[int, ...]) -> list[dict[str, Any]]:
     """Per scale: codes used (of the vocabulary), entropy of the code distribution in bits, and perplexity."""
@@ -40,13 +42,13 @@ def summary_of(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"mean": float(v.mean()), "p5": float(p5), "p50": float(p50), "p95": float(p95), "n": int(len(v))}
 
 
-def stage_stats(markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def stage_stats(markers: dict[str, DoneRecord]) -> dict[str, Any]:
     """Seconds per stage (summed over shards and threads), images per stage-second, and per shard."""
     seconds: Counter = Counter()
-    rows = sum(rec["rows"] for rec in markers.values())
+    rows = sum(rec.rows for rec in markers.values())
     for rec in markers.values():
-        seconds.update(rec.get("seconds", {}))
-    wall = sum(rec.get("wall_seconds", 0.0) for rec in markers.values())
+        seconds.update(rec.seconds)
+    wall = sum(rec.wall_seconds for rec in markers.values())
     return {
         "rows": rows,
         "seconds": dict(sorted(seconds.items())),
@@ -55,9 +57,9 @@ def stage_stats(markers: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "images_per_shard_wall_second": rows / wall if wall > 0 else None,
         "per_shard": {
             i: {
-                "rows": rec["rows"],
-                "wall_seconds": rec.get("wall_seconds"),
-                "seconds": rec.get("seconds", {}),
+                "rows": rec.rows,
+                "wall_seconds": rec.wall_seconds,
+                "seconds": rec.seconds,
             }
             for i, rec in sorted(markers.items())
         },

@@ -94,7 +94,7 @@ class TokenDataset(IterableDataset):
             committed = sorted(set(shards))
         markers = ledger.read_done_many(committed)
         self.shard_ids = tuple(committed)
-        self.shard_rows = tuple(int(markers[s]["rows"]) for s in committed)
+        self.shard_rows = tuple(markers[s].rows for s in committed)
         self.shard_rows_by_id = dict(zip(self.shard_ids, self.shard_rows))
         self.choice = view_choice(view, markers, ledger.done_url)  # which rows of each image an epoch yields
         self.views = self.choice.views  # the OUT's, in the order of an image's rows

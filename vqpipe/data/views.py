@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StorageError
+from ..records import DoneRecord
 from ..schema import METADATA_KEY
 from ..views import DEFAULT_VIEWS
 from .epoch import view_picks
@@ -51,14 +52,14 @@ class ViewChoice:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def view_choice(view: str, markers: Mapping[str, Mapping[str, Any]], marker_url: Any) -> ViewChoice:
+def view_choice(view: str, markers: Mapping[str, DoneRecord], marker_url: Any) -> ViewChoice:
     """Validate `view=` against the committed shards' done markers (`marker_url(shard_id)` names one in errors):
     to pick views they must list the same views and hold whole images; view="all" reads rows as they are."""
     views: tuple[str, ...] | None = None
     first = ""
     shards = list(markers.items())
     for shard_id, marker in shards if view != ALL else shards[:1]:  # the first names the views of "all"
-        got = tuple(marker.get("views") or DEFAULT_VIEWS)
+        got = tuple(marker.views or DEFAULT_VIEWS)
         if views is None:
             views, first = got, shard_id
         elif got != views:
@@ -74,7 +75,7 @@ def view_choice(view: str, markers: Mapping[str, Mapping[str, Any]], marker_url:
     if choice.per_image:
         n = len(choice.views)
         for shard_id, marker in markers.items():
-            rows, images = int(marker["rows"]), marker.get("images")
+            rows, images = marker.rows, marker.images
             if rows % n or (images is not None and int(images) * n != rows):
                 raise StorageError(
                     f"{marker_url(shard_id)}: {rows} rows{'' if images is None else f' for {images} images'} "

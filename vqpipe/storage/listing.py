@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fnmatch
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StorageError
+from ..gcpause import without_cyclic_gc
 from .redaction import _error, redact
 from .retries import _info, _ls, _retrying
 from .urls import _basename, _fs, _is_s3, _key, _url
@@ -91,6 +93,12 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
             yield _url(fs, name), _input_version(found[name])
         return
 
+    if isinstance(fs, LocalFileSystem):
+        local = _expand_local(inp, path)
+        if local is not None:
+            yield from local
+            return
+
     if _GLOB_MAGIC.search(path):
         fs.invalidate_cache()  # glob may read any cached listing below its root: make them all fresh
         matches = _retrying(inp, "list", lambda: fs.glob(path, detail=True))
@@ -118,6 +126,35 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
         yield _url(fs, _key(fs, name)), _input_version(info)
 
 
+def _expand_local(inp: str, path: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """A local directory, or a glob in the last path component only (`shards/*.tar`), listed with one
+    `os.scandir`: fsspec's glob costs ~30 us and a ~1 KB dict a file (3 s and 100 MB at 100k inputs), this a
+    tenth. None when this path does not apply (the general code then answers, errors included). Symlinks are
+    followed, as `input_version` does, so the listed version is the one a later stat of the URL gives."""
+    parent, pattern = os.path.split(path)
+    if not (_GLOB_MAGIC.search(pattern) and not _GLOB_MAGIC.search(parent) and "**" not in pattern):
+        if _GLOB_MAGIC.search(path) or not os.path.isdir(path):
+            return None
+        parent, pattern = path, "*"  # a directory: all its files
+    match = re.compile(fnmatch.translate(pattern)).match  # fnmatchcase, compiled once
+    prefix = parent if parent.endswith(os.sep) else parent + os.sep
+    files = []
+    try:
+        with os.scandir(parent) as entries:
+            for e in entries:
+                if match(e.name) and e.is_file():
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:  # removed since the scan, or a broken link: not listed
+                        continue
+                    files.append((prefix + e.name, {"size": st.st_size, "mtime": st.st_mtime}))
+    except OSError:  # missing, not a directory, not readable: the general code says which
+        return None
+    if not files:
+        return None  # no match: maybe a file with "[" in its name; the general code decides
+    return _tars_only(inp, files)
+
+
 def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """The tar files among what a glob or directory matched: an img2dataset folder also holds `.parquet` and
     `_stats.json` side files, which are not shards. Skipped names are logged; no tar at all is an error."""
@@ -134,6 +171,7 @@ def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[
     return tars
 
 
+@without_cyclic_gc
 def expand_inputs_with_info(
     inputs: Sequence[str], storage_options: dict[str, Any] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -185,27 +223,36 @@ def list_files_info(
 ) -> dict[str, dict[str, Any]]:
     """Basename -> version (size, mtime or ETag) of the files directly in `dir_url` ending with `suffix`,
     from one listing (no request per file); {} if the directory does not exist."""
+    return dict(iter_files_info(dir_url, suffix, storage_options))
+
+
+def iter_files_info(
+    dir_url: str, suffix: str = "", storage_options: dict[str, Any] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(basename, version) of each file `list_files_info` gives, one at a time: a caller keeping something
+    smaller than the version dict per file (100k done markers) never holds them all."""
     fs, path = _fs(dir_url, storage_options)
     if isinstance(fs, LocalFileSystem):  # scandir: fsspec's ls costs ~50 us a file, 5 s for 100k markers
         try:
             with os.scandir(path) as found:
-                return {
-                    e.name: {"size": (st := e.stat()).st_size, "mtime": st.st_mtime}
-                    for e in found
-                    if e.name.endswith(suffix) and e.is_file()
-                }
+                for entry in found:
+                    if entry.name.endswith(suffix) and entry.is_file():
+                        try:
+                            st = entry.stat()
+                        except FileNotFoundError:  # removed since the scan saw it: not listed
+                            continue
+                        yield entry.name, {"size": st.st_size, "mtime": st.st_mtime}
         except FileNotFoundError:
-            return {}
+            pass
+        return
     try:
         entries = _retrying(dir_url, "list", lambda: _ls(fs, path))
     except FileNotFoundError:
-        return {}
-    out = {}
+        return
     for e in entries:
         name = _basename(fs, e["name"])
         if e.get("type") == "file" and name.endswith(suffix):
-            out[name] = _input_version(e)
-    return out
+            yield name, _input_version(e)
 
 
 def file_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -262,11 +262,11 @@ def _temporary_files(dir_url: str, fs: fsspec.AbstractFileSystem, path: str) -> 
     """The `.tmp-` files directly in `path`. A directory of 100k committed shards must not cost a stat per
     file (local: names only) or 100 listing pages (S3: one listing of the `.tmp-` prefix)."""
     if isinstance(fs, LocalFileSystem):
-        try:
-            with os.scandir(path) as found_local:
-                return [e.path for e in found_local if e.name.startswith(TMP_PREFIX) and e.is_file()]
+        try:  # names, not DirEntry objects: this runs over data/, errors/ and done/ at every run's start
+            names = [n for n in os.listdir(path) if n.startswith(TMP_PREFIX)]
         except (FileNotFoundError, NotADirectoryError):
             return []
+        return [p for n in names if os.path.isfile(p := os.path.join(path, n))]
     if _is_s3(fs):
         bucket, key, _ = fs.split_path(path)
         prefix = f"{key.rstrip('/')}/{TMP_PREFIX}" if key else TMP_PREFIX
