@@ -18,7 +18,8 @@ def test_preset_names_are_the_model_presets():
 def test_unknown_preset_is_a_config_error_naming_the_known_ones():
     data = {"inputs": ["a.tar"], "output": "o", "model": {"preset": "var1024", "random_weights": True}}
     with pytest.raises(
-        ConfigError, match=r"model.preset: unknown preset 'var1024'; known: var256, var512, tiny, small256"
+        ConfigError,
+        match=r"model.preset: unknown preset 'var1024'; known: var256, var512, tiny, small256, demo",
     ):
         config.build_config(data)
 

@@ -33,7 +33,8 @@ FINGERPRINT_FORMAT_VERSION = "1.0"
 
 # The choices of the settings that take one of a few names: the types say them once, validation and the
 # command line's help read them from there.
-PresetName = Literal["var256", "var512", "tiny", "small256"]  # equal to model.presets.PRESETS (a test checks)
+# Equal to model.presets.PRESETS (a test checks).
+PresetName = Literal["var256", "var512", "tiny", "small256", "demo"]
 Precision = Literal["exact", "tf32", "bf16"]
 DecodeBackend = Literal["pil", "device"]
 VarInputDtype = Literal["float16", "float32"]
@@ -74,8 +75,8 @@ class ModelConfig:
     preset: PresetName = option(
         "var256",
         "var256: VAR's tokenizer (patch nums 1,2,3,4,5,6,8,10,13,16; 256 px); var512: same weights "
-        "(1,2,3,4,6,9,13,18,24,32; 512 px); tiny: tests and demos (64 px); small256: benchmarks (VAR's 256 px "
-        "schedule on a light backbone)",
+        "(1,2,3,4,6,9,13,18,24,32; 512 px); tiny: tests (64 px); small256: benchmarks (VAR's 256 px schedule "
+        "on a light backbone); demo: the README demo, trainable from scratch on a CPU (64 px)",
         flag="--model",
     )
     checkpoint: str | None = option(
