@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ def _to_model_input(pixels: Sequence[np.ndarray]) -> torch.Tensor:
 
 def eval_images(source: ShardImages, resolution: int, count: int) -> torch.Tensor | None:
     """The first `count` images of the inputs with VAR's validation transform (the tokenize pixels)."""
-    pixels = []
+    pixels: list[np.ndarray] = []
     for where, data in source.once(source.urls):
         if len(pixels) == count:
             break
@@ -189,7 +189,7 @@ def reconstruction_psnr(model: VQVAE, images: torch.Tensor, batch_size: int = 32
     squared = 0.0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
-        rec = model.img_to_reconstructed_img(x, last_one=True)
+        rec = cast(torch.Tensor, model.img_to_reconstructed_img(x, last_one=True))  # last_one: one tensor
         squared += (rec - x).double().square().sum().item()
     model.train(was_training)
     mse = squared / images.numel()

@@ -68,7 +68,7 @@ class ModelPreset:
         )
 
 
-_VAR = dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
+_VAR: dict[str, Any] = dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2)
 _VAR.update(share_quant_resi=4, quant_resi=0.5)
 
 PRESETS: MappingProxyType[str, ModelPreset] = MappingProxyType(
