@@ -288,6 +288,7 @@ def test_reason_for_other_devices():
     assert "mps" in unavailable_reason(torch.device("mps"))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_torchvision_is_imported_lazily():
     code = "import sys, vqpipe.device_decode; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

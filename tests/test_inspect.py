@@ -218,6 +218,7 @@ needs_browser = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a headless Chromium (~2 s to start): end to end
 @needs_browser
 def test_page_loads_in_headless_chromium_with_every_image(report):
     report_dir, _ = report
@@ -229,6 +230,7 @@ def test_page_loads_in_headless_chromium_with_every_image(report):
     assert page.title.startswith("vqpipe inspect")
 
 
+@pytest.mark.slow  # a headless Chromium (~2 s to start): end to end
 @needs_browser
 def test_the_browser_check_sees_broken_images_and_console_errors(tmp_path):
     page = tmp_path / "broken.html"
