@@ -1,7 +1,8 @@
 """Shared fixtures. Ray and any server a test starts listen on 127.0.0.1 only, and are stopped at the end.
 
 The unit layer (`pytest -m "not slow"`) runs without Ray: a test that starts Ray in any way (ray.init, a
-Cluster, `ray start`, a `vqpipe tokenize` subprocess) without `@pytest.mark.slow` fails (`_unit_tests_start_no_ray`).
+Cluster, `ray start`, a `vqpipe tokenize` subprocess) without `@pytest.mark.slow` fails (see
+`_unit_tests_start_no_ray` and `pytest_runtest_setup` below).
 """
 
 import atexit
@@ -52,15 +53,18 @@ def _ray_sessions() -> set[str]:
 _ray_sessions_seen: set[str] = set()
 
 
-@pytest.fixture(autouse=True)
-def _unit_tests_start_no_ray(request):
-    """Fails a test not marked slow that asks for Ray or leaves a new Ray session directory behind: whoever
-    started it (this process, a Ray `Cluster`, a subprocess), its session directory is under RAY_TMP."""
-    slow = request.node.get_closest_marker("slow") is not None
-    if not slow and "ray_session" in request.fixturenames:
+def pytest_runtest_setup(item):
+    if "ray_session" in item.fixturenames and item.get_closest_marker("slow") is None:
         pytest.fail(
             "uses ray_session without @pytest.mark.slow: the unit layer runs without Ray", pytrace=False
         )
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """Fails a test not marked slow that leaves a new Ray session directory behind: whoever started that Ray
+    (this process, a Ray `Cluster`, `ray start`, a subprocess), its session directory is under RAY_TMP."""
+    slow = request.node.get_closest_marker("slow") is not None
     yield
     started = _ray_sessions() - _ray_sessions_seen
     _ray_sessions_seen.update(started)
