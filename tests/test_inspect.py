@@ -282,6 +282,7 @@ def test_bad_inspect_arguments_are_usage_errors(out, tmp_path, caplog):
     assert "no committed shard" in caplog.text
 
 
+@pytest.mark.slow  # a second whole report, through memory://
 def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
     """OUT on another filesystem (fsspec's memory://, read through vqpipe.storage): same numbers; the report
     goes to ./<name>-report by default."""
@@ -309,6 +310,7 @@ def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
     assert remote["quality"]["per_sample"] == local["quality"]["per_sample"]
 
 
+@pytest.mark.slow  # a second whole report (6 x 6 grid)
 def test_an_original_that_cannot_be_fetched_is_named_and_left_grey(out, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
