@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow.dataset as pads
+from timing import interleaved
 from torch.utils.data import DataLoader
 
 from vqpipe.compact import CompactOptions, compact
@@ -83,19 +84,6 @@ def epoch(ds: TokenDataset) -> int:
     return sum(len(b) for b in DataLoader(ds, batch_size=None))
 
 
-def interleaved(pairs: dict, n: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Best seconds of (many files, compacted) for each measurement, the two sides alternating in each round."""
-    times = {name: ([], []) for name in pairs}
-    for _ in range(repeats):
-        for name, (before, after) in pairs.items():
-            for side, fn in enumerate((before, after)):
-                t = time.perf_counter()
-                got = fn()
-                times[name][side].append(time.perf_counter() - t)
-                assert got == n, f"{name}: {got} rows, expected {n}"
-    return {name: (min(a), min(b)) for name, (a, b) in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=2000)
@@ -136,7 +124,16 @@ def main() -> None:
             ),
             "TokenDataset: epoch of a built dataset": (lambda: epoch(ds_before), lambda: epoch(ds_after)),
         }
-        results = interleaved(pairs, n, args.repeats)
+        best = interleaved(
+            {
+                f"{name}/{side}": fn
+                for name, sides in pairs.items()
+                for side, fn in zip(("before", "after"), sides)
+            },
+            n,
+            args.repeats,
+        )
+        results = {name: (best[f"{name}/before"], best[f"{name}/after"]) for name in pairs}
     print(
         f"{args.shards} shards x {args.rows} rows (var256 codes only) built in {build_s:.1f}s; compacted into "
         f"{len(res.new_parts)} file(s) in {compact_s:.2f}s ({args.shards / compact_s:,.0f} shards/s); "

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from timing import interleaved
 from torch.utils.data import DataLoader
 
 from vqpipe.data import TokenDataset, VarInputBuilder, fixed_list_to_numpy
@@ -60,27 +61,6 @@ def write_out(out: Path, shards: int, rows: int, var_input: bool, rows_per_group
             w.commit()
         ledger.mark_done(sid, {"rows": rows, "samples": rows, "errors": 0})
     return [ledger.data_url(f"part-{s:06d}") for s in range(shards)]
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def interleaved(runs: dict, n: int, repeats: int) -> dict[str, float]:
-    """Rows/s of each run, best of `repeats` rounds; the runs alternate within a round, so that load from other
-    processes on a shared machine hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            assert fn() == n, name
-            times[name].append(time.perf_counter() - t)
-    return {name: n / min(ts) for name, ts in times.items()}
 
 
 def pyarrow_read(files: list[str], columns: list[str]) -> int:
@@ -135,7 +115,7 @@ def layouts(tmp: Path, rows: int, repeats: int) -> list[tuple[str, float, float,
         runs[f"polars {name}"] = lambda p=path: len(
             pl.read_parquet(p)["var_input"].to_numpy().reshape(rows, 679, 32)
         )
-    rates = interleaved(runs, rows, repeats)
+    rates = {name: rows / s for name, s in interleaved(runs, rows, repeats).items()}
     return [(name, rates[f"pyarrow {name}"], rates[f"polars {name}"], sizes[name]) for name in arrays]
 
 
@@ -164,7 +144,7 @@ def main() -> None:
                 "items": lambda o=out, c=cols: loader_read(str(o), c, args.batch, False),
                 "batches": lambda o=out, c=cols: loader_read(str(o), c, args.batch, True),
             }
-            rates = interleaved(runs, n, args.repeats)
+            rates = {name: n / s for name, s in interleaved(runs, n, args.repeats).items()}
             results.append((label, n, rates["pyarrow"], rates["items"], rates["batches"]))
         layout_rows = layouts(tmp, args.vi_rows, args.repeats)
     builder = VarInputBuilder("var256")

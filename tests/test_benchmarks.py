@@ -55,6 +55,7 @@ def test_bench_runs_every_pipeline_and_they_agree(tmp_path):
     assert "vqpipe / Ray Data (CPU tasks)" in run.stdout
 
 
+@pytest.mark.slow  # a benchmark script in a subprocess (imports torch and Ray)
 def test_bench_refuses_a_ray_data_run_that_could_never_schedule():
     cmd = [sys.executable, "benchmarks/bench.py", "--quick", "--cpus", "1"]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)

@@ -263,7 +263,14 @@ def submit(head: Head, submission_id: str, args: list[str], wait: bool = True) -
     # No --runtime-env-json excludes: Ray packages --working-dir without what .gitignore lists (.venv/), and 2.60
     # also leaves out .git, .venv, venv and __pycache__ by default. test_ray_job_submit_end_to_end checks.
     opts = ["--address", head.url, "--working-dir", str(REPO), "--submission-id", submission_id]
-    return ray_job(head, "submit", *opts, *([] if wait else ["--no-wait"]), "--", *args)
+    deadline = time.monotonic() + 120
+    while True:
+        res = ray_job(head, "submit", *opts, *([] if wait else ["--no-wait"]), "--", *args)
+        # The head's job agent registers a while after its dashboard answers (long on a busy machine); until
+        # then the server refuses the submission (HTTP 500) before creating the job, so sending it again is safe.
+        if "No available agent to submit job" not in res.stdout + res.stderr or time.monotonic() > deadline:
+            return res
+        time.sleep(2)
 
 
 class TestRayJob:

@@ -75,6 +75,7 @@ def sample_images(tmp_path_factory) -> list[bytes]:
 # --- resize_center_crop (torch only) ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a measurement over 48 photos at 256 px (the geometry tests below stay in the unit layer)
 def test_resize_is_close_to_lanczos_on_real_photos(sample_images, one_torch_thread):
     """Bounds measured on these 48 images (torch 2.13/2.14 CPU): mean |diff| 0.45, p99 4, max 24, 67% of
     pixels equal, worst image 1.8. Always antialiasing gives mean 0.56; a one-pixel crop shift gives 3.6."""
@@ -288,6 +289,7 @@ def test_reason_for_other_devices():
     assert "mps" in unavailable_reason(torch.device("mps"))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_torchvision_is_imported_lazily():
     code = "import sys, vqpipe.device_decode; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -85,6 +85,7 @@ def test_agreement_compares_against_the_exact_decoders_pixels_when_given(small):
     assert same >= 0.99 and other < same - 0.2
 
 
+@pytest.mark.slow  # torch.compile's first compile: ~15 s of CPU
 def test_compile_mode_compiles_once_and_agrees(small):
     _, _, pixels = small
     enc = _encoder(small, EncoderMode("exact", compile=True))

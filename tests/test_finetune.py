@@ -40,6 +40,7 @@ def shard_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # end to end: trains, evaluates, saves, then tokenizes with the result
 def test_a_few_steps_lower_the_loss_and_the_checkpoint_tokenizes(shard_dir, tmp_path):
     out = tmp_path / "tiny-ft.pth"
     cfg = FinetuneConfig(
@@ -74,6 +75,7 @@ def test_a_few_steps_lower_the_loss_and_the_checkpoint_tokenizes(shard_dir, tmp_
     assert len(sha) == 64 and np.array_equal(codes.astype(np.int64), want)
 
 
+@pytest.mark.slow  # two CLI training runs end to end
 def test_cli_trains_and_saves(shard_dir, tmp_path):
     out = tmp_path / "cli.pth"
     argv = ["finetune", str(shard_dir), "--out", str(out), "--steps", "1", "--batch-size", "1"]

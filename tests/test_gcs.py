@@ -68,6 +68,7 @@ def test_gcs_expansion_is_one_listing_and_fresh(gcs: Any, prefix: str) -> None:
         storage.expand_inputs([gcs.url(f"{prefix}/shards/*.parquet")], opts)
 
 
+@pytest.mark.slow  # 5 MiB through a fault proxy, twice cut off
 def test_gcs_reads_stream_and_survive_a_reset_mid_body(
     gcs: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -87,6 +88,7 @@ def test_gcs_reads_stream_and_survive_a_reset_mid_body(
     assert sum(1 for m, _, fault in proxy.stats.log if m == "GET" and not fault) >= 5  # block by block
 
 
+@pytest.mark.slow  # waits out gcsfs's retry backoff (1-2 s) behind a fault proxy
 @pytest.mark.parametrize("fault", ["slowdown", "internal"])
 def test_gcs_transient_errors_are_retried_and_permanent_ones_not(gcs: Any, prefix: str, fault: str) -> None:
     gcs.seed({f"{prefix}/a.tar": b"abc"})

@@ -218,6 +218,7 @@ needs_browser = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a headless Chromium (~2 s to start): end to end
 @needs_browser
 def test_page_loads_in_headless_chromium_with_every_image(report):
     report_dir, _ = report
@@ -229,6 +230,7 @@ def test_page_loads_in_headless_chromium_with_every_image(report):
     assert page.title.startswith("vqpipe inspect")
 
 
+@pytest.mark.slow  # a headless Chromium (~2 s to start): end to end
 @needs_browser
 def test_the_browser_check_sees_broken_images_and_console_errors(tmp_path):
     page = tmp_path / "broken.html"
@@ -280,6 +282,7 @@ def test_bad_inspect_arguments_are_usage_errors(out, tmp_path, caplog):
     assert "no committed shard" in caplog.text
 
 
+@pytest.mark.slow  # a second whole report, through memory://
 def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
     """OUT on another filesystem (fsspec's memory://, read through vqpipe.storage): same numbers; the report
     goes to ./<name>-report by default."""
@@ -307,6 +310,7 @@ def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
     assert remote["quality"]["per_sample"] == local["quality"]["per_sample"]
 
 
+@pytest.mark.slow  # a second whole report (6 x 6 grid)
 def test_an_original_that_cannot_be_fetched_is_named_and_left_grey(out, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)

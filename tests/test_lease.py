@@ -64,6 +64,7 @@ def test_concurrent_start_lets_exactly_one_run_in(out):
     assert read_lease(output, options) is None
 
 
+@pytest.mark.slow  # sleeps past the lease's TTL (~2.5 s of waiting)
 def test_heartbeat_keeps_a_live_holder_and_a_waiter_gets_in_after_release(out):
     output, options = out
     holder = Lease(output, options, ttl_s=1.5, run_id="holder")
@@ -163,6 +164,7 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
         Lease(output, ttl_s=120).acquire()
 
 
+@pytest.mark.slow  # waits for a 4 s lease to expire
 def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_after_a_dead_one(s3, caplog):
     """Night 2 starts while night 1 uploads a data file (a multipart upload, as any var256 shard over 16 MiB
     is): it must not abort that upload nor touch OUT. Once night 1's lease expires (it died), the next run

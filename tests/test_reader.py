@@ -17,13 +17,11 @@ from shards import _tar_bytes, defect_samples, good_image_bytes
 
 from vqpipe import reader, storage
 from vqpipe.cli import main
-from vqpipe.config import build_config
 from vqpipe.errors import ShardError
 from vqpipe.ledger import Ledger, read_status
 from vqpipe.plan import Shard
 from vqpipe.reader import ReadStats, iter_samples
 from vqpipe.schema import ERROR_SCHEMA
-from vqpipe.worker import ShardWorker
 from vqpipe.writer import ShardWriter
 
 JPG = good_image_bytes(1, "jpg", (16, 12))
@@ -57,20 +55,8 @@ def tar_of(members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORM
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
-    cfg = build_config(
-        {
-            "inputs": [str(out)],
-            "output": str(out / "tokens"),
-            "model": {"preset": "tiny", "random_weights": True, "device": "cpu"},
-            "encode": {"batch_size": 4},
-            "run": {"max_error_rate": 1.0},
-        }
-    )
-    w = ShardWorker.from_config(cfg, cpus=1)
-    yield w
-    w.close()
+def worker(tiny_worker):
+    return tiny_worker  # conftest.py: shared with the fuzz (tests/test_reader_fuzz.py)
 
 
 def process(worker, path, shard_id=None, **kwargs) -> dict:

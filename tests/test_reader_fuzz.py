@@ -4,8 +4,9 @@ duplicates, links, directories and FIFOs. Whatever a tar holds, its shard commit
   - samples = rows + error records (and the files hold exactly those),
   - every member `tarfile` lists is in a sample or counted as ignored, by the reason the tar was built with,
   - a well-formed sample is a row with its label, and a key that is not UTF-8 keeps its exact bytes.
-Derandomized, so CI runs the same examples every time (VQPIPE_FUZZ_EXAMPLES sets how many; 500 by default).
-The encoder is the real tiny model, memoized per distinct image (the pool has six), so 500 shards fit in CI.
+Derandomized, so every run tries the same examples: 50 in the unit layer (Hypothesis profile "fuzz-unit"), 500
+in the full suite (profile "fuzz-full", marked slow); VQPIPE_FUZZ_EXAMPLES sets the larger count. The encoder
+is the real tiny model, memoized per distinct image (the pool has six), so 500 shards fit in CI.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import io
 import itertools
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,18 @@ from hypothesis import strategies as st
 from shards import good_image_bytes
 
 from vqpipe import storage
-from vqpipe.config import build_config
 from vqpipe.plan import Shard
-from vqpipe.worker import ShardWorker
 
-EXAMPLES = int(os.environ.get("VQPIPE_FUZZ_EXAMPLES", "500"))
+_FUZZ = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("fuzz-unit", max_examples=50, **_FUZZ)
+settings.register_profile(
+    "fuzz-full", max_examples=int(os.environ.get("VQPIPE_FUZZ_EXAMPLES", "500")), **_FUZZ
+)
 IMAGES = {
     "jpg": [good_image_bytes(s, "jpg", (8 + s, 10)) for s in range(3)],
     "png": [good_image_bytes(s, "png", (10, 6 + s), mode) for s, mode in enumerate(["RGB", "L", "RGBA"])],
@@ -230,41 +236,33 @@ class MemoEncoder:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    # 500 shards x 3 committed files: on tmpfs the commits' fsyncs cost nothing (they are half the time on disk)
-    shm = Path("/dev/shm")
-    out = (
-        Path(tempfile.mkdtemp(dir=shm))
-        if shm.is_dir() and os.access(shm, os.W_OK)
-        else tmp_path_factory.mktemp("fuzz")
-    )
-    cfg = build_config(
-        {
-            "inputs": [str(out)],
-            "output": str(out / "tokens"),
-            "model": {"preset": "tiny", "random_weights": True, "device": "cpu"},
-            "encode": {"batch_size": 8},
-            "run": {"max_error_rate": 1.0},
-        }
-    )
-    w = ShardWorker.from_config(cfg, cpus=1)
-    w.encoder = MemoEncoder(w.encoder)
-    w.tars = out / "tars"
-    w.tars.mkdir()
-    yield w
-    w.close()
-    shutil.rmtree(out, ignore_errors=True)
+def worker(tiny_worker):
+    """conftest.py's worker (OUT on tmpfs), its encoder memoized; the tars go beside its OUT."""
+    real = tiny_worker.encoder
+    tiny_worker.encoder = MemoEncoder(real)
+    tiny_worker.tars = Path(tiny_worker.config.inputs[0]) / "tars"
+    tiny_worker.tars.mkdir()
+    yield tiny_worker
+    tiny_worker.encoder = real
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(members=shard_members(), fmt=st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+tar_formats = st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+
+
+@settings(settings.get_profile("fuzz-unit"))
+@given(members=shard_members(), fmt=tar_formats)
 def test_every_sample_is_a_row_or_an_error_and_every_member_is_accounted(worker, members, fmt):
+    check_shard(worker, members, fmt)
+
+
+@pytest.mark.slow
+@settings(settings.get_profile("fuzz-full"))
+@given(members=shard_members(), fmt=tar_formats)
+def test_every_sample_is_a_row_or_an_error_and_every_member_is_accounted_500(worker, members, fmt):
+    check_shard(worker, members, fmt)
+
+
+def check_shard(worker, members: list[Member], fmt: int) -> None:
     shard_id = f"fuzz-{next(_counter):05d}"
     path = worker.tars / f"{shard_id}.tar"
     path.write_bytes(tar_bytes(members, fmt))

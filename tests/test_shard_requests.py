@@ -12,7 +12,7 @@ from vqpipe.worker import ShardWorker
 
 
 @pytest.fixture(scope="module")
-def s3_worker(s3, tmp_path_factory):
+def s3_worker(s3, tmp_path_factory, one_torch_thread):
     tmp = tmp_path_factory.mktemp("requests")
     data = {}
     for i in range(2):

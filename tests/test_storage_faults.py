@@ -189,6 +189,7 @@ def retried(proxy: FaultProxy, start: int) -> bool:
     return bool(failed) and failed <= answered
 
 
+@pytest.mark.slow  # waits out the client's retry backoff behind a fault proxy
 @pytest.mark.parametrize("fault", ["slowdown", "internal", "reset"])
 def test_transient_faults_are_retried(s3: S3Server, proxy: FaultProxy, prefix: str, fault: str) -> None:
     data = os.urandom(200_000)
@@ -212,6 +213,7 @@ def test_transient_faults_are_retried(s3: S3Server, proxy: FaultProxy, prefix: s
     assert proxy.stats.faults[fault] == 5 and retried(proxy, start)
 
 
+@pytest.mark.slow  # 4 MiB through a fault proxy, twice cut off
 def test_a_mid_body_reset_on_a_streamed_shard_is_resumed(
     s3: S3Server, proxy: FaultProxy, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,6 +257,7 @@ def test_permanent_errors_are_not_retried(s3: S3Server, proxy: FaultProxy, prefi
 # ------------------------------------------------------------------------- atomic writes under faults
 
 
+@pytest.mark.slow  # 44 MiB of multipart uploads through a fault proxy failing 30 % of requests
 def test_multipart_writes_commit_or_vanish_under_faults(
     s3: S3Server, proxy: FaultProxy, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
