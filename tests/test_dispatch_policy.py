@@ -6,7 +6,17 @@ import statistics
 import pytest
 
 from vqpipe import errors
-from vqpipe.dispatch_policy import DispatchPolicy, GiveUp, Ignore, Retry, Running, RunningMedian, ShardQueue
+from vqpipe.dispatch_policy import (
+    MAX_IN_FLIGHT,
+    DispatchPolicy,
+    GiveUp,
+    Ignore,
+    InFlight,
+    Retry,
+    Running,
+    RunningMedian,
+    ShardQueue,
+)
 
 
 def policy(**kw) -> DispatchPolicy:
@@ -139,3 +149,18 @@ def test_the_queue_serves_in_order_and_holds_retries_back_until_their_backoff_en
     assert q.peek(now=19.0) is None and q.next_retry_in(now=19.0) == 1.0
     assert q.peek(now=25.0) == "r2" and q.pop() == "r2"
     assert len(q) == 0 and q.peek(now=99.0) is None and q.next_retry_in(now=99.0) is None
+
+
+def test_small_shards_raise_the_shards_in_flight_to_two_batches_of_images():
+    flight = InFlight(configured=2, batch_size=16)
+    assert flight.limit == 2  # nothing known yet
+    for _ in range(3):
+        flight.shard_done(256)
+    assert flight.limit == 2  # big shards: as configured
+    small = InFlight(configured=2, batch_size=16)
+    small.shard_done(2)
+    small.shard_done(2)
+    assert small.limit == 16  # 16 shards x 2 images = two batches
+    tiny = InFlight(configured=2, batch_size=64)
+    tiny.shard_done(0)  # e.g. a shard whose every sample is an error counts as one image
+    assert tiny.limit == MAX_IN_FLIGHT

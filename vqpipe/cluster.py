@@ -23,7 +23,7 @@ from ray import ObjectRef
 from ray.exceptions import RayActorError, RayTaskError
 
 from .config import JobConfig
-from .dispatch_policy import DispatchPolicy, GiveUp, Retry, Running, ShardQueue
+from .dispatch_policy import DispatchPolicy, GiveUp, InFlight, Retry, Running, ShardQueue
 from .errors import ShardError
 from .plan import Shard
 from .records import DoneRecord
@@ -78,6 +78,7 @@ class Dispatcher:
         self.running: dict[ObjectRef[DoneRecord], _Task] = {}
         run = config.run
         self.policy = DispatchPolicy(run.max_attempts, run.retry_backoff_s, run.speculative)
+        self.in_flight = InFlight(run.in_flight_per_replica, config.encode.batch_size)
         self.abandoned: list[str] = []  # shards still running when a stop's grace period ended
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Dispatcher:
         for t in self.running.values():
             if t.actor in load:
                 load[t.actor] += 1
-        free = [i for i, n in load.items() if n < self.config.run.in_flight_per_replica]
+        free = [i for i, n in load.items() if n < self.in_flight.limit]
         preferred = [i for i in free if i != avoid] or free
         return min(preferred, key=lambda i: load[i]) if preferred else None
 
@@ -180,7 +181,7 @@ class Dispatcher:
 
     def _submit(self, shard: Shard, actor: int, speculative: bool = False) -> None:
         attempt = self.policy.next_attempt(shard.shard_id, speculative)
-        ref = self.pool.actors[actor].process.remote(shard, attempt)
+        ref = self.pool.actors[actor].process.remote(shard, attempt, self.in_flight.limit)
         self.running[ref] = _Task(shard, actor, time.monotonic(), attempt)
         self.last_actor[shard.shard_id] = actor
 
@@ -226,6 +227,7 @@ class Dispatcher:
                 )
                 queue.retry_at(task.shard, time.monotonic() + decision.backoff_s)
             return
+        self.in_flight.shard_done(record.samples)
         if not self.policy.succeeded(sid, time.monotonic() - task.started):
             logger.info("%s: copy on replica-%d discarded; another attempt committed first", sid, task.actor)
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -170,3 +171,27 @@ class DispatchPolicy:
     def waiting_on(self, running: list[Running]) -> bool:
         """True while a running copy may still commit a shard; losing copies are not waited for."""
         return any(r.shard_id not in self.committed for r in running)
+
+
+MAX_IN_FLIGHT = 32  # shards one actor may hold at once when they are small
+
+
+class InFlight:
+    """How many shards each actor holds: run.in_flight_per_replica, raised while the shards seen so far are small
+    so that an actor holds about two batches of images (its encoder loop batches across shards: 2-image shards
+    with 2 in flight could only fill batches of 4), up to MAX_IN_FLIGHT. Small shards hold little memory."""
+
+    def __init__(self, configured: int, batch_size: int) -> None:
+        self.configured, self.batch_size = configured, batch_size
+        self._samples, self._shards = 0, 0
+
+    def shard_done(self, samples: int) -> None:
+        self._samples += samples
+        self._shards += 1
+
+    @property
+    def limit(self) -> int:
+        if not self._shards:
+            return self.configured
+        per_shard = max(1.0, self._samples / self._shards)
+        return max(self.configured, min(MAX_IN_FLIGHT, math.ceil(2 * self.batch_size / per_shard)))

@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
 from .config import CPU_ALLOCATOR_ENV, JobConfig
+from .dispatch_policy import MAX_IN_FLIGHT
 from .errors import CheckpointError, ShardError
 from .plan import Shard
 from .records import DoneRecord
@@ -61,6 +62,8 @@ class EncoderActor:
 
         setup_logging()
         self.config, self.model_sha256, self.replica, self.threads = config, model_sha256, replica, threads
+        # shards the driver sends at once; it says so when it changes (dispatch_policy.InFlight)
+        self.slots = config.run.in_flight_per_replica
         self.worker: ShardWorker | None = None
         self._setup_lock = threading.Lock()  # max_concurrency > 1: shards arriving together load one model
         self.images = metrics.Counter("vqpipe_images", "Images encoded", tag_keys=("replica",))
@@ -84,7 +87,7 @@ class EncoderActor:
 
                 torch.set_num_threads(self.threads)
                 self.worker = ShardWorker.from_config(
-                    self.config, expected_sha256=self.model_sha256, cpus=self.threads
+                    self.config, expected_sha256=self.model_sha256, cpus=self.threads, slots=self.slots
                 )
             return self.worker
 
@@ -93,8 +96,11 @@ class EncoderActor:
         worker = self._loaded()
         return {"replica": self.replica, "device": str(worker.encoder.device), "pid": os.getpid()}
 
-    def process(self, shard: Shard, attempt: int) -> DoneRecord:
+    def process(self, shard: Shard, attempt: int, in_flight: int | None = None) -> DoneRecord:
+        """`in_flight`: how many shards the driver now keeps on this actor (its encoder loop waits for them)."""
         worker = self._loaded()
+        if in_flight is not None:
+            self.slots = worker.loop.slots = in_flight
         try:
             record = worker.process(shard, attempt, on_progress=self._count)
         except ShardError:
@@ -154,7 +160,7 @@ class ReplicaPool:
             actor = _EncoderActorClass.options(
                 num_cpus=self._cpus(),
                 num_gpus=self._gpus(),
-                max_concurrency=run.in_flight_per_replica,
+                max_concurrency=max(run.in_flight_per_replica, MAX_IN_FLIGHT),
                 runtime_env=self._runtime_env(),
                 name=None,
             ).remote(self.config, self.model_sha256, f"replica-{idx}", max(1, int(self._cpus())))
