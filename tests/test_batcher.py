@@ -150,6 +150,16 @@ def test_a_shard_whose_writer_fails_fails_alone():
     assert [i.key for i in got] == ["good"]
 
 
+def test_a_shard_waiting_on_a_stopped_loop_fails_instead_of_hanging():
+    loop = EncoderLoop(_sum_encoder([]), batch_size=BATCH, max_wait_s=30)
+    feed = loop.open("orphan", lambda *_: None, None, _no_time)
+    loop.close()  # e.g. the replica shutting down, or a bug that killed the loop's thread
+    feed.put(Decoded("k0", None, None, "center", pixels=np.zeros(1)))
+    with pytest.raises(ShardError, match="encoder loop has stopped") as e:
+        feed.wait(timeout=0.1)
+    assert e.value.reason == "worker_error"
+
+
 # -- the replica: several shards in flight ----------------------------------------------------------------------
 
 

@@ -104,13 +104,13 @@ class Feed:
             raise self.error
         with self._cond:
             self._submitted += 1
-        self.loop.queue.put((self, item))
+        self.loop.send(self, item)
 
     def close_input(self) -> None:
         """No more items from this shard (idempotent): the loop need not wait for it to fill a batch."""
         if not self._closed:
             self._closed = True
-            self.loop.queue.put((self, _END))
+            self.loop.send(self, _END)
 
     def wait(self, timeout: float) -> bool:
         """True once every item put has been written or recorded as an error; raises the shard's failure."""
@@ -118,12 +118,15 @@ class Feed:
             self._cond.wait_for(lambda: self._finished >= self._submitted or self.error is not None, timeout)
             if self.error is not None:
                 raise self.error
-            return self._finished >= self._submitted
+            if self._finished >= self._submitted:
+                return True
+        self.loop.check_alive(self.shard_id)
+        return False
 
     def release(self) -> None:
         """The shard needs the loop no more (all written, or failed): its slot will soon take a new shard."""
         self.cancel()
-        self.loop.queue.put((self, _RELEASE))
+        self.loop.send(self, _RELEASE)
 
     def cancel(self) -> None:
         """Drop this shard's items still queued or batched; after this returns, `sink` is never called again."""
@@ -185,8 +188,21 @@ class EncoderLoop:
         on_progress: Progress | None = None,
     ) -> Feed:
         feed = Feed(self, shard_id, sink, add_error, timer, on_progress)
-        self.queue.put((feed, _BEGIN))
+        self.send(feed, _BEGIN)
         return feed
+
+    def send(self, feed: Feed, item: Decoded | _Signal) -> None:
+        """Queue an item or a signal for the loop; waits while the queue is full, fails if the loop has stopped."""
+        while True:
+            try:
+                return self.queue.put((feed, item), timeout=1.0)
+            except queue.Full:
+                self.check_alive(feed.shard_id)
+
+    def check_alive(self, shard_id: str) -> None:
+        """A stopped loop (closed, or killed by a bug) will never finish a shard: fail it instead of hanging."""
+        if not self.thread.is_alive():
+            raise ShardError("worker_error", f"{shard_id}: the replica's encoder loop has stopped")
 
     def close(self) -> None:
         if self.thread.is_alive():
