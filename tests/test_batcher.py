@@ -30,12 +30,12 @@ def _images(n: int, start: int = 0) -> list[dict]:
     ]
 
 
-def _worker(out, views: str = "center", **run) -> ShardWorker:
+def _worker(out, views: str = "center", precision: str = "exact", **run) -> ShardWorker:
     cfg = build_config(
         {
             "inputs": [str(out)],
             "output": str(out),
-            "model": {"preset": "tiny", "random_weights": True, "device": "cpu"},
+            "model": {"preset": "tiny", "random_weights": True, "device": "cpu", "precision": precision},
             "encode": {"batch_size": BATCH, "var_input": True, "views": views},
             "run": {"max_error_rate": 0.5, **run},
         }
@@ -291,3 +291,21 @@ def test_views_of_images_in_flight_stay_with_their_image_and_progress_counts_ima
     assert sorted((r["key"], r["view"], r["codes"]) for rows in got.values() for r in rows) == sorted(
         (r["key"], r["view"], r["codes"]) for r in expected
     )
+
+
+def test_each_shard_in_a_non_exact_mode_gets_an_agreement_sample_of_its_own_crops(tmp_path, one_torch_thread):
+    shards = []
+    for i in range(3):
+        write_shard(tmp_path / f"s{i}.tar", _images(3, start=10 * i))
+        shards.append(_shard(tmp_path / f"s{i}.tar"))
+    w = _worker(tmp_path / "out", precision="bf16")
+    try:
+        records = _process_all(w, shards)
+    finally:
+        w.close()
+    for record in records.values():
+        assert isinstance(record, DoneRecord) and record.rows == 3
+        agreement = record.agreement_with_exact
+        assert agreement is not None and agreement["mode"] == "bf16" and agreement["decode"] == "pil"
+        # measured on the crops, in the first batch holding this shard's, of the shards new in that batch
+        assert 1 <= agreement["images"] <= BATCH and 0.5 < agreement["overall"] <= 1.0

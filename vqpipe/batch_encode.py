@@ -49,8 +49,9 @@ class BatchEncoder:
         else:
             pixels = np.stack([self.pil_pixels(item) for _, item in batch])  # host pixels: PIL decoded them
         fresh = {feed for feed, _ in batch if feed.agreement is None}
-        if fresh and not self.exact:  # a sample of drift for each shard, from the first batch it is in
-            agreement = self._agreement([item for _, item in batch], pixels)
+        if fresh and not self.exact:  # a sample of drift for each shard: its crops in the first batch it is in
+            rows = [i for i, (feed, _) in enumerate(batch) if feed in fresh]
+            agreement = self._agreement([batch[i][1] for i in rows], pixels[rows])
             for feed in fresh:
                 feed.agreement = agreement
         seconds: Counter[str] = Counter()
