@@ -43,7 +43,7 @@ def run_one(
             "encode": {"batch_size": args.batch_size, "decode_threads": decode},
         }
     )
-    worker = ShardWorker.from_config(cfg)
+    worker = ShardWorker.from_config(cfg, slots=flight)
     try:
         todo = make_plan(
             storage.expand_inputs_with_info([str(shards)], None), Ledger(str(out)), None, False
@@ -54,8 +54,8 @@ def run_one(
         wall = time.perf_counter() - t
     finally:
         worker.close()
-    n = sum(r["rows"] for r in records)
-    ms = {s: sum(r["seconds"].get(s, 0.0) for r in records) * 1000 / n for s in STAGES}
+    n = sum(r.rows for r in records)
+    ms = {s: sum(r.seconds.get(s, 0.0) for r in records) * 1000 / n for s in STAGES}
     cells = " | ".join(f"{ms[s]:.1f}" for s in STAGES)
     return f"| {torch_threads} | {decode} | {flight} | {n / wall:.2f} | {cells} |"
 
