@@ -48,8 +48,9 @@ class BatchEncoder:
             batch, pixels = kept, stacked
         else:
             pixels = np.stack([self.pil_pixels(item) for _, item in batch])  # host pixels: PIL decoded them
+        # A sample of drift for each shard: its crops in the first batch it is in.
         fresh = {feed for feed, _ in batch if feed.agreement is None}
-        if fresh and not self.exact:  # a sample of drift for each shard: its crops in the first batch it is in
+        if fresh and not self.exact:
             rows = [i for i, (feed, _) in enumerate(batch) if feed in fresh]
             agreement = self._agreement([batch[i][1] for i in rows], pixels[rows])
             for feed in fresh:

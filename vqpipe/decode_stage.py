@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
@@ -76,7 +76,7 @@ class DecodeStage:
 
     def decoded(
         self, stream: IO[bytes], shard_id: str, clock: StageClock, stats: ReadStats
-    ) -> Iterator[tuple[RawSample, _Result]]:
+    ) -> Generator[tuple[RawSample, _Result], None, None]:
         """Samples in tar order with their crops (or SampleError); reading and decoding run ahead in threads."""
         futures: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
