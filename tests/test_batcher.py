@@ -309,3 +309,16 @@ def test_each_shard_in_a_non_exact_mode_gets_an_agreement_sample_of_its_own_crop
         assert agreement is not None and agreement["mode"] == "bf16" and agreement["decode"] == "pil"
         # measured on the crops, in the first batch holding this shard's, of the shards new in that batch
         assert 1 <= agreement["images"] <= BATCH and 0.5 < agreement["overall"] <= 1.0
+
+
+def test_a_speculative_copy_that_starts_after_the_original_committed_writes_nothing(tmp_path):
+    write_shard(tmp_path / "s.tar", _images(3))
+    w = _worker(tmp_path / "out")
+    original = DoneRecord(shard_id="s", rows=3, host="the original")
+    w.ledger.mark_done("s", original)
+    try:
+        copy = w.process(_shard(tmp_path / "s.tar"), look_first=True)  # attempt 1, as a copy shares it
+    finally:
+        w.close()
+    assert copy == original and copy.skipped
+    assert not storage.exists(w.ledger.data_url("s")) and not list((tmp_path / "out").rglob(".tmp-*"))

@@ -181,7 +181,7 @@ class Dispatcher:
 
     def _submit(self, shard: Shard, actor: int, speculative: bool = False) -> None:
         attempt = self.policy.next_attempt(shard.shard_id, speculative)
-        ref = self.pool.actors[actor].process.remote(shard, attempt, self.in_flight.limit)
+        ref = self.pool.actors[actor].process.remote(shard, attempt, self.in_flight.limit, speculative)
         self.running[ref] = _Task(shard, actor, time.monotonic(), attempt)
         self.last_actor[shard.shard_id] = actor
 

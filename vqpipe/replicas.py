@@ -96,13 +96,16 @@ class EncoderActor:
         worker = self._loaded()
         return {"replica": self.replica, "device": str(worker.encoder.device), "pid": os.getpid()}
 
-    def process(self, shard: Shard, attempt: int, in_flight: int | None = None) -> DoneRecord:
-        """`in_flight`: how many shards the driver now keeps on this actor (its encoder loop waits for them)."""
+    def process(
+        self, shard: Shard, attempt: int, in_flight: int | None = None, speculative: bool = False
+    ) -> DoneRecord:
+        """`in_flight`: how many shards the driver now keeps on this actor (its encoder loop waits for them);
+        `speculative`: a copy of a running shard, which looks for the original's commit before it starts."""
         worker = self._loaded()
         if in_flight is not None:
             self.slots = worker.loop.slots = in_flight
         try:
-            record = worker.process(shard, attempt, on_progress=self._count)
+            record = worker.process(shard, attempt, on_progress=self._count, look_first=speculative)
         except ShardError:
             raise
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard

@@ -116,11 +116,16 @@ class ShardWorker:
         self.decode.close()
 
     def process(
-        self, shard: Shard, attempt: int = 1, on_progress: Callable[[int], None] | None = None
+        self,
+        shard: Shard,
+        attempt: int = 1,
+        on_progress: Callable[[int], None] | None = None,
+        look_first: bool = False,
     ) -> DoneRecord:
         """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails.
-        A first attempt was planned from the done/ listing under the run's lease: only a retry looks first."""
-        if attempt > 1 and self.ledger.is_done(shard.shard_id):  # an earlier attempt committed after all
+        A first attempt was planned from the done/ listing under the run's lease: only a retry, or a speculative
+        copy (`look_first`: it may start long after the original, e.g. queued on a busy replica), looks first."""
+        if (attempt > 1 or look_first) and self.ledger.is_done(shard.shard_id):  # committed after all
             return self._committed_by_another(shard)
         started, clock = time.time(), StageClock()
         enc = self.config.encode
