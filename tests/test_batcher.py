@@ -16,7 +16,7 @@ from vqpipe import storage
 from vqpipe import worker as worker_module
 from vqpipe.batcher import Decoded, EncodedBatch, EncoderLoop
 from vqpipe.config import build_config
-from vqpipe.errors import ShardError
+from vqpipe.errors import ShardError, StorageError
 from vqpipe.plan import Shard
 from vqpipe.records import DoneRecord
 from vqpipe.worker import ShardWorker
@@ -311,13 +311,15 @@ def test_each_shard_in_a_non_exact_mode_gets_an_agreement_sample_of_its_own_crop
         assert 1 <= agreement["images"] <= BATCH and 0.5 < agreement["overall"] <= 1.0
 
 
-def test_a_speculative_copy_that_starts_after_the_original_committed_writes_nothing(tmp_path):
-    write_shard(tmp_path / "s.tar", _images(3))
+def test_a_speculative_copy_that_starts_after_the_original_committed_does_nothing(tmp_path):
     w = _worker(tmp_path / "out")
     original = DoneRecord(shard_id="s", rows=3, host="the original")
     w.ledger.mark_done("s", original)
+    gone = Shard("s", str(tmp_path / "moved-away.tar"), None)  # the copy must not even open its input
     try:
-        copy = w.process(_shard(tmp_path / "s.tar"), look_first=True)  # attempt 1, as a copy shares it
+        copy = w.process(gone, look_first=True)  # attempt 1: a copy shares the original's attempt number
+        with pytest.raises(StorageError):  # what the same call does when it does not look first
+            w.process(gone)
     finally:
         w.close()
     assert copy == original and copy.skipped
