@@ -143,7 +143,7 @@ class RunConfig:
         "autoscale GPU nodes from zero",
     )
     in_flight_per_replica: int = option(
-        2, "shards queued per actor, so the next one streams while one encodes"
+        2, "shards queued per actor, so the next one streams while one encodes (raised for small shards)"
     )
     max_attempts: int = option(
         3, "tries per shard (on another replica when one dies), with exponential backoff, before it fails"
