@@ -12,6 +12,7 @@ from shards import defect_samples
 from shards import write_shard as write_local_shard
 
 from vqpipe.config import build_config
+from vqpipe.errors import ShardError
 from vqpipe.job import tokenize
 from vqpipe.model import build_model
 from vqpipe.plan import Shard, shard_id
@@ -126,9 +127,10 @@ def test_failure_mid_write_leaves_nothing_and_rerun_completes(ray_session, s3, b
     worker = ShardWorker.from_config(cfg)
     worker.encoder = FailingEncoder(worker.encoder, fail_on_call=3)
     shard = Shard("part-000000", s3.url(f"{bucket}/shards/part-000000.tar"), {})
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(ShardError, match="injected") as failed:  # the batch's failure fails its shard
         worker.process(shard)
     worker.close()
+    assert failed.value.reason == "worker_error" and isinstance(failed.value.__cause__, RuntimeError)
     assert worker.encoder.calls == 3
     assert not [n for n in objects(s3, bucket) if n.startswith("out/")]
     uploads = s3.boto3_client().list_multipart_uploads(Bucket=s3.bucket, Prefix=f"{bucket}/out/")

@@ -258,9 +258,9 @@ class EncoderLoop:
         except BaseException as e:  # noqa: BLE001 - not one sample's fault (device, bug): its shards fail
             logger.exception("encoding a batch of %d items failed", len(live))
             for f in {f for f, _ in live}:  # each its own error: one exception raised in many threads is not
-                f._fail(
-                    ShardError("worker_error", f"{f.shard_id}: its batch failed: {type(e).__name__}: {e}")
-                )
+                error = ShardError("worker_error", f"{f.shard_id}: its batch failed: {type(e).__name__}: {e}")
+                error.__cause__ = e
+                f._fail(error)
         finally:
             for f, n in Counter(f for f, _ in live).items():
                 f._finish(n)

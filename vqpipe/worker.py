@@ -72,7 +72,7 @@ class ShardWorker:
         slots: int | None = None,
     ) -> None:
         """`slots`: how many shards the caller runs at once (an actor's concurrency); None: unknown."""
-        self.config, self.encoder = config, encoder
+        self.config = config
         self.resolution, self.model_sha256 = resolution, model_sha256
         self.ledger = Ledger(config.output, config.storage_options)
         enc = config.encode
@@ -95,8 +95,19 @@ class ShardWorker:
             on_device=device_decoder is not None,
             allow_unterminated_tar=config.run.allow_unterminated_tar,
         )
-        batch_encoder = BatchEncoder(encoder, resolution, enc.max_image_pixels, enc.decode, device_decoder)
-        self.loop = EncoderLoop(batch_encoder, enc.batch_size, _BATCH_MAX_WAIT_S, slots)
+        self.batch_encoder = BatchEncoder(
+            encoder, resolution, enc.max_image_pixels, enc.decode, device_decoder
+        )
+        self.loop = EncoderLoop(self.batch_encoder, enc.batch_size, _BATCH_MAX_WAIT_S, slots)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The replica's encoder (run by the encoder loop's thread only)."""
+        return self.batch_encoder.encoder
+
+    @encoder.setter
+    def encoder(self, encoder: Encoder) -> None:
+        self.batch_encoder.encoder = encoder
 
     @classmethod
     def from_config(
