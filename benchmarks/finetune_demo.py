@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqpipe.finetune import FinetuneConfig, ShardImages, eval_images, finetune
+from vqpipe.finetune import FinetuneConfig, finetune
+from vqpipe.finetune_data import ShardImages, eval_images
 from vqpipe.logs import setup_logging
 from vqpipe.model import PRESETS, build_model, load_checkpoint
 from vqpipe.sample import write_sample_dataset

@@ -12,7 +12,8 @@ from test_job import job_config
 from vqpipe.cli import main
 from vqpipe.encode import build_encoder
 from vqpipe.errors import ConfigError
-from vqpipe.finetune import FinetuneConfig, finetune, train_pixels
+from vqpipe.finetune import FinetuneConfig, finetune
+from vqpipe.finetune_data import train_pixels
 from vqpipe.model import build_model, load_checkpoint
 from vqpipe.preprocess import preprocess
 

@@ -6,8 +6,9 @@ import logging
 import pytest
 
 from vqpipe.errors import StorageError
-from vqpipe.ledger import Ledger, read_status
+from vqpipe.ledger import Ledger
 from vqpipe.records import DoneRecord, InputRef
+from vqpipe.status import read_status
 
 
 def record(sid, rows=2, errors=0, reasons=None):

@@ -8,8 +8,9 @@ import pytest
 
 from vqpipe import storage
 from vqpipe.errors import PERMANENT_SHARD_REASONS, StorageError
-from vqpipe.ledger import Ledger, read_status
+from vqpipe.ledger import Ledger
 from vqpipe.plan import legacy_stem, make_plan, shard_id
+from vqpipe.status import read_status
 
 
 def touch(path, data=b"x"):

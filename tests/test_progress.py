@@ -14,8 +14,7 @@ import termios
 import pytest
 from shards import good_image_bytes, write_shard
 
-from vqpipe.job import Progress
-from vqpipe.progress import progress_bar
+from vqpipe.progress import Progress, progress_bar
 from vqpipe.records import DoneRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

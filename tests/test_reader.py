@@ -18,10 +18,11 @@ from shards import _tar_bytes, defect_samples, good_image_bytes
 from vqpipe import reader, storage
 from vqpipe.cli import main
 from vqpipe.errors import ShardError
-from vqpipe.ledger import Ledger, read_status
+from vqpipe.ledger import Ledger
 from vqpipe.plan import Shard
 from vqpipe.reader import ReadStats, iter_samples
 from vqpipe.schema import ERROR_SCHEMA
+from vqpipe.status import read_status
 from vqpipe.writer import ShardWriter
 
 JPG = good_image_bytes(1, "jpg", (16, 12))

@@ -80,7 +80,8 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from .ledger import Ledger, read_status
+    from .ledger import Ledger
+    from .status import read_status
 
     storage_options = json.loads(args.storage_options) if args.storage_options else None
     st = read_status(Ledger(args.output.rstrip("/"), storage_options))

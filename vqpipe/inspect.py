@@ -21,9 +21,9 @@ import numpy as np
 
 from . import __version__, storage
 from .errors import ConfigError
-from .ledger import read_status
 from .output_reader import OutputReader
 from .stats import stage_stats, usage_stats
+from .status import read_status
 
 logger = logging.getLogger(__name__)
 

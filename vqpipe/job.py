@@ -11,16 +11,17 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
 from .errors import CheckpointError, StorageError
 from .lease import Lease
-from .ledger import Ledger, Status, read_status
+from .ledger import Ledger
 from .plan import Plan, Shard, legacy_stem, make_plan
 from .records import DoneRecord, FailedRecord, RunRecord
+from .status import Status, read_status
 from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -85,57 +86,6 @@ def _versions() -> dict[str, str]:
         "torch": importlib.metadata.version("torch"),
         "pyarrow": importlib.metadata.version("pyarrow"),
     }
-
-
-@dataclass
-class Progress:
-    """Driver-side progress lines: shards done/total, images/s, errors, ETA, live replicas."""
-
-    total: int
-    interval_s: float
-    done: int = 0
-    failed: int = 0
-    images: int = 0
-    errors: int = 0
-    started: float = field(default_factory=time.monotonic)
-    _last: float = 0.0
-    renderer: Any = None  # a live bar on an interactive terminal (vqpipe.progress); None: log lines
-
-    def record(self, rec: DoneRecord) -> None:
-        self.done += 1
-        self.images += rec.images if rec.images is not None else rec.rows  # markers before views: rows
-        self.errors += rec.errors
-
-    def line(self, replicas: int | None = None) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.images / elapsed
-        finished = self.done + self.failed
-        eta = elapsed / finished * (self.total - finished) if finished else float("nan")
-        parts = [
-            f"shards {self.done}/{self.total} done",
-            f"{self.failed} failed" if self.failed else None,
-            f"{self.images} images ({rate:.1f}/s)",
-            f"{self.errors} sample errors",
-            f"ETA {_duration(eta)}" if finished < self.total else None,
-            f"{replicas} replicas" if replicas is not None else None,
-        ]
-        return ", ".join(p for p in parts if p)
-
-    def tick(self, replicas: int) -> None:
-        if self.renderer is not None:
-            self.renderer.update(self, replicas)
-            return
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            self._last = now
-            logger.info("progress: %s", self.line(replicas))
-
-
-def _duration(s: float) -> str:
-    if s != s:  # NaN: nothing finished yet
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 @dataclass
@@ -262,7 +212,7 @@ def _dispatch(
     """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
     early); returns whether a stop left shards running."""
     from . import cluster
-    from .progress import progress_bar
+    from .progress import Progress, progress_bar
 
     progress = Progress(
         total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))

@@ -1,6 +1,6 @@
-"""A live progress bar for the driver when it runs on an interactive terminal (tqdm).
+"""What the driver tells people while a run goes: `Progress` counts, and a live bar on an interactive terminal (tqdm).
 
-Anywhere else (Ray job logs, CI, a pipe) `job.Progress` writes plain log lines instead: a bar's carriage
+Anywhere else (Ray job logs, CI, a pipe) `Progress` writes plain log lines instead: a bar's carriage
 returns would make a log file unreadable. While the bar is shown, vqpipe's log lines are printed above it
 (tqdm's logging redirect) instead of through it; lines that Ray's log monitor prints for the actors
 are not log records and can still cross it.
@@ -13,7 +13,10 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import IO, Any
+
+from .records import DoneRecord
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class TerminalBar:
         )
 
     def update(self, progress: Any, replicas: int | None = None) -> None:
-        """Redraw from a `job.Progress` (tqdm limits redraws to ten a second)."""
+        """Redraw from a `Progress` (tqdm limits redraws to ten a second)."""
         elapsed = max(time.monotonic() - progress.started, 1e-9)
         parts = [f"{progress.images} images ({progress.images / elapsed:.1f}/s)", f"{progress.errors} errors"]
         if progress.failed:
@@ -61,3 +64,54 @@ def progress_bar(total: int, stream: IO[str] | None = None) -> TerminalBar | Non
     except ImportError:  # the bar is a nicety: without tqdm, the log lines still say everything
         logger.info("no progress bar: tqdm is not installed")
         return None
+
+
+@dataclass
+class Progress:
+    """Driver-side progress lines: shards done/total, images/s, errors, ETA, live replicas."""
+
+    total: int
+    interval_s: float
+    done: int = 0
+    failed: int = 0
+    images: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+    renderer: Any = None  # a live bar on an interactive terminal (vqpipe.progress); None: log lines
+
+    def record(self, rec: DoneRecord) -> None:
+        self.done += 1
+        self.images += rec.images if rec.images is not None else rec.rows  # markers before views: rows
+        self.errors += rec.errors
+
+    def line(self, replicas: int | None = None) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.images / elapsed
+        finished = self.done + self.failed
+        eta = elapsed / finished * (self.total - finished) if finished else float("nan")
+        parts = [
+            f"shards {self.done}/{self.total} done",
+            f"{self.failed} failed" if self.failed else None,
+            f"{self.images} images ({rate:.1f}/s)",
+            f"{self.errors} sample errors",
+            f"ETA {_duration(eta)}" if finished < self.total else None,
+            f"{replicas} replicas" if replicas is not None else None,
+        ]
+        return ", ".join(p for p in parts if p)
+
+    def tick(self, replicas: int) -> None:
+        if self.renderer is not None:
+            self.renderer.update(self, replicas)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            logger.info("progress: %s", self.line(replicas))
+
+
+def _duration(s: float) -> str:
+    if s != s:  # NaN: nothing finished yet
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
