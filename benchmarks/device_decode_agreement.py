@@ -28,8 +28,9 @@ import torch
 
 from vqpipe.device_decode import DeviceDecoder, resize_center_crop
 from vqpipe.errors import SampleError
+from vqpipe.jpeg_probe import probe_jpeg
 from vqpipe.model import build_model, precision_mode
-from vqpipe.preprocess import decode_image, preprocess, probe_jpeg, val_transform
+from vqpipe.preprocess import decode_image, preprocess, val_transform
 from vqpipe.sample import write_sample_dataset
 
 

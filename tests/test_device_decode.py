@@ -1,4 +1,4 @@
-"""vqpipe.device_decode against the exact PIL path, and preprocess.probe_jpeg.
+"""vqpipe.device_decode against the exact PIL path, and jpeg_probe.probe_jpeg.
 
 The resize tests need torch only (CI). The decoder tests need torchvision and run on the CPU, where
 torchvision decodes with libjpeg-turbo as PIL does; nvJPEG on a GPU is measured by
@@ -20,7 +20,8 @@ from shards import bomb_png_bytes, corrupt_jpeg_bytes, good_image_bytes, truncat
 
 from vqpipe.device_decode import DeviceDecoder, _center_crop, resize_center_crop, unavailable_reason
 from vqpipe.errors import SampleError
-from vqpipe.preprocess import center_crop, decode_image, preprocess, probe_jpeg, resized_size
+from vqpipe.jpeg_probe import probe_jpeg
+from vqpipe.preprocess import center_crop, decode_image, preprocess, resized_size
 from vqpipe.sample import write_sample_dataset
 
 R = 256

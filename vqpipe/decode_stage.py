@@ -16,7 +16,8 @@ import numpy as np
 
 from .batcher import Decoded
 from .errors import SampleError
-from .preprocess import preprocess_views, probe_jpeg
+from .jpeg_probe import probe_jpeg
+from .preprocess import preprocess_views
 from .reader import RawSample, ReadStats, iter_samples
 from .stage_clock import StageClock
 

@@ -3,7 +3,7 @@
 Opt-in, and NOT VAR-exact. The geometry is VAR's (`preprocess.resized_size`, then `preprocess.center_crop`'s
 box), but the resampling is torch's bicubic where VAR uses PIL's LANCZOS (torch has no LANCZOS), and nvJPEG
 has its own IDCT and chroma upsampling, so its pixels may differ from libjpeg's. How close it gets is measured
-by `benchmarks/device_decode_agreement.py`. Only JPEGs that `preprocess.probe_jpeg` accepts should come here;
+by `benchmarks/device_decode_agreement.py`. Only JPEGs that `jpeg_probe.probe_jpeg` accepts should come here;
 a JPEG that fails comes back as its exception, and the caller then takes the exact PIL path, which gives the
 proper `SampleError` reason.
 
