@@ -60,6 +60,16 @@ def _process_all(w: ShardWorker, shards: list[Shard], **kwargs) -> dict[str, Don
         return dict(zip([s.shard_id for s in shards], pool.map(one, shards)))
 
 
+def _big_and_small_shards(tmp_path, images: list[dict], per_small: int) -> list[Shard]:
+    """The same images as one shard `big.tar` and as shards of `per_small`; returns the small ones."""
+    write_shard(tmp_path / "big.tar", images)
+    small = []
+    for i in range(0, len(images), per_small):
+        write_shard(tmp_path / f"small{i:02d}.tar", images[i : i + per_small])
+        small.append(_shard(tmp_path / f"small{i:02d}.tar"))
+    return small
+
+
 def _rows(w: ShardWorker, shard_id: str) -> dict[str, dict]:
     return {r["key"]: r for r in pq.read_table(w.ledger.data_url(shard_id)).to_pylist()}
 
@@ -166,12 +176,7 @@ def test_a_shard_waiting_on_a_stopped_loop_fails_instead_of_hanging():
 def test_small_shards_in_flight_give_the_rows_of_one_big_shard(tmp_path):
     """Same 12 images as one shard and as 6 shards of 2 in flight together: the same codes and var_input
     (CPU, exact: batch composition changes no code here; docs/scale.md has the measurement)."""
-    images = _images(12)
-    write_shard(tmp_path / "big.tar", images)
-    small = []
-    for i in range(0, 12, 2):
-        write_shard(tmp_path / f"small{i:02d}.tar", images[i : i + 2])
-        small.append(_shard(tmp_path / f"small{i:02d}.tar"))
+    small = _big_and_small_shards(tmp_path, _images(12), per_small=2)
     big_w, small_w = _worker(tmp_path / "big_out"), _worker(tmp_path / "small_out")
     try:
         big = big_w.process(_shard(tmp_path / "big.tar"))
@@ -260,12 +265,7 @@ def test_views_of_images_in_flight_stay_with_their_image_and_progress_counts_ima
     gets its rows grouped by image in canonical view order, progress counts images (never 0), and the codes are
     those of one shard holding every image."""
     views = "center,tl,tl+hflip"
-    images = _images(6)
-    write_shard(tmp_path / "big.tar", images)
-    small = []
-    for i in range(0, 6, 3):
-        write_shard(tmp_path / f"small{i}.tar", images[i : i + 3])
-        small.append(_shard(tmp_path / f"small{i}.tar"))
+    small = _big_and_small_shards(tmp_path, _images(6), per_small=3)
     big_w, small_w = _worker(tmp_path / "big_out", views), _worker(tmp_path / "small_out", views)
     progress: dict[str, list[int]] = {s.shard_id: [] for s in small}
     try:
