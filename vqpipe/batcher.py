@@ -89,9 +89,8 @@ class Feed:
     ) -> None:
         self.loop, self.shard_id = loop, shard_id
         self.sink, self.add_error, self.timer, self.on_progress = sink, add_error, timer, on_progress
-        self.agreement: dict[str, Any] | None = (
-            None  # set by the encode function from this shard's first batch
-        )
+        # Set by the encode function from this shard's first batch.
+        self.agreement: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self.cancelled = False
         self._submitted = self._finished = 0
@@ -173,9 +172,8 @@ class EncoderLoop:
         no shard is reading, which is how each shard ran alone before batches spanned shards."""
         self.encode, self.batch_size, self.max_wait_s, self.slots = encode, batch_size, max_wait_s, slots
         self.queue: queue.Queue[tuple[Feed | None, Decoded | _Signal]] = queue.Queue(maxsize=2 * batch_size)
-        self.batch_sizes: Counter[int] = (
-            Counter()
-        )  # items per batch encoded -> batches: how full the device runs
+        # Items per batch encoded -> batches: how full the device runs.
+        self.batch_sizes: Counter[int] = Counter()
         self.thread = threading.Thread(target=self._run, name="encoder", daemon=True)
         self.thread.start()
 

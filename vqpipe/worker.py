@@ -47,6 +47,8 @@ _SUPERSEDED_CHECK_MAX_S = 60.0
 # How long a partial batch waits for crops from shards still reading before it runs anyway. Short next to a
 # batch's device time, long next to the gap between two shards' first images when many are in flight.
 _BATCH_MAX_WAIT_S = 0.2
+# How often a shard whose rows are all handed over looks again whether they are written (and for a twin).
+_WAIT_S = 0.5
 
 
 class _Superseded(Exception):
@@ -272,10 +274,6 @@ class ShardWorker:
                 raise _Superseded
             sizes = clock.timed("write", writer.commit)
         return _Outcome(sizes, errors, feed.agreement, read_version)
-
-
-# How often a shard whose rows are all handed over looks again whether they are written (and for a twin).
-_WAIT_S = 0.5
 
 
 class _SupersededCheck:
