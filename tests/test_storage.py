@@ -692,3 +692,14 @@ def test_redaction_is_pure_text():
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported and not [m for m in imported if m.split(".")[0] in ("fsspec", "storage", "urls")]
     assert storage.redact("s3://u:hunter2@b/x?X-Amz-Signature=abc") == "s3://u:***@b/x?X-Amz-Signature=***"
+
+
+def test_sha256_of_streams_the_file_and_can_keep_exactly_the_bytes_hashed(tmp_path) -> None:
+    data = os.urandom((8 << 20) + 12345)  # more than one read part
+    (tmp_path / "ckpt.pth").write_bytes(data)
+    kept = io.BytesIO()
+    digest = storage.sha256_of(str(tmp_path / "ckpt.pth"), keep=kept)
+    assert digest == hashlib.sha256(data).hexdigest() == storage.sha256_of(str(tmp_path / "ckpt.pth"))
+    assert kept.getvalue() == data
+    with pytest.raises((StorageError, OSError)):
+        storage.sha256_of(str(tmp_path / "missing.pth"))

@@ -5,7 +5,6 @@ Returns a summary; the entry points turn it into an exit code (0 only when every
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import platform
@@ -50,16 +49,12 @@ def model_sha256(cfg: JobConfig, ledger: Ledger | None = None) -> str:
 
 def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
     """sha256 of the file at `url`, read in 8 MiB parts (never held whole)."""
-    sha = hashlib.sha256()
     try:
-        with storage.open_input(url, storage_options) as f:
-            while chunk := f.read(8 << 20):
-                sha.update(chunk)
+        return storage.sha256_of(url, storage_options)
     except (StorageError, OSError) as e:
         raise CheckpointError(
             storage.redact(f"checkpoint {url}: cannot be read ({type(e).__name__}: {e})")
         ) from e
-    return sha.hexdigest()
 
 
 def run_record(cfg: JobConfig, sha: str) -> RunRecord:

@@ -3,7 +3,6 @@ tokenizer checkpoint it needs (codebook and phi convs), and `var_batch`, a colla
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -80,7 +79,7 @@ class VarInputBuilder(nn.Module):
         `metadata["model"]["sha256"]`) refuses weights other than those the codes were made with.
         """
         if expected_sha256 is not None:
-            digest = _sha256(checkpoint, storage_options)
+            digest = storage.sha256_of(checkpoint, storage_options)
             if digest != expected_sha256:
                 raise CheckpointError(f"checkpoint {checkpoint}: sha256 {digest}, expected {expected_sha256}")
         try:
@@ -143,11 +142,3 @@ def _load_local(path: str) -> Any:
         if "mmap" not in str(e):  # files in torch's legacy (non-zip) format cannot be mapped
             raise
         return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
-    sha = hashlib.sha256()
-    with storage.open_input(url, storage_options) as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()

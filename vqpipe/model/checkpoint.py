@@ -7,7 +7,6 @@ user never has to read a torch traceback. Loading is `weights_only=True`: nothin
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 from collections.abc import Mapping
@@ -16,14 +15,13 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, StorageError
-from ..storage import open_input
+from ..storage import sha256_of
 from .presets import PRESETS, ModelPreset
 from .vqvae import EMA_KEY, VQVAE
 
 logger = logging.getLogger(__name__)
 
 _SHOW = 5  # names listed per problem kind
-_CHUNK = 1 << 20
 
 
 def load_checkpoint(model: VQVAE, url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -51,19 +49,15 @@ def verify_checkpoint(url: str, preset: str, storage_options: dict[str, Any] | N
 
 def _read(url: str, storage_options: dict[str, Any] | None) -> tuple[io.BytesIO, str]:
     # Hash while reading: the digest then describes exactly the bytes that were loaded.
-    sha = hashlib.sha256()
     buf = io.BytesIO()
     try:
-        with open_input(url, storage_options) as f:
-            while chunk := f.read(_CHUNK):
-                sha.update(chunk)
-                buf.write(chunk)
+        digest = sha256_of(url, storage_options, keep=buf)
     except StorageError as e:
         raise CheckpointError(f"checkpoint {url}: file not found ({e})") from e
     except OSError as e:
         raise CheckpointError(f"checkpoint {url}: cannot be read ({type(e).__name__}: {e})") from e
     buf.seek(0)
-    return buf, sha.hexdigest()
+    return buf, digest
 
 
 def _deserialize(buf: io.BytesIO, url: str, map_location: str = "cpu") -> Any:

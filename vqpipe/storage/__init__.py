@@ -29,7 +29,15 @@ from .listing import (
     list_files_info,
     remove,
 )
-from .reads import READ_BLOCK_SIZE, RetryingReader, open_input, open_input_with_version, read_bytes, read_json
+from .reads import (
+    READ_BLOCK_SIZE,
+    RetryingReader,
+    open_input,
+    open_input_with_version,
+    read_bytes,
+    read_json,
+    sha256_of,
+)
 from .redaction import public_storage_options, redact
 from .retries import RETRY_ATTEMPTS, RETRY_BACKOFF_S
 from .urls import is_local, join, protocol
@@ -71,6 +79,7 @@ __all__ = [
     "public_storage_options",
     "read_bytes",
     "read_json",
+    "sha256_of",
     "read_versioned",
     "redact",
     "remove",

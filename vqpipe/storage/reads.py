@@ -4,6 +4,7 @@ whole, and a dropped connection re-opens at the current offset."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -171,6 +172,18 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
         return _retrying(url, "read", lambda: fs.cat_file(path))
     except FileNotFoundError:
         raise _error(f"{url}: no such file") from None
+
+
+def sha256_of(url: str, storage_options: dict[str, Any] | None = None, keep: IO[bytes] | None = None) -> str:
+    """sha256 of the file at `url`, streamed in parts (never held whole unless `keep` takes a copy of every part:
+    then the digest describes exactly the bytes kept). Errors as `open_input`'s (StorageError, OSError)."""
+    sha = hashlib.sha256()
+    with open_input(url, storage_options) as f:
+        while chunk := f.read(8 << 20):
+            sha.update(chunk)
+            if keep is not None:
+                keep.write(chunk)
+    return sha.hexdigest()
 
 
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
