@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokens import TINY, write_out
+from tokens import TINY, assert_split_like_distributed_sampler, write_out
 from torch.utils.data import DataLoader
 
 from vqpipe.data import TokenDataset, VarInputBuilder, var_batch
@@ -67,12 +67,8 @@ def test_ranks_and_workers_cover_every_committed_row_once(out, world, num_worker
         per_rank.append(keys)
     assert len({len(k) for k in per_rank}) == 1  # DDP needs the same count on every rank
     seen = Counter(k for keys in per_rank for k in keys)
-    n = len(expected)
     assert set(seen) <= set(expected)  # p5 has no done marker: never read
-    if drop_last:
-        assert max(seen.values()) == 1 and n - len(seen) < world
-    else:
-        assert set(seen) == set(expected) and sum(seen.values()) == world * -(-n // world)
+    assert_split_like_distributed_sampler(seen, expected, world, drop_last)
 
 
 def test_rows_equal_what_pyarrow_reads(out):

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tokens import write_out
+from tokens import assert_split_like_distributed_sampler, write_out
 from torch.utils.data import DataLoader
 
 from vqpipe.compact import CompactOptions, compact
@@ -72,11 +72,8 @@ def test_ranks_and_workers_share_the_images_and_agree_on_the_views(out, world, n
         assert len(got) == len(ds) == (N_IMAGES // world if drop_last else -(-N_IMAGES // world))
         per_rank += got
     assert all(alone[k] == v for k, v in per_rank)  # the pick depends on (seed, epoch, image) alone
-    seen = Counter(k for k, _ in per_rank)
-    if drop_last:
-        assert max(seen.values()) == 1 and N_IMAGES - len(seen) < world
-    else:
-        assert set(seen) == set(alone) and sum(seen.values()) == world * -(-N_IMAGES // world)
+    assert len(alone) == N_IMAGES
+    assert_split_like_distributed_sampler(Counter(k for k, _ in per_rank), alone, world, drop_last)
 
 
 def test_picks_are_seeded_by_seed_and_epoch(out):

@@ -7,6 +7,8 @@ rows against what the model computes. `legacy=True` writes format 1.0 (`var_inpu
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,3 +159,16 @@ def _legacy_table(schema, keys, labels, metas, codes, vi) -> pa.Table:
 
 
 __all__ = ["TINY", "replace", "shard_rows", "var_input_of", "write_out"]
+
+
+def assert_split_like_distributed_sampler(
+    seen: Counter, expected: Collection, world: int, drop_last: bool
+) -> None:
+    """What `world` ranks read together in one epoch (`seen`: item -> times) is what DistributedSampler gives:
+    with drop_last every item at most once and fewer than `world` left out; without, every item, padded by
+    repeats up to a multiple of `world`."""
+    n = len(expected)
+    if drop_last:
+        assert max(seen.values()) == 1 and n - len(seen) < world
+    else:
+        assert set(seen) == set(expected) and sum(seen.values()) == world * -(-n // world)
