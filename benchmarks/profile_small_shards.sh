@@ -21,7 +21,7 @@ python benchmarks/bench_small_shards.py --preset tiny --images 512 --big 256 --s
 bench=$!
 # the big-shard set runs first: wait for its result line, then for an actor that was not there before
 while kill -0 "$bench" 2>/dev/null && ! grep -q "256-image shards" "$out/bench.txt"; do sleep 0.2; done
-before=" $(pgrep -f '^ray::EncoderActor' | tr '\n' ' ') "
+before=" $(pgrep -f '^ray::EncoderActor' | tr '\n' ' ' || true) "
 while kill -0 "$bench" 2>/dev/null; do
     for pid in $(pgrep -f '^ray::EncoderActor' || true); do
         if [[ $before != *" $pid "* ]]; then

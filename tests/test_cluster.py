@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-from shards import defect_samples, good_image_bytes, write_shard, write_truncated_tar
+from shards import defect_samples, good_image_bytes, write_not_a_tar, write_shard, write_truncated_tar
 from test_job import job_config, tar_keys
 
 from vqpipe.cli import main
@@ -441,6 +441,26 @@ class TestFailures:
         failures = failed_attempts(driver_log)
         assert failures and all("(actor_died: " in m for m in failures), failures
         assert retried <= {m.split(":")[0] for m in failures}
+
+    def test_small_shards_travel_in_bundles_and_a_bad_one_fails_alone(
+        self, two_workers, tmp_path, driver_log
+    ):
+        good, bad = tmp_path / "good", tmp_path / "z-bad"  # the bad shard comes last: bundles have begun
+        good.mkdir()
+        bad.mkdir()
+        for i in range(40):
+            write_good_shard(good / f"s-{i:04d}.tar", 1)
+        write_not_a_tar(bad / "x-0000.tar")
+        bad_id = url_shard_id(str(bad / "x-0000.tar"))
+        out = tmp_path / "out"
+        summary = tokenize(job_config([good, bad], out, encode={"batch_size": 8}, run={"replicas": 2}))
+
+        assert not summary.ok and set(summary.failed) == {bad_id}
+        assert summary.failed[bad_id]["reason"] == "not_a_tar" and summary.failed[bad_id]["attempts"] == 1
+        done = check_exactly_once(out, good)  # every good shard committed once, with its one row
+        assert {r["attempt"] for r in done.values()} == {1}
+        shapes = [m for m in messages(driver_log) if m.startswith("shards average")]
+        assert shapes and shapes[-1].endswith("16 in flight per replica, 8 per call"), shapes
 
     def test_slow_tail_shard_gets_a_speculative_copy_and_the_frozen_original_is_not_waited_for(
         self, two_workers, tmp_path, driver_log

@@ -164,3 +164,22 @@ def test_small_shards_raise_the_shards_in_flight_to_two_batches_of_images():
     tiny = InFlight(configured=2, batch_size=64)
     tiny.shard_done(0)  # e.g. a shard whose every sample is an error counts as one image
     assert tiny.limit == MAX_IN_FLIGHT
+
+
+def test_small_shards_travel_in_bundles_of_about_one_batch():
+    flight = InFlight(configured=2, batch_size=16)
+    assert flight.bundle == 1  # nothing known yet: one shard per call
+    flight.shard_done(256)
+    assert (flight.limit, flight.bundle) == (2, 1)  # big shards: one per call
+    small = InFlight(configured=2, batch_size=16)
+    small.shard_done(2)
+    assert (small.limit, small.bundle) == (16, 8)  # one batch per call, two calls in flight
+    medium = InFlight(configured=2, batch_size=16)
+    medium.shard_done(5)
+    assert (medium.limit, medium.bundle) == (7, 3)  # 3 x 5 images: never more than a batch per call
+    ones = InFlight(configured=2, batch_size=64)
+    ones.shard_done(1)
+    assert (ones.limit, ones.bundle) == (MAX_IN_FLIGHT, MAX_IN_FLIGHT // 2)  # half the limit at most
+    configured = InFlight(configured=1, batch_size=16)
+    configured.shard_done(16)
+    assert configured.bundle == 1 and configured.samples_per_shard == 16

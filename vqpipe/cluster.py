@@ -27,7 +27,7 @@ from .dispatch_policy import DispatchPolicy, GiveUp, InFlight, Retry, Running, S
 from .errors import ShardError
 from .plan import Shard
 from .records import DoneRecord
-from .replicas import ReplicaPool
+from .replicas import ReplicaPool, ShardOutcome
 from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,12 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
 @dataclass
 class _Task:
-    shard: Shard
+    """One call on an actor: a bundle of shards (one, unless they are small), each with its attempt number."""
+
+    shards: list[Shard]
+    attempts: list[int]
     actor: int
     started: float
-    attempt: int
 
 
 class Dispatcher:
@@ -75,7 +77,7 @@ class Dispatcher:
         self.stop = stop
         self.pool = ReplicaPool(config, model_sha256, self._stopping)
         self.last_actor: dict[str, int] = {}
-        self.running: dict[ObjectRef[DoneRecord], _Task] = {}
+        self.running: dict[ObjectRef[list[ShardOutcome]], _Task] = {}
         run = config.run
         self.policy = DispatchPolicy(run.max_attempts, run.retry_backoff_s, run.speculative)
         self.in_flight = InFlight(run.in_flight_per_replica, config.encode.batch_size)
@@ -114,7 +116,7 @@ class Dispatcher:
         """After a stop request: start nothing, give running shards run.stop_grace_s to commit (a second signal
         ends the wait), and leave the rest pending: a rerun resumes them."""
         grace = self.config.run.stop_grace_s
-        running = sorted({t.shard.shard_id for t in self.running.values()} - self.policy.committed)
+        running = sorted(self._running_ids() - self.policy.committed)
         logger.warning(
             "%s: stopping; no new shards; waiting up to %.0fs for %d running shard(s)%s",
             stop.name,
@@ -125,7 +127,7 @@ class Dispatcher:
         deadline = time.monotonic() + grace
         while self._waiting() and time.monotonic() < deadline and not stop.hurry:
             self._wait(queue, until=deadline)
-        self.abandoned = sorted({t.shard.shard_id for t in self.running.values()} - self.policy.committed)
+        self.abandoned = sorted(self._running_ids() - self.policy.committed)
         if self.abandoned:
             logger.warning(
                 "left %d running shard(s) behind (a rerun redoes each one that did not commit): %s",
@@ -133,12 +135,16 @@ class Dispatcher:
                 ", ".join(self.abandoned),
             )
 
+    def _running_ids(self) -> set[str]:
+        return {s.shard_id for t in self.running.values() for s in t.shards}
+
     def _waiting(self) -> bool:
-        return self.policy.waiting_on([self._running(t) for t in self.running.values()])
+        return self.policy.waiting_on([r for t in self.running.values() for r, _ in self._copies(t)])
 
     @staticmethod
-    def _running(task: _Task) -> Running:
-        return Running(task.shard.shard_id, task.actor, task.started)
+    def _copies(task: _Task) -> list[tuple[Running, Shard]]:
+        """The running copy of each shard of a task, as the policy sees it."""
+        return [(Running(s.shard_id, task.actor, task.started), s) for s in task.shards]
 
     def _wait(self, queue: ShardQueue[Shard], until: float | None = None) -> None:
         """Block until a shard finishes, a restarting actor answers, or a retry is due; at most _WAIT_S.
@@ -162,37 +168,47 @@ class Dispatcher:
             if ref in self.running:  # a recovering actor's answer is taken by pool.check_recovering
                 self._collect(ref, queue)
 
-    def _free_actor(self, avoid: int | None = None) -> int | None:
+    def _free_actor(self, avoid: int | None = None) -> tuple[int, int] | None:
+        """The least loaded actor in service with room for another shard (not `avoid` when another has room),
+        and how many more shards it may take."""
         load = dict.fromkeys(self.pool.in_service(), 0)
         for t in self.running.values():
             if t.actor in load:
-                load[t.actor] += 1
+                load[t.actor] += len(t.shards)
         free = [i for i, n in load.items() if n < self.in_flight.limit]
         preferred = [i for i in free if i != avoid] or free
-        return min(preferred, key=lambda i: load[i]) if preferred else None
+        if not preferred:
+            return None
+        actor = min(preferred, key=lambda i: load[i])
+        return actor, self.in_flight.limit - load[actor]
 
     def _assign(self, queue: ShardQueue[Shard], now: float) -> None:
         while (shard := queue.peek(now)) is not None:
-            actor = self._free_actor(avoid=self.last_actor.get(shard.shard_id))
-            if actor is None:
+            free = self._free_actor(avoid=self.last_actor.get(shard.shard_id))
+            if free is None:
                 return
-            queue.pop()
-            self._submit(shard, actor)
+            actor, room = free
+            bundle = [queue.pop()]
+            while len(bundle) < min(room, self.in_flight.bundle) and queue.peek(now) is not None:
+                bundle.append(queue.pop())
+            self._submit(bundle, actor)
 
-    def _submit(self, shard: Shard, actor: int, speculative: bool = False) -> None:
-        attempt = self.policy.next_attempt(shard.shard_id, speculative)
-        ref = self.pool.actors[actor].process.remote(shard, attempt, self.in_flight.limit, speculative)
-        self.running[ref] = _Task(shard, actor, time.monotonic(), attempt)
-        self.last_actor[shard.shard_id] = actor
+    def _submit(self, shards: list[Shard], actor: int, speculative: bool = False) -> None:
+        attempts = [self.policy.next_attempt(s.shard_id, speculative) for s in shards]
+        ref = self.pool.actors[actor].process.remote(shards, attempts, self.in_flight.limit, speculative)
+        self.running[ref] = _Task(shards, attempts, actor, time.monotonic())
+        for s in shards:
+            self.last_actor[s.shard_id] = actor
 
     def _speculate(self, queue: ShardQueue[Shard], now: float) -> None:
         """Give a copy of the slowest running shards to idle actors once nothing else is waiting."""
-        tasks = {self._running(t): t for t in self.running.values()}
-        slow = self.policy.to_speculate(list(tasks), not queue, now)
+        copies = dict(c for t in self.running.values() for c in self._copies(t))
+        slow = self.policy.to_speculate(list(copies), not queue, now)
         for r in slow:
-            actor = self._free_actor(avoid=r.actor)
-            if actor is None or actor == r.actor:
+            free = self._free_actor(avoid=r.actor)
+            if free is None or free[0] == r.actor:
                 return
+            actor = free[0]
             logger.info(
                 "%s: slow (%.0fs, median %.0fs); speculative copy on replica-%d",
                 r.shard_id,
@@ -200,39 +216,63 @@ class Dispatcher:
                 self.policy.durations.value,
                 actor,
             )
-            self._submit(tasks[r].shard, actor, speculative=True)
+            self._submit([copies[r]], actor, speculative=True)
 
-    def _collect(self, ref: ObjectRef[DoneRecord], queue: ShardQueue[Shard]) -> None:
+    def _collect(self, ref: ObjectRef[list[ShardOutcome]], queue: ShardQueue[Shard]) -> None:
         task = self.running.pop(ref)
-        sid = task.shard.shard_id
-        twin_running = any(t.shard.shard_id == sid for t in self.running.values())
         try:
-            record = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
+            outcomes = ray.get(ref)
+        except (RayActorError, RayTaskError) as e:  # the whole bundle failed with its actor (or a bug)
             reason, detail = _failure(e)
             if isinstance(e, RayActorError) and self.pool.lost(task.actor):
-                logger.warning("%s: replica-%d died (%s); retrying elsewhere", sid, task.actor, detail)
-            decision = self.policy.failed(sid, reason, twin_running)
-            if isinstance(decision, GiveUp):
-                info = {"reason": reason, "detail": detail, "attempts": decision.attempts}
-                self.on_failed(task.shard, info)
-            elif isinstance(decision, Retry):
-                logger.warning(
-                    "%s: attempt %d failed (%s: %s); retry in %.1fs",
-                    sid,
-                    task.attempt,
-                    reason,
-                    detail,
-                    decision.backoff_s,
-                )
-                queue.retry_at(task.shard, time.monotonic() + decision.backoff_s)
-            return
+                ids = ", ".join(s.shard_id for s in task.shards)
+                logger.warning("%s: replica-%d died (%s); retrying elsewhere", ids, task.actor, detail)
+            outcomes = [ShardOutcome(s.shard_id, reason=reason, detail=detail) for s in task.shards]
+        for shard, attempt, outcome in zip(task.shards, task.attempts, outcomes, strict=True):
+            if outcome.record is None:
+                self._failed(shard, attempt, task, outcome, queue)
+            else:
+                self._done(shard, task, outcome.record)
+
+    def _failed(
+        self, shard: Shard, attempt: int, task: _Task, outcome: ShardOutcome, queue: ShardQueue[Shard]
+    ) -> None:
+        sid = shard.shard_id
+        twin_running = sid in self._running_ids()
+        decision = self.policy.failed(sid, outcome.reason, twin_running)
+        if isinstance(decision, GiveUp):
+            info = {"reason": outcome.reason, "detail": outcome.detail, "attempts": decision.attempts}
+            self.on_failed(shard, info)
+        elif isinstance(decision, Retry):
+            logger.warning(
+                "%s: attempt %d failed (%s: %s); retry in %.1fs",
+                sid,
+                attempt,
+                outcome.reason,
+                outcome.detail,
+                decision.backoff_s,
+            )
+            queue.retry_at(shard, time.monotonic() + decision.backoff_s)
+
+    def _done(self, shard: Shard, task: _Task, record: DoneRecord) -> None:
+        shape = self.in_flight.limit, self.in_flight.bundle
         self.in_flight.shard_done(record.samples)
-        if not self.policy.succeeded(sid, time.monotonic() - task.started):
-            logger.info("%s: copy on replica-%d discarded; another attempt committed first", sid, task.actor)
+        if (self.in_flight.limit, self.in_flight.bundle) != shape:
+            logger.info(
+                "shards average %.1f samples: up to %d in flight per replica, %d per call",
+                self.in_flight.samples_per_shard,
+                self.in_flight.limit,
+                self.in_flight.bundle,
+            )
+        if not self.policy.succeeded(shard.shard_id, time.monotonic() - task.started):
+            logger.info(
+                "%s: copy on replica-%d discarded; another attempt committed first",
+                shard.shard_id,
+                task.actor,
+            )
             return
         # A twin still running is left to finish: its worker sees the done marker and discards its output.
-        self.on_done(task.shard, record)
+        self.on_done(shard, record)
 
 
 def _failure(e: RayActorError | RayTaskError) -> tuple[str, str]:

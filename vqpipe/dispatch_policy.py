@@ -179,7 +179,8 @@ MAX_IN_FLIGHT = 32  # shards one actor may hold at once when they are small
 class InFlight:
     """How many shards each actor holds: run.in_flight_per_replica, raised while the shards seen so far are small
     so that an actor holds about two batches of images (its encoder loop batches across shards: 2-image shards
-    with 2 in flight could only fill batches of 4), up to MAX_IN_FLIGHT. Small shards hold little memory."""
+    with 2 in flight could only fill batches of 4), up to MAX_IN_FLIGHT. Small shards hold little memory.
+    Small shards also travel in bundles (`bundle`), several per call."""
 
     def __init__(self, configured: int, batch_size: int) -> None:
         self.configured, self.batch_size = configured, batch_size
@@ -190,8 +191,24 @@ class InFlight:
         self._shards += 1
 
     @property
+    def samples_per_shard(self) -> float | None:
+        """The mean over the shards finished so far (at least 1: a shard costs as much as an image); None before
+        the first."""
+        return max(1.0, self._samples / self._shards) if self._shards else None
+
+    @property
     def limit(self) -> int:
-        if not self._shards:
+        per_shard = self.samples_per_shard
+        if per_shard is None:
             return self.configured
-        per_shard = max(1.0, self._samples / self._shards)
         return max(self.configured, min(MAX_IN_FLIGHT, math.ceil(2 * self.batch_size / per_shard)))
+
+    @property
+    def bundle(self) -> int:
+        """Shards per call on an actor: as many as make one batch, so that Ray's cost per call (scheduling,
+        arguments, result) is paid per batch of images rather than per shard; 1 for shards of a batch or more,
+        and until a shard has finished. Half the limit at most: a second bundle streams while one finishes."""
+        per_shard = self.samples_per_shard
+        if per_shard is None:
+            return 1
+        return max(1, min(self.limit // 2, int(self.batch_size // per_shard)))

@@ -11,6 +11,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -54,6 +56,17 @@ def replica_cpus(nodes: list[dict[str, float]], gpus_per_replica: float, replica
     return max(1, int(min(shares, default=1)))
 
 
+@dataclass(frozen=True)
+class ShardOutcome:
+    """One shard's part of a replica's answer to a task: its done record, or the reason it failed. Each shard of
+    a bundle commits or fails on its own; only a dead actor fails them together (Ray raises for the task)."""
+
+    shard_id: str
+    record: DoneRecord | None = None
+    reason: str = ""
+    detail: str = ""
+
+
 class EncoderActor:
     """One model replica. Restarts after a crash (state is rebuilt lazily); the driver retries its shards."""
 
@@ -66,6 +79,7 @@ class EncoderActor:
         self.slots = config.run.in_flight_per_replica
         self.worker: ShardWorker | None = None
         self._setup_lock = threading.Lock()  # max_concurrency > 1: shards arriving together load one model
+        self._bundle_pool: ThreadPoolExecutor | None = None
         self.images = metrics.Counter("vqpipe_images", "Images encoded", tag_keys=("replica",))
         self.errors = metrics.Counter(
             "vqpipe_sample_errors", "Samples recorded as errors", tag_keys=("replica",)
@@ -97,25 +111,45 @@ class EncoderActor:
         return {"replica": self.replica, "device": str(worker.encoder.device), "pid": os.getpid()}
 
     def process(
-        self, shard: Shard, attempt: int, in_flight: int | None = None, speculative: bool = False
-    ) -> DoneRecord:
-        """`in_flight`: how many shards the driver now keeps on this actor (its encoder loop waits for them);
+        self,
+        shards: list[Shard],
+        attempts: list[int],
+        in_flight: int | None = None,
+        speculative: bool = False,
+    ) -> list[ShardOutcome]:
+        """Tokenize a bundle of shards at once (several small shards per call: Ray's per-call cost is paid per
+        bundle, not per shard), each committing or failing on its own; one outcome per shard, in order.
+        `in_flight`: how many shards the driver now keeps on this actor (its encoder loop waits for them);
         `speculative`: a copy of a running shard, which looks for the original's commit before it starts."""
         worker = self._loaded()
         if in_flight is not None:
             self.slots = worker.loop.slots = in_flight
+        if len(shards) == 1:
+            return [self._one(worker, shards[0], attempts[0], speculative)]
+        with self._setup_lock:
+            if self._bundle_pool is None:  # the shards of a bundle run together, each on its own thread
+                self._bundle_pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="shard")
+        futures = [
+            self._bundle_pool.submit(self._one, worker, shard, attempt, speculative)
+            for shard, attempt in zip(shards, attempts, strict=True)
+        ]
+        return [f.result() for f in futures]
+
+    def _one(self, worker: ShardWorker, shard: Shard, attempt: int, speculative: bool) -> ShardOutcome:
         try:
             record = worker.process(shard, attempt, on_progress=self._count, look_first=speculative)
-        except ShardError:
-            raise
+        except ShardError as e:
+            return ShardOutcome(shard.shard_id, reason=e.reason, detail=e.detail)
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
-            raise ShardError("worker_error", f"{shard.shard_id}: {type(e).__name__}: {e}") from e
+            logger.exception("%s: worker error", shard.shard_id)
+            detail = f"{shard.shard_id}: {type(e).__name__}: {e}"
+            return ShardOutcome(shard.shard_id, reason="worker_error", detail=detail)
         if not record.skipped:
             # Counter.inc(0) raises ValueError: it used to fail every clean shard after its commit.
             if record.errors:
                 self.errors.inc(record.errors, tags={"replica": self.replica})
             self.shard_seconds.observe(record.wall_seconds, tags={"replica": self.replica})
-        return record
+        return ShardOutcome(shard.shard_id, record)
 
     def _count(self, n: int) -> None:
         self.images.inc(n, tags={"replica": self.replica})

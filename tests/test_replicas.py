@@ -1,0 +1,77 @@
+"""EncoderActor as a plain class (no Ray): one call carries a bundle of shards, each committing or failing on
+its own. The Ray side (actors dying with a bundle, retries) is in test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from shards import good_image_bytes, write_not_a_tar, write_shard
+
+from vqpipe import storage
+from vqpipe.config import build_config
+from vqpipe.encode import build_encoder
+from vqpipe.ledger import Ledger
+from vqpipe.plan import Shard, make_plan
+from vqpipe.replicas import EncoderActor, ShardOutcome
+
+
+def run_bundle(
+    shards: Path, out: Path, in_flight: int | None = None
+) -> tuple[list[Shard], list[ShardOutcome], EncoderActor]:
+    """Plan every tar in `shards` and hand them all to one EncoderActor (tiny preset, batches of 4) in one call."""
+    cfg = build_config(
+        {
+            "inputs": [str(shards)],
+            "output": str(out),
+            "model": {"preset": "tiny", "random_weights": True, "device": "cpu"},
+            "encode": {"batch_size": 4},
+        }
+    )
+    todo = make_plan(storage.expand_inputs_with_info([str(shards)], None), Ledger(str(out)), None, False).todo
+    actor = EncoderActor(cfg, build_encoder(cfg)[1], "replica-0", threads=1)
+    try:
+        return todo, actor.process(todo, [1] * len(todo), in_flight=in_flight), actor
+    finally:
+        if actor.worker is not None:
+            actor.worker.close()
+
+
+def test_a_bundle_commits_each_good_shard_and_fails_only_the_bad_one(tmp_path, one_torch_thread):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    sizes = {"a": 2, "c": 3, "d": 1}
+    for name, n in sizes.items():
+        samples = [{"__key__": f"{name}{i}", "jpg": good_image_bytes(i)} for i in range(n)]
+        write_shard(shards / f"{name}.tar", samples)
+    write_not_a_tar(shards / "b.tar")
+    out = tmp_path / "out"
+    todo, outcomes, _ = run_bundle(shards, out, in_flight=4)
+    ledger = Ledger(str(out))
+    assert [s.url.rsplit("/", 1)[1] for s in todo] == ["a.tar", "b.tar", "c.tar", "d.tar"]
+
+    assert [o.shard_id for o in outcomes] == [s.shard_id for s in todo]  # one outcome per shard, in order
+    bad = outcomes[1]
+    assert bad.record is None and bad.reason == "not_a_tar" and todo[1].shard_id in bad.detail
+    assert (
+        not ledger.is_done(todo[1].shard_id) and not (out / "data" / f"{todo[1].shard_id}.parquet").exists()
+    )
+    for shard, outcome, name in zip([todo[0], *todo[2:]], [outcomes[0], *outcomes[2:]], "acd", strict=True):
+        assert outcome.record is not None and not outcome.reason
+        assert outcome.record.samples == outcome.record.rows == sizes[name]
+        marker = json.loads((out / "done" / f"{shard.shard_id}.json").read_text())
+        assert marker["samples"] == sizes[name]
+        keys = pq.read_table(out / "data" / f"{shard.shard_id}.parquet").column("key").to_pylist()
+        assert sorted(keys) == [f"{name}{i}" for i in range(sizes[name])]
+
+
+def test_a_single_shard_is_run_on_the_calling_thread_and_its_failure_is_an_outcome(
+    tmp_path, one_torch_thread
+):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_not_a_tar(shards / "b.tar")
+    _, [outcome], actor = run_bundle(shards, tmp_path / "out")
+    assert outcome.record is None and outcome.reason == "not_a_tar"
+    assert actor._bundle_pool is None  # no pool started for one shard
