@@ -1,12 +1,12 @@
 """Ray: joining the cluster, and the dispatch loop that hands shards to the encoder replicas (replicas.py) and
 collects their outcomes: retries, speculation, progress. Ray is imported here and in replicas.py only.
 
-The driver keeps a few shards in flight per actor (so the next one streams while one encodes), retries a shard on
-another actor when a task or an actor fails (backoff, attempt limit), re-issues slow tail shards to idle actors
-(first commit wins: a worker never commits a shard that already has a done marker), and adds actors when the
-cluster grows. The decisions (retry or give up, backoff, which copy commits, what to speculate) are
-dispatch_policy's; this module carries them out on Ray. All state that matters lives in OUT, so a killed driver
-resumes from OUT alone.
+The driver keeps a few shards in flight per actor (so the next one streams while one encodes; small shards go
+several per call, see dispatch_policy.InFlight), retries a shard on another actor when a task or an actor fails
+(backoff, attempt limit), re-issues slow tail shards to idle actors (first commit wins: a worker never commits a
+shard that already has a done marker), and adds actors when the cluster grows. The decisions (retry or give up,
+backoff, which copy commits, what to speculate) are dispatch_policy's; this module carries them out on Ray. All
+state that matters lives in OUT, so a killed driver resumes from OUT alone.
 """
 
 from __future__ import annotations
