@@ -402,8 +402,9 @@ def two_workers(cluster):
     return cluster
 
 
-def replicas(shard_dir: Path, out: Path, **run):
-    return job_config([shard_dir], out, run={"replicas": 2, "retry_backoff_s": 0.5, "max_attempts": 3, **run})
+def replicas(shard_dir: Path, out: Path, encode: dict | None = None, **run):
+    run = {"replicas": 2, "retry_backoff_s": 0.5, "max_attempts": 3, **run}
+    return job_config([shard_dir], out, encode=encode or {}, run=run)
 
 
 class TestFailures:
@@ -461,6 +462,37 @@ class TestFailures:
         assert {r["attempt"] for r in done.values()} == {1}
         shapes = [m for m in messages(driver_log) if m.startswith("shards average")]
         assert shapes and shapes[-1].endswith("16 in flight per replica, 8 per call"), shapes
+
+    def test_killing_a_replica_mid_bundle_retries_its_shards_and_loses_none(
+        self, two_workers, tmp_path, driver_log
+    ):
+        shard_dir = tmp_path / "shards"
+        shard_dir.mkdir()
+        for i in range(60):
+            write_good_shard(shard_dir / f"s-{i:04d}.tar", 2)
+        out = tmp_path / "out"
+        job = JobThread(replicas(shard_dir, out, encode={"batch_size": 8}))  # 4 two-image shards per call
+        job.start()
+
+        def bundling_and_mid_shard():  # bundles begin once a shard has finished
+            if not any(m.endswith("4 per call") for m in messages(driver_log)):
+                return None
+            return shards_being_written(out / "data", encoder_actors())
+
+        writing = wait_for(bundling_and_mid_shard, 120, "a replica mid-shard after bundles began")
+        pid = writing[min(writing)]
+        os.kill(pid, signal.SIGKILL)
+
+        summary = job.result(timeout=180)
+        assert summary.ok and not summary.failed
+        done = check_exactly_once(out, shard_dir)  # nothing lost, nothing twice
+        retried = {s for s, r in done.items() if r["attempt"] > 1}
+        assert retried and all(done[s]["pid"] != pid for s in retried), done
+        died = [m for m in messages(driver_log) if "died" in m and "retrying elsewhere" in m]
+        assert len(died) >= 1 and any("," in m.split(": replica-")[0] for m in died), died  # a bundle died
+        failures = failed_attempts(driver_log)
+        assert failures and all("(actor_died: " in m for m in failures), failures
+        assert retried <= {m.split(":")[0] for m in failures}
 
     def test_slow_tail_shard_gets_a_speculative_copy_and_the_frozen_original_is_not_waited_for(
         self, two_workers, tmp_path, driver_log
