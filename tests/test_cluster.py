@@ -50,6 +50,14 @@ def write_good_shard(path: Path, n: int) -> None:
     )
 
 
+def good_shards(shard_dir: Path, count: int, size: int, prefix: str = "s") -> Path:
+    """`count` good shards of `size` images each, `<prefix>-0000.tar` on, in a new directory."""
+    shard_dir.mkdir()
+    for i in range(count):
+        write_good_shard(shard_dir / f"{prefix}-{i:04d}.tar", size)
+    return shard_dir
+
+
 def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
     """Every tar key is exactly one data row or one error row of its shard; done markers == data files == the
     input shards; nothing half-written is left. Returns the done records."""
@@ -317,11 +325,8 @@ class TestRayJob:
     def test_killed_driver_resubmitted_finishes_without_redoing_committed_shards(self, head, tmp_path):
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        shard_dir = tmp_path / "shards"
-        shard_dir.mkdir()
         total = 8
-        for i in range(total):
-            write_good_shard(shard_dir / f"s-{i:04d}.tar", 16)
+        shard_dir = good_shards(tmp_path / "shards", total, 16)
         out = tmp_path / "out"
         args = job_args(shard_dir, out)
         client = JobSubmissionClient(head.url)
@@ -410,10 +415,7 @@ def replicas(shard_dir: Path, out: Path, encode: dict | None = None, **run):
 class TestFailures:
     @pytest.mark.parametrize("failure", ["node_lost", "actor_killed"])
     def test_job_survives_losing_a_replica_mid_shard(self, two_workers, tmp_path, driver_log, failure):
-        shard_dir = tmp_path / "shards"
-        shard_dir.mkdir()
-        for i in range(6):
-            write_good_shard(shard_dir / f"s-{i:04d}.tar", 32)
+        shard_dir = good_shards(tmp_path / "shards", 6, 32)
         out = tmp_path / "out"
         job = JobThread(replicas(shard_dir, out))
         job.start()
@@ -466,10 +468,7 @@ class TestFailures:
     def test_killing_a_replica_mid_bundle_retries_its_shards_and_loses_none(
         self, two_workers, tmp_path, driver_log
     ):
-        shard_dir = tmp_path / "shards"
-        shard_dir.mkdir()
-        for i in range(60):
-            write_good_shard(shard_dir / f"s-{i:04d}.tar", 2)
+        shard_dir = good_shards(tmp_path / "shards", 60, 2)
         out = tmp_path / "out"
         job = JobThread(replicas(shard_dir, out, encode={"batch_size": 8}))  # 4 two-image shards per call
         job.start()
@@ -497,10 +496,7 @@ class TestFailures:
     def test_slow_tail_shard_gets_a_speculative_copy_and_the_frozen_original_is_not_waited_for(
         self, two_workers, tmp_path, driver_log
     ):
-        shard_dir = tmp_path / "shards"
-        shard_dir.mkdir()
-        for i in range(4):
-            write_good_shard(shard_dir / f"a-{i:04d}.tar", 6)
+        shard_dir = good_shards(tmp_path / "shards", 4, 6, prefix="a")
         write_good_shard(shard_dir / "z-big.tar", 120)  # last in shard order: the tail
         out = tmp_path / "out"
         job = JobThread(replicas(shard_dir, out))
