@@ -128,7 +128,8 @@ class EncoderActor:
             return [self._one(worker, shards[0], attempts[0], speculative)]
         with self._setup_lock:
             if self._bundle_pool is None:  # the shards of a bundle run together, each on its own thread
-                self._bundle_pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="shard")
+                threads = max(self.config.run.in_flight_per_replica, MAX_IN_FLIGHT)  # as max_concurrency
+                self._bundle_pool = ThreadPoolExecutor(threads, thread_name_prefix="shard")
         futures = [
             self._bundle_pool.submit(self._one, worker, shard, attempt, speculative)
             for shard, attempt in zip(shards, attempts, strict=True)
