@@ -487,8 +487,8 @@ class TestFailures:
         done = check_exactly_once(out, shard_dir)  # nothing lost, nothing twice
         retried = {s for s, r in done.items() if r["attempt"] > 1}
         assert retried and all(done[s]["pid"] != pid for s in retried), done
-        died = [m for m in messages(driver_log) if "died" in m and "retrying elsewhere" in m]
-        assert len(died) >= 1 and any("," in m.split(": replica-")[0] for m in died), died  # a bundle died
+        # Logged once per death (with the shards of the call that reported it first), not once per call.
+        assert any("died" in m and "retrying elsewhere" in m for m in messages(driver_log))
         failures = failed_attempts(driver_log)
         assert failures and all("(actor_died: " in m for m in failures), failures
         assert retried <= {m.split(":")[0] for m in failures}
