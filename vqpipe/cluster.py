@@ -230,13 +230,11 @@ class Dispatcher:
             outcomes = [ShardOutcome(s.shard_id, reason=reason, detail=detail) for s in task.shards]
         for shard, attempt, outcome in zip(task.shards, task.attempts, outcomes, strict=True):
             if outcome.record is None:
-                self._failed(shard, attempt, task, outcome, queue)
+                self._failed(shard, attempt, outcome, queue)
             else:
                 self._done(shard, task, outcome.record)
 
-    def _failed(
-        self, shard: Shard, attempt: int, task: _Task, outcome: ShardOutcome, queue: ShardQueue[Shard]
-    ) -> None:
+    def _failed(self, shard: Shard, attempt: int, outcome: ShardOutcome, queue: ShardQueue[Shard]) -> None:
         sid = shard.shard_id
         twin_running = sid in self._running_ids()
         decision = self.policy.failed(sid, outcome.reason, twin_running)
