@@ -12,7 +12,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -138,21 +138,27 @@ def _expand_local(inp: str, path: str) -> list[tuple[str, dict[str, Any]]] | Non
         parent, pattern = path, "*"  # a directory: all its files
     match = re.compile(fnmatch.translate(pattern)).match  # fnmatchcase, compiled once
     prefix = parent if parent.endswith(os.sep) else parent + os.sep
-    files = []
     try:
-        with os.scandir(parent) as entries:
-            for e in entries:
-                if match(e.name) and e.is_file():
-                    try:
-                        st = e.stat()
-                    except FileNotFoundError:  # removed since the scan, or a broken link: not listed
-                        continue
-                    files.append((prefix + e.name, {"size": st.st_size, "mtime": st.st_mtime}))
+        files = [(prefix + name, version) for name, version in _scan_local(parent, match)]
     except OSError:  # missing, not a directory, not readable: the general code says which
         return None
     if not files:
         return None  # no match: maybe a file with "[" in its name; the general code decides
     return _tars_only(inp, files)
+
+
+def _scan_local(path: str, keep: Callable[[str], object]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, version) of the files directly in local directory `path` whose names `keep` accepts, from one
+    `os.scandir` and a stat each (links followed, as `input_version` does). A file removed since the scan, or a
+    broken link, is not listed; errors opening `path` propagate."""
+    with os.scandir(path) as entries:
+        for e in entries:
+            if keep(e.name) and e.is_file():
+                try:
+                    st = e.stat()
+                except FileNotFoundError:
+                    continue
+                yield e.name, {"size": st.st_size, "mtime": st.st_mtime}
 
 
 def _tars_only(inp: str, files: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
@@ -233,17 +239,8 @@ def iter_files_info(
     smaller than the version dict per file (100k done markers) never holds them all."""
     fs, path = _fs(dir_url, storage_options)
     if isinstance(fs, LocalFileSystem):  # scandir: fsspec's ls costs ~50 us a file, 5 s for 100k markers
-        try:
-            with os.scandir(path) as found:
-                for entry in found:
-                    if entry.name.endswith(suffix) and entry.is_file():
-                        try:
-                            st = entry.stat()
-                        except FileNotFoundError:  # removed since the scan saw it: not listed
-                            continue
-                        yield entry.name, {"size": st.st_size, "mtime": st.st_mtime}
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            yield from _scan_local(path, lambda name: name.endswith(suffix))
         return
     try:
         entries = _retrying(dir_url, "list", lambda: _ls(fs, path))
