@@ -160,7 +160,7 @@ def _tokenize_holding(
     if cfg.run.reprocess_changed:
         for shard in plan.changed:
             ledger.unmark_done(shard.shard_id)
-    logger.info("%d shards: %d already done, %d to run", len(plan.all), len(plan.done), len(plan.todo))
+    logger.info("%d shards: %d already done, %d to run", len(plan), len(plan.done), len(plan.todo))
 
     failed: dict[str, dict[str, Any]] = {}
     error = None

@@ -49,6 +49,10 @@ class Plan:
     done: list[DoneShard]
     changed: list[Shard]  # done, but the input changed since (reported; redone only if asked)
 
+    def __len__(self) -> int:
+        """Planned shards, each once (a changed shard to redo is in `todo` only)."""
+        return len(self.todo) + len(self.done)
+
     @property
     def all(self) -> list[Shard | DoneShard]:
         return sorted([*self.todo, *self.done], key=attrgetter("shard_id"))
