@@ -3,11 +3,12 @@
 Builds an OUT of N small shards with vqpipe's own schema, writer and ledger (var256 layout, codes only, random
 values, no model run: 3 files per shard as a tokenize run leaves them), compacts it, then times alternately
 (best of --repeats rounds, so that load from other processes hits both sides alike):
-  - DuckDB `count(*)` over `data/*.parquet` vs `compacted/*.parquet`;
+  - DuckDB `count(*)` over `data/*.parquet` before vs after compaction (the same glob: data/ holds every row);
   - DuckDB, a full scan of the codes column (sum of every code) over each;
   - pyarrow.dataset `count_rows()` over each;
   - one TokenDataset epoch (codes + label, shuffled, batches of 256, num_workers=0) before vs after compaction,
-    with the dataset built inside the timing (it reads every marker and, compacted, the manifest) and without;
+    with the dataset built inside the timing (the ledger index, the data/ listing and, compacted, the manifest) and
+    without;
 and prints each pair's ratio (docs/scale.md, "Compaction", has a run).
 
     python benchmarks/bench_compact.py [--shards 2000 --rows 4 --target-rows 65536 --repeats 3 --json out.json]
@@ -53,11 +54,9 @@ def write_out(out: Path, shards: int, rows: int) -> None:
             codes = rng.integers(0, P.vocab_size, (rows, P.seq_len)).astype(np.uint16)
             labels = [int(x) for x in rng.integers(0, 1000, rows)]
             w.write([f"{sid}/{i:04d}" for i in range(rows)], labels, [None] * rows, codes, None)
-            sizes = w.commit()
-        ledger.mark_done(
-            sid,
-            {"shard_id": sid, "rows": rows, "samples": rows, "errors": 0, "started": time.time(), **sizes},
-        )
+            record = {"shard_id": sid, "rows": rows, "samples": rows, "errors": 0, "started": time.time()}
+            sizes = w.commit(record)
+        ledger.mark_done(sid, {**record, **sizes})
 
 
 def duckdb_count(glob: str) -> int:
@@ -99,24 +98,24 @@ def main() -> None:
         t = time.perf_counter()
         write_out(before, args.shards, args.rows)
         build_s = time.perf_counter() - t
-        shutil.copytree(before, after)  # the same shards; `after` is compacted with its sources deleted
+        shutil.copytree(before, after)  # the same shards; `after` is compacted (its data files replaced)
         t = time.perf_counter()
-        res = compact(CompactOptions(str(after), target_rows=args.target_rows, delete_sources=True))
+        res = compact(CompactOptions(str(after), target_rows=args.target_rows))
         compact_s = time.perf_counter() - t
         n = args.shards * args.rows
         ds_before, ds_after = dataset(str(before), args.batch), dataset(str(after), args.batch)
         pairs = {
             "DuckDB count(*)": (
                 lambda: duckdb_count(f"{before}/data/*.parquet"),
-                lambda: duckdb_count(f"{after}/compacted/*.parquet"),
+                lambda: duckdb_count(f"{after}/data/*.parquet"),
             ),
             "DuckDB full codes scan": (
                 lambda: duckdb_scan(f"{before}/data/*.parquet"),
-                lambda: duckdb_scan(f"{after}/compacted/*.parquet"),
+                lambda: duckdb_scan(f"{after}/data/*.parquet"),
             ),
             "pyarrow.dataset count_rows": (
                 lambda: arrow_count(f"{before}/data"),
-                lambda: arrow_count(f"{after}/compacted"),
+                lambda: arrow_count(f"{after}/data"),
             ),
             "TokenDataset: build + epoch": (
                 lambda: epoch(dataset(str(before), args.batch)),

@@ -239,6 +239,9 @@ def test_a_shard_committed_elsewhere_stops_and_the_shard_beside_it_commits(tmp_p
     def commit_twin_meanwhile(n: int) -> None:  # the first rows written: another attempt commits now
         if not marked.is_set():
             marked.set()
+            storage.write_bytes_atomic(
+                w.ledger.data_url("twin"), b"the other attempt's data file"
+            )  # the commit
             w.ledger.mark_done("twin", twin_marker)
 
     try:
@@ -254,7 +257,8 @@ def test_a_shard_committed_elsewhere_stops_and_the_shard_beside_it_commits(tmp_p
     finally:
         w.close()
     assert results["twin"] == twin_marker and results["twin"].skipped
-    assert not storage.exists(w.ledger.data_url("twin"))  # this attempt committed nothing
+    # this attempt committed nothing: the data file is the other attempt's
+    assert storage.read_bytes(w.ledger.data_url("twin")) == b"the other attempt's data file"
     assert results["other"].rows == 6 and len(_rows(w, "other")) == 6
 
 

@@ -42,9 +42,9 @@ def test_the_checkpoint_run_json_records_is_not_checked_again(tmp_path, checks):
     ledger.start_run(job.run_record(cfg, sha), allow_change=False)  # what the run writes once checked
     assert job.model_sha256(cfg, ledger) == sha and len(checks) == 1  # the same bytes: not again
 
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "_vqpipe" / "run.json").read_text())
     run["output_settings"]["preset"] = "other"
-    (out / "run.json").write_text(json.dumps(run))
+    (out / "_vqpipe" / "run.json").write_text(json.dumps(run))
     assert job.model_sha256(cfg, ledger) == sha and len(checks) == 2  # recorded for another preset: again
 
     ledger.start_run(job.run_record(cfg, sha), allow_change=True)

@@ -63,14 +63,18 @@ def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
     input shards; nothing half-written is left. Returns the done records."""
     expected = {url_shard_id(str(p)): tar_keys(p) for p in shard_dir.glob("*.tar")}
     done = {
-        p.stem: json.loads(p.read_text()) for p in (out / "done").glob("*.json") if not p.name.startswith(".")
+        p.stem: json.loads(p.read_text())
+        for p in (out / "_vqpipe" / "done").glob("*.json")
+        if not p.name.startswith(".")
     }
     data = {p.stem for p in (out / "data").glob("*.parquet") if not p.name.startswith(".")}
     assert set(done) == data == set(expected)
     for shard_id, keys in expected.items():
         rows = pq.read_table(out / "data" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
         errors = (
-            pq.read_table(out / "errors" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
+            pq.read_table(out / "_vqpipe" / "errors" / f"{shard_id}.pq", columns=["key"])
+            .column("key")
+            .to_pylist()
         )
         assert sorted(rows + errors) == keys, shard_id  # a duplicate or a missing key breaks the equality
         assert done[shard_id]["rows"] == len(rows) and done[shard_id]["errors"] == len(errors)
@@ -79,7 +83,11 @@ def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
 
 
 def done_mtimes(out: Path) -> dict[str, int]:
-    return {p.stem: p.stat().st_mtime_ns for p in (out / "done").glob("*.json") if not p.name.startswith(".")}
+    return {
+        p.stem: p.stat().st_mtime_ns
+        for p in (out / "_vqpipe" / "done").glob("*.json")
+        if not p.name.startswith(".")
+    }
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05, explain=None):
@@ -552,10 +560,10 @@ class TestFailures:
         log = messages(driver_log)
         assert any(m.startswith(f"failed shard {bad}: truncated_tar") for m in log), log
         assert any(f"1 shard(s) failed: {bad}" in m for m in log), log
-        failed = json.loads((out / "failed" / f"{bad}.json").read_text())
+        failed = json.loads((out / "_vqpipe" / "failed" / f"{bad}.json").read_text())
         assert failed["reason"] == "truncated_tar" and failed["attempts"] == 3
-        assert not (out / "done" / f"{bad}.json").exists()
-        assert json.loads((out / "done" / f"{good}.json").read_text())["attempt"] == 1
+        assert not (out / "_vqpipe" / "done" / f"{bad}.json").exists()
+        assert json.loads((out / "_vqpipe" / "done" / f"{good}.json").read_text())["attempt"] == 1
         assert all(m.startswith(f"{bad}: ") for m in failed_attempts(driver_log))
         # exponential backoff: 1 s, then 2 s between the attempts
         fails = [r for r in driver_log if r.getMessage().startswith(f"{bad}: attempt")]

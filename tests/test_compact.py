@@ -1,6 +1,7 @@
 """`vqpipe compact` and reading compacted OUTs: the same committed rows, each exactly once, from TokenDataset, DuckDB
-and pyarrow, before and after compaction, with shards committed after it, shards committed again after it, and
---delete-sources. OUTs are written by vqpipe's own writer and ledger (tests/tokens.py), no Ray."""
+and pyarrow, before and after compaction, with shards committed after it and shards committed again after it;
+data/ itself holds every row once after a compaction, and fails readers while one is unfinished. OUTs are written
+by vqpipe's own writer and ledger (tests/tokens.py), no Ray."""
 
 import json
 import shutil
@@ -19,6 +20,7 @@ from vqpipe.errors import LeaseError, StorageError
 from vqpipe.lease import Lease
 from vqpipe.ledger import Ledger
 from vqpipe.manifest import read_manifest
+from vqpipe.out.layout import INCOMPLETE_NAME
 
 ROWS = {"a": 11, "b": 0, "c": 6, "d": 20, "e": 3, "f": 9}
 ALL = ("codes", "label", "var_input", "meta")
@@ -61,17 +63,35 @@ def run(d, **kw):
     return compact(CompactOptions(str(d), **kw))
 
 
+def manifest_of(d):
+    return read_manifest(Ledger(str(d)).layout)
+
+
+def data_names(d):
+    return sorted(p.name for p in (d / "data").iterdir())
+
+
+def root_keys(d):
+    """The keys pyarrow reads from data/ as a directory: what any reader of the directory sees."""
+    return Counter(pq.read_table(d / "data", columns=["key"])["key"].to_pylist())
+
+
 def test_compaction_writes_the_same_rows_with_a_manifest(out):
     d, expected = out
+    data_schema = pq.read_schema(d / "data" / "a.parquet")
     res = run(d, target_rows=20, row_group_rows=8)
-    manifest = read_manifest(Ledger(str(d)))
+    manifest = manifest_of(d)
     assert [p.file for p in manifest.parts] == [p.file for p in res.new_parts]
+    assert [p.file for p in manifest.parts] == [f"data/compacted-00000{i}.parquet" for i in range(3)]
     # shard-id order, a shard never split, a file closed before it would pass 20 rows
     assert [[e.id for e in p.shards] for p in manifest.parts] == [["a", "b", "c"], ["d"], ["e", "f"]]
     assert res.shards == 6 and res.rows == 49 and res.already_compacted == 0
-    data_schema = pq.read_schema(d / "data" / "a.parquet")
+    # the rows moved: data/ holds the compacted files only (g's temporary, a killed write, is cleaned up)
+    assert data_names(d) == [f"compacted-00000{i}.parquet" for i in range(3)] and res.removed_sources == 6
+    assert root_keys(d) == Counter(list(expected))  # every row once for a reader of the directory
+    assert len(list((d / "_vqpipe" / "errors").iterdir())) == 7  # error files stay: they account for samples
     for part in manifest.parts:
-        f = pq.ParquetFile(d / "compacted" / part.file)
+        f = pq.ParquetFile(d / part.file)
         assert f.metadata.num_rows == part.rows == sum(e.rows for e in part.shards)
         assert f.schema_arrow.remove_metadata().equals(data_schema.remove_metadata())
         meta = json.loads(f.schema_arrow.metadata[b"vqpipe"])
@@ -103,23 +123,25 @@ def test_ranks_and_workers_read_every_row_once_from_compacted_files(out, world, 
 def test_a_shard_committed_after_compaction_is_read_from_data_then_compacted_incrementally(out):
     d, expected = out
     run(d, target_rows=100)
-    first = (d / "compacted" / "part-000000.parquet").read_bytes()
+    first = (d / "data" / "compacted-000000.parquet").read_bytes()
     expected.update(write_out(d, {"h": 7}))  # a later tokenize run commits one more shard
     check_rows(d, expected)
+    assert root_keys(d) == Counter(list(expected))
     srcs = read_sources(str(d))
     assert [s.id for s in srcs if s.file_rows is None] == ["h"]
     res = run(d, target_rows=100)
-    assert [p.file for p in res.new_parts] == ["part-000001.parquet"] and res.already_compacted == 6
+    assert [p.file for p in res.new_parts] == ["data/compacted-000001.parquet"] and res.already_compacted == 6
     assert [e.id for e in res.new_parts[0].shards] == ["h"]
-    assert (d / "compacted" / "part-000000.parquet").read_bytes() == first  # never rewritten
+    assert (d / "data" / "compacted-000000.parquet").read_bytes() == first  # never rewritten
     assert run(d).new_parts == []  # nothing new: nothing written
     check_rows(d, expected)
+    assert root_keys(d) == Counter(list(expected))
 
 
 def test_a_shard_committed_again_after_compaction_is_read_from_its_new_data(out):
     d, expected = out
     run(d, target_rows=100)
-    # c is tokenized again (e.g. --reprocess-changed): new rows, a new marker (a new commit's `started`)
+    # c is tokenized again (e.g. --reprocess-changed): new rows, a new commit (a new `started`)
     new = write_out(d, {"c": 6})
     ledger = Ledger(str(d))
     ledger.mark_done("c", {**ledger.read_done("c").to_json(), "started": 1234.5})
@@ -127,32 +149,27 @@ def test_a_shard_committed_again_after_compaction_is_read_from_its_new_data(out)
     check_rows(d, expected)
     (src,) = [s for s in read_sources(str(d)) if s.file_rows is not None]
     assert src.ranges == ((0, 11), (17, 49)) and "c" not in src.shards  # c's old rows: not counted
-    res = run(d, target_rows=100)  # c goes into a new file; the old entry stays, ignored
-    assert res.stale == 1 and [e.id for e in res.new_parts[0].shards] == ["c"]
+    res = run(d, target_rows=100)  # the old file is rewritten without them, c's new rows packed
+    assert res.rewritten_parts == 1 and sorted(e.id for p in res.new_parts for e in p.shards) == list(
+        "abcdef"
+    )
+    assert [p.file for p in manifest_of(d).parts] == [p.file for p in res.new_parts]
+    assert "compacted-000000.parquet" not in data_names(d)
     check_rows(d, expected)
     check_rows(d, expected, shuffle=False)
+    assert root_keys(d) == Counter(list(expected))
 
 
-def test_delete_sources_removes_data_files_only_of_listed_shards(out):
+def test_an_out_grown_after_compaction_reads_every_row_once_at_the_root(out):
     d, expected = out
-    run(d, target_rows=30, delete_sources=True)
-    assert sorted(p.name for p in (d / "data").iterdir()) == ["g.parquet"]  # g has no marker: not compacted
-    assert len(list((d / "errors").iterdir())) == 7  # error files stay: they account for the samples
-    check_rows(d, expected)
+    run(d, target_rows=30)
     expected.update(write_out(d, {"h": 4}))
+    assert root_keys(d) == Counter(list(expected)) and data_names(d)[-1] == "h.parquet"
     check_rows(d, expected)
-    res = run(d, delete_sources=True)
-    assert res.deleted_sources == 1 and not (d / "data" / "h.parquet").exists()
+    res = run(d)
+    assert res.removed_sources == 1 and not (d / "data" / "h.parquet").exists()
     check_rows(d, expected)
-
-
-def test_delete_sources_later_deletes_what_was_compacted_before(out):
-    d, expected = out
-    run(d)
-    assert (d / "data" / "a.parquet").exists()
-    res = run(d, delete_sources=True)
-    assert res.new_parts == [] and res.deleted_sources == 6
-    check_rows(d, expected)
+    assert root_keys(d) == Counter(list(expected))
 
 
 def test_resume_is_exact_on_a_compacted_out_and_a_state_from_before_is_refused(out):
@@ -174,10 +191,9 @@ def test_resume_is_exact_on_a_compacted_out_and_a_state_from_before_is_refused(o
     assert seen + [k for b in DataLoader(resumed, batch_size=4) for k in b["key"]] == full
     with pytest.raises(ValueError, match="vqpipe compact"):
         dataset().load_state_dict(before)
-    # the epoch begun before compaction finishes from the data files (kept by default)
-    old = TokenDataset(str(d), world_size=2, rank=1, seed=7, shuffle_buffer=6, compacted=False)
-    old.load_state_dict(before)
-    assert len([k for b in DataLoader(old, batch_size=4) for k in b["key"]]) == len(old)
+    # format 2 moves the rows: the data files an epoch begun before compaction read are gone, and say so
+    with pytest.raises(StorageError, match=r"a\.parquet.*no such file"):
+        TokenDataset(str(d), world_size=2, rank=1, seed=7, shuffle_buffer=6, compacted=False)
 
 
 def test_files_of_different_settings_are_not_mixed(out):
@@ -186,22 +202,29 @@ def test_files_of_different_settings_are_not_mixed(out):
     res = run(d)
     assert [[e.id for e in p.shards] for p in res.new_parts] == [["a", "b", "c", "d", "e", "f"], ["ca", "k"]]
     assert {
-        json.loads(pq.read_schema(d / "compacted" / p.file).metadata[b"vqpipe"])["batch_size"]
-        for p in res.new_parts
+        json.loads(pq.read_schema(d / p.file).metadata[b"vqpipe"])["batch_size"] for p in res.new_parts
     } == {2, 4}
     check_rows(d, expected)
 
 
-def test_an_interrupted_compaction_leaves_nothing_a_reader_sees(out):
+def test_an_interrupted_compaction_fails_directory_readers_and_the_next_one_finishes_it(out):
     d, expected = out
-    (d / "compacted").mkdir()
-    shutil.copy(d / "data" / "a.parquet", d / "compacted" / "part-000000.parquet")  # written, never listed
-    (d / "compacted" / ".tmp-part-000001.parquet").write_bytes(b"half")
-    assert read_manifest(Ledger(str(d))).parts == ()
-    check_rows(d, expected)
+    run(d, target_rows=20)  # a, b, c / d / e, f
+    expected.update(write_out(d, {"h": 4}))
+    # killed after writing a file and before its manifest: the marker, a file no manifest lists, a temporary
+    (d / "data" / INCOMPLETE_NAME).write_text("moving")
+    shutil.copy(d / "data" / "h.parquet", d / "data" / "compacted-000003.parquet")
+    (d / "data" / ".tmp-compacted-000004.parquet.1-2").write_bytes(b"half")
+    assert len(manifest_of(d).parts) == 3
+    check_rows(d, expected)  # vqpipe's readers follow the manifest
+    with pytest.raises(Exception, match=INCOMPLETE_NAME):  # any reader of the directory fails, naming it
+        pq.read_table(d / "data")
+    assert main(["status", str(d)]) == 1  # and status says what to do
     run(d)
-    assert sorted(p.name for p in (d / "compacted").iterdir()) == ["_manifest.json", "part-000000.parquet"]
+    assert data_names(d) == [f"compacted-00000{i}.parquet" for i in (0, 1, 2, 3)]
+    assert [e.id for e in manifest_of(d).parts[-1].shards] == ["h"]
     check_rows(d, expected)
+    assert root_keys(d) == Counter(list(expected))
 
 
 def test_compaction_waits_for_or_refuses_a_live_run(out):
@@ -211,9 +234,9 @@ def test_compaction_waits_for_or_refuses_a_live_run(out):
         with pytest.raises(LeaseError, match="in use"):
             run(d)
         assert main(["compact", str(d)]) == EXIT_BUSY
-    assert not (d / "compacted").exists()
+    assert manifest_of(d).parts == () and "compacted-000000.parquet" not in data_names(d)
     assert main(["compact", str(d), "--target-rows", "20"]) == EXIT_OK
-    assert len(read_manifest(Ledger(str(d))).parts) == 3
+    assert len(manifest_of(d).parts) == 3
 
 
 def test_duckdb_and_pyarrow_read_compacted_and_data_files_once(out, capsys):
@@ -241,16 +264,16 @@ def test_duckdb_and_pyarrow_read_compacted_and_data_files_once(out, capsys):
     assert Counter(table["key"].to_pylist()) == Counter(k for k, _ in rows)
 
 
-def test_sql_over_a_fully_compacted_out_is_a_glob(out):
+def test_sql_over_a_compacted_out_is_a_glob_of_data(out):
     duckdb = pytest.importorskip("duckdb")
     d, expected = out
-    run(d, target_rows=20, delete_sources=True)
-    (n,) = duckdb.sql(f"SELECT count(*) FROM '{d}/compacted/*.parquet'").fetchall()[0]
+    run(d, target_rows=20)
+    (n,) = duckdb.sql(f"SELECT count(*) FROM '{d}/data/*.parquet'").fetchall()[0]
     assert n == len(expected)
     srcs = read_sources(str(d))
     assert all(s.ranges is None and s.file_rows is not None for s in srcs)
     assert arrow_dataset(srcs).count_rows() == len(expected)
-    assert pq.read_table(d / "compacted").num_rows == len(expected)  # the directory reads as a dataset
+    assert pq.read_table(d / "data").num_rows == len(expected)  # the directory reads as a dataset
 
 
 @pytest.mark.slow
@@ -260,12 +283,12 @@ def test_compaction_on_s3(s3):
     expected = write_out(url, {"a": 10, "b": 0, "c": 7}, storage_options=opts)
     compact(CompactOptions(url, target_rows=12, row_group_rows=4, storage_options=opts))
     expected.update(write_out(url, {"d": 5}, storage_options=opts))
-    res = compact(CompactOptions(url, delete_sources=True, storage_options=opts))
-    assert [e.id for e in res.new_parts[0].shards] == ["d"] and res.deleted_sources == 4
+    res = compact(CompactOptions(url, storage_options=opts))
+    assert [e.id for e in res.new_parts[0].shards] == ["d"] and res.removed_sources == 1
     keys = [k for b in DataLoader(TokenDataset(url, storage_options=opts), batch_size=4) for k in b["key"]]
     assert sorted(keys) == sorted(expected)
     srcs = read_sources(url, opts)
-    assert [s.id for s in srcs] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert [s.id for s in srcs] == [f"data/compacted-00000{i}.parquet" for i in range(3)]
 
 
 @pytest.mark.slow
@@ -323,7 +346,7 @@ def test_other_columns_are_copied_and_read(tmp_path):
         t = t.append_column("view", pa.array(v)).replace_schema_metadata(f.schema_arrow.metadata)
         pq.write_table(t, path)
     run(d)
-    assert len(read_manifest(Ledger(str(d))).parts) == 1
+    assert len(manifest_of(d).parts) == 1
     items = list(TokenDataset(str(d), columns=("codes", "view")))
     assert {it["key"]: it["view"] for it in items} == views and len(items) == 8
 
@@ -342,17 +365,11 @@ def test_a_compaction_that_fails_midway_commits_nothing_and_the_next_one_recover
     (d / "data" / "f.parquet").write_bytes(b"not parquet")
     with pytest.raises(StorageError, match="f.parquet: not a readable Parquet file"):
         run(d, target_rows=20)
-    assert sorted(p.name for p in (d / "compacted").iterdir()) == [
-        "part-000000.parquet",
-        "part-000001.parquet",
-    ]
-    assert read_manifest(Ledger(str(d))).parts == ()  # never listed: no reader uses them
+    assert "compacted-000000.parquet" in data_names(d) and INCOMPLETE_NAME in data_names(d)
+    assert manifest_of(d).parts == ()  # never listed: no reader of vqpipe's uses them
     (d / "data" / "f.parquet").write_bytes(good)
     check_rows(d, expected)
     res = run(d, target_rows=20)
-    assert [p.file for p in res.new_parts] == [
-        "part-000000.parquet",
-        "part-000001.parquet",
-        "part-000002.parquet",
-    ]
+    assert [p.file for p in res.new_parts] == [f"data/compacted-00000{i}.parquet" for i in (0, 1, 2)]
     check_rows(d, expected)
+    assert root_keys(d) == Counter(list(expected))

@@ -184,13 +184,13 @@ def test_format_1_0_and_unlabeled_outs_read(tmp_path):
 
 def test_bad_outs_get_clear_errors(tmp_path, out):
     d, _ = out
-    with pytest.raises(StorageError, match="no run.json"):
+    with pytest.raises(StorageError, match="no _vqpipe/run.json"):
         TokenDataset(str(tmp_path))
     write_out(tmp_path / "codes_only", {"a": 4}, var_input=False)
     with pytest.raises(StorageError, match=r"a\.parquet: no column\(s\) var_input"):
         TokenDataset(str(tmp_path / "codes_only"), columns=ALL)
     write_out(tmp_path / "lying", {"a": 4, "b": 6})
-    marker = tmp_path / "lying" / "done" / "b.json"
+    marker = tmp_path / "lying" / "_vqpipe" / "done" / "b.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows": 7}))
     with pytest.raises(StorageError, match=r"b\.parquet: 6 rows, but its done marker says 7"):
         list(TokenDataset(str(tmp_path / "lying")))

@@ -190,11 +190,14 @@ def test_compacted_and_partly_compacted_outs_pick_the_same(out, tmp_path):
     compact(
         CompactOptions(str(d), target_rows=60, row_group_rows=5)
     )  # [a, b, c], [d, e]; row groups cut images
-    assert (d / "compacted").is_dir()
+    assert sorted(p.name for p in (d / "data").iterdir()) == [
+        "compacted-000000.parquet",
+        "compacted-000001.parquet",
+    ]
     assert {e: dict(picks(_epoch(d, e))) for e in (0, 1)} == before
-    marker = (
-        d / "done" / "c.json"
-    )  # c committed again: read from data/, its rows in the compacted file skipped
+    # c committed again (the same rows, a new commit): read from data/, its rows in the compacted file skipped
+    shutil.copy(d0 / "data" / "c.parquet", d / "data" / "c.parquet")
+    marker = d / "_vqpipe" / "done" / "c.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "started": 1.0}))
     ds = _epoch(d, 0)
     assert any(s.ranges for s in ds.sources) and dict(picks(ds)) == before[0] and len(ds) == N_IMAGES
@@ -212,7 +215,7 @@ def test_inconsistent_views_get_errors_that_name_the_file(out, tmp_path):
     shutil.copytree(d0, d)
 
     def edit_marker(shard, **fields):
-        p = d / "done" / f"{shard}.json"
+        p = d / "_vqpipe" / "done" / f"{shard}.json"
         saved = p.read_text()
         p.write_text(json.dumps({**json.loads(saved), **fields}))
         return lambda: p.write_text(saved)

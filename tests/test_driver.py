@@ -98,7 +98,7 @@ def test_a_full_disk_at_the_start_is_one_clear_error(one_shard, tiny_disk, drive
     assert rc == 2
     errors = [r.getMessage() for r in driver_log if r.levelno >= logging.ERROR]
     # The run's lease is the first thing it writes into OUT.
-    assert errors == [f"{out}/lease.json: cannot write (OSError: [Errno 28] No space left on device)"]
+    assert errors == [f"{out}/_vqpipe/lease.json: cannot write (OSError: [Errno 28] No space left on device)"]
     assert all(r.exc_info is None for r in driver_log)
 
 
@@ -113,16 +113,16 @@ def test_a_full_disk_mid_run_ends_with_the_error_and_the_summary(ray_session, tm
     write_good_shard(shard_dir / "good-0000.tar", 3)
     write_not_a_tar(shard_dir / "bad-0000.tar")
     out = tmp_path / "out"
-    (out / "failed").mkdir(parents=True)
+    (out / "_vqpipe" / "failed").mkdir(parents=True)
     res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out / "failed")],
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out / "_vqpipe" / "failed")],
         capture_output=True,
         text=True,
     )
     if res.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
-        (out / "failed" / "filler").write_bytes(b"f" * 16 * 1024)
+        (out / "_vqpipe" / "failed" / "filler").write_bytes(b"f" * 16 * 1024)
         rc = main(
             [
                 "tokenize",
@@ -136,7 +136,7 @@ def test_a_full_disk_mid_run_ends_with_the_error_and_the_summary(ray_session, tm
             ]
         )
     finally:
-        subprocess.run(["umount", "-l", str(out / "failed")], check=False)
+        subprocess.run(["umount", "-l", str(out / "_vqpipe" / "failed")], check=False)
     assert rc == 1
     log = [r.getMessage() for r in driver_log]
     assert any(m.startswith("summary: ") and "/2 shards done" in m for m in log), log
@@ -160,13 +160,13 @@ def eight_shards(tmp_path_factory):
 
 def stop_mid_run(cmd: list[str], out, signum: int) -> str:
     """Run `cmd`, send `signum` once a shard more than before is committed; returns the log (stderr)."""
-    before = len(list((out / "done").glob("*.json")))
+    before = len(list((out / "_vqpipe" / "done").glob("*.json")))
     proc = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 120
-        while len(list((out / "done").glob("*.json"))) <= before:
+        while len(list((out / "_vqpipe" / "done").glob("*.json"))) <= before:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.05)
         if signum == signal.SIGINT:
@@ -183,7 +183,7 @@ def stop_mid_run(cmd: list[str], out, signum: int) -> str:
     assert f"{name}: stopping; no new shards" in log
     assert f"{name}: interrupted; rerun to resume" in log
     assert "vqpipe.cli -- summary: " in log and "Traceback" not in log, log[-3000:]
-    assert len(list((out / "done").glob("*.json"))) < 8, "the stop should land mid-run"
+    assert len(list((out / "_vqpipe" / "done").glob("*.json"))) < 8, "the stop should land mid-run"
     return log
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from vqpipe.errors import StorageError
 from vqpipe.ledger import Ledger
+from vqpipe.out.snapshot import Snapshot
 from vqpipe.records import DoneRecord, InputRef
 from vqpipe.status import read_status
 
@@ -80,16 +81,16 @@ def test_commits_noted_by_the_run_are_indexed_in_batches_and_trusted_while_liste
     for sid in ("a", "b", "c"):
         ledger.mark_done(sid, record(sid))
         ledger.note_committed(record(sid))
-    assert not (tmp_path / "out/index").exists()  # not yet due: one write per batch, not per shard
+    assert not (tmp_path / "out/_vqpipe/index").exists()  # not yet due: one write per batch, not per shard
     ledger.flush_index()
-    assert len(list((tmp_path / "out/index").glob("seg-*.parquet"))) == 1
+    assert len(list((tmp_path / "out/_vqpipe/index").glob("seg-*.pq"))) == 1
     ledger.note_committed(record("ghost"))  # a report whose marker is not there: never counts as done
     ledger.flush_index()
     reads.clear()
     got = ledger.committed()
     assert got.ids == {"a", "b", "c"} and not reads
     ledger.committed(maintain=True)  # stamps the rows with their markers' fingerprints, drops "ghost"
-    assert len(list((tmp_path / "out/index").glob("seg-*.parquet"))) == 1
+    assert len(list((tmp_path / "out/_vqpipe/index").glob("seg-*.pq"))) == 1
 
 
 def test_a_damaged_or_missing_index_is_rebuilt_from_the_markers(tmp_path, reads, caplog):
@@ -97,23 +98,23 @@ def test_a_damaged_or_missing_index_is_rebuilt_from_the_markers(tmp_path, reads,
     for sid in ("a", "b"):
         ledger.mark_done(sid, record(sid))
     ledger.committed(maintain=True)
-    (segment,) = (tmp_path / "out/index").glob("seg-*.parquet")
+    (segment,) = (tmp_path / "out/_vqpipe/index").glob("seg-*.pq")
     segment.write_bytes(b"not parquet")
     reads.clear()
     with caplog.at_level(logging.WARNING, "vqpipe.index"):
         assert ledger.committed(maintain=True).ids == {"a", "b"}
     assert "unreadable index segment" in caplog.text and sorted(reads) == ["a", "b"]
-    for p in (tmp_path / "out/index").iterdir():
+    for p in (tmp_path / "out/_vqpipe/index").iterdir():
         p.unlink()
     reads.clear()
-    st = read_status(ledger)
+    st = read_status(Snapshot.open(ledger=ledger, require_run=False))
     assert (len(st.done), st.rows) == (2, 4) and sorted(reads) == ["a", "b"]
 
 
 def test_a_marker_that_is_not_a_record_is_named(tmp_path):
     ledger = Ledger(str(tmp_path / "out"))
     ledger.mark_done("a", record("a"))
-    (tmp_path / "out/done/a.json").write_text("[1, 2]\n")
+    (tmp_path / "out/_vqpipe/done/a.json").write_text("[1, 2]\n")
     with pytest.raises(StorageError, match=r"done/a\.json: not a done record"):
         ledger.committed()
 
@@ -124,7 +125,7 @@ def test_read_done_and_read_done_many_return_done_records(tmp_path):
     import json
 
     from vqpipe import storage
-    from vqpipe.manifest import _IDENTITY, marker_fingerprint
+    from vqpipe.records import _COMMIT_IDENTITY as _IDENTITY
 
     ledger = Ledger(str(tmp_path / "out"))
     ledger.mark_done("a", record("a", rows=3))
@@ -137,6 +138,6 @@ def test_read_done_and_read_done_many_return_done_records(tmp_path):
     digest = hashlib.sha256(
         json.dumps(as_written, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
-    assert marker_fingerprint(many["old"]) == digest[:24]
+    assert many["old"].commit_fingerprint() == digest[:24]
     rewritten = DoneRecord.from_json(many["old"].to_json())  # the same record, written back with defaults
-    assert marker_fingerprint(rewritten) != marker_fingerprint(many["old"])
+    assert rewritten.commit_fingerprint() != many["old"].commit_fingerprint()

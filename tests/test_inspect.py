@@ -63,6 +63,7 @@ def out(tmp_path_factory, one_torch_thread):
         }
     )
     ledger = Ledger(cfg.output)
+    ledger.start_run({"fingerprint": "test", "output_settings": {"preset": "tiny"}}, allow_change=False)
     ledger.write_plan({f"part-{i:06d}": u for i, u in enumerate(urls)})
     worker = ShardWorker.from_config(cfg)
     for i, url in enumerate(urls):
@@ -183,11 +184,11 @@ def test_codebook_usage_counts_every_code(report, out):
 
 def test_errors_failed_shards_and_stage_seconds_come_from_out(report, out):
     _, stats = report
-    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").glob("*.json")}
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "_vqpipe" / "done").glob("*.json")}
     assert stats["shards"] == {"planned": 4, "done": 3, "failed": 1, "pending": 0}
     assert stats["failed_shards"]["part-000003"]["reason"] == "not_a_tar"
     errors = {}
-    for path in (out / "errors").glob("*.parquet"):
+    for path in (out / "_vqpipe" / "errors").glob("*.pq"):
         for e in pq.read_table(path).to_pylist():
             errors[path.stem, e["key"]] = e["reason"]
     by_reason = stats["errors_by_reason"]
@@ -279,7 +280,7 @@ def test_bad_inspect_arguments_are_usage_errors(out, tmp_path, caplog):
     assert main(["inspect", str(out), "--samples", "0", "--report", str(tmp_path)]) == 2
     assert "samples must be at least 1" in caplog.text
     assert main(["inspect", str(tmp_path / "nothing"), "--report", str(tmp_path)]) == 2
-    assert "no committed shard" in caplog.text
+    assert "not a vqpipe output" in caplog.text
 
 
 @pytest.mark.slow  # a second whole report, through memory://
@@ -314,7 +315,7 @@ def test_a_remote_out_gives_the_same_report(out, report, tmp_path, monkeypatch):
 def test_an_original_that_cannot_be_fetched_is_named_and_left_grey(out, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    marker = copy / "done" / "part-000000.json"
+    marker = copy / "_vqpipe" / "done" / "part-000000.json"
     rec = json.loads(marker.read_text())
     rec["input"]["url"] = str(tmp_path / "moved-away.tar")
     marker.write_text(json.dumps(rec))

@@ -80,7 +80,7 @@ def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run, shard_d
     assert summary.failed[bad]["attempts"] == 1  # a permanent reason: not retried
     assert summary.failed[cut]["attempts"] == 2
     assert sorted(p.stem for p in (out / "data").iterdir()) == [sid(d, f"part-00000{i}") for i in range(3)]
-    assert sorted(p.stem for p in (out / "failed").iterdir()) == [bad, cut]
+    assert sorted(p.stem for p in (out / "_vqpipe" / "failed").iterdir()) == [bad, cut]
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
 
 
@@ -90,12 +90,12 @@ def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir)
     for name, reasons in expected.items():
         shard_id = sid(d, name)
         rows = pq.read_table(out / "data" / f"{shard_id}.parquet", columns=["key"]).column("key").to_pylist()
-        errors = pq.read_table(out / "errors" / f"{shard_id}.parquet").to_pylist()
+        errors = pq.read_table(out / "_vqpipe" / "errors" / f"{shard_id}.pq").to_pylist()
         assert len(rows) == len(set(rows))
         assert sorted(rows + [e["key"] for e in errors]) == tar_keys(d / f"{name}.tar")
         assert {e["key"]: e["reason"] for e in errors} == {k: r for k, r in reasons.items() if r is not None}
         assert all(e["detail"] for e in errors)
-        done = json.loads((out / "done" / f"{shard_id}.json").read_text())
+        done = json.loads((out / "_vqpipe" / "done" / f"{shard_id}.json").read_text())
         assert done["samples"] == len(tar_keys(d / f"{name}.tar"))
         assert done["rows"] + done["errors"] == done["samples"]
         assert set(done["seconds"]) >= {"read", "decode", "encode", "write"}
@@ -143,7 +143,7 @@ def test_file_metadata_describes_the_tokens(first_run, shard_dir):
     assert meta["var_input"] == {"shape": [29, 8], "dtype": "float16"}
     assert meta["precision"]["mode"] == "exact"
     assert meta["model"]["sha256"]
-    assert meta["format_version"] == "1.1"
+    assert meta["format_version"] == "2.0"
 
 
 def test_output_reads_without_vqpipe(first_run):
@@ -285,7 +285,7 @@ def test_fast_modes_are_recorded_and_measured_against_exact(ray_session, shard_d
         run={"tune_cpu_allocator": False},
     )
     assert tokenize(cfg).ok
-    done = json.loads((out / "done" / f"{sid(d, 'part-000000')}.json").read_text())
+    done = json.loads((out / "_vqpipe" / "done" / f"{sid(d, 'part-000000')}.json").read_text())
     assert done["precision"] == "bf16+channels_last"
     agreement = done["agreement_with_exact"]
     assert agreement["mode"] == "bf16+channels_last" and len(agreement["per_scale"]) == 4
@@ -293,5 +293,5 @@ def test_fast_modes_are_recorded_and_measured_against_exact(ray_session, shard_d
     assert done["allocator_env"] == {}  # opted out: the actor runs with the allocator's defaults
     meta = json.loads(pq.read_schema(next((out / "data").glob("*.parquet"))).metadata[b"vqpipe"])
     assert meta["precision"]["mode"] == "bf16+channels_last" and meta["precision"]["channels_last"] is True
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "_vqpipe" / "run.json").read_text())
     assert run["output_settings"]["channels_last"] is True and "compile" not in run["output_settings"]

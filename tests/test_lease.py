@@ -30,7 +30,7 @@ def stale_record(run_id="old", host="elsewhere", pid=4242, namespace=None, age_s
 
 
 def put_record(output, options, record):
-    storage.write_bytes_atomic(storage.join(output, "lease.json"), record.to_bytes(), options)
+    storage.write_bytes_atomic(storage.join(output, "_vqpipe", "lease.json"), record.to_bytes(), options)
 
 
 def test_concurrent_start_lets_exactly_one_run_in(out):
@@ -157,9 +157,9 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
     put_record(
         output, None, stale_record(host=socket.gethostname(), pid=os.getpid(), namespace=_pid_namespace())
     )
-    record = json.loads((tmp_path / "out" / "lease.json").read_text())
+    record = json.loads((tmp_path / "out" / "_vqpipe" / "lease.json").read_text())
     record["expires"] = time.time() + 60
-    (tmp_path / "out" / "lease.json").write_text(json.dumps(record))
+    (tmp_path / "out" / "_vqpipe" / "lease.json").write_text(json.dumps(record))
     with pytest.raises(LeaseError, match="in use by run old"):
         Lease(output, ttl_s=120).acquire()
 
@@ -199,7 +199,7 @@ def test_a_second_run_refuses_without_touching_a_live_upload_then_cleans_up_afte
     with pytest.raises(LeaseError, match="in use by run night1"):
         tokenize(cfg)
     assert len(live_uploads()) == 1
-    assert not storage.exists(f"{output}/run.json", options)  # the refused run wrote nothing
+    assert not storage.exists(f"{output}/_vqpipe/run.json", options)  # the refused run wrote nothing
     f.write(b"tail")
     upload.__exit__(None, None, None)  # night 1 finishes its upload: nothing was aborted under it
     assert storage.exists(f"{output}/data/part-000000-0123abcd.parquet", options)
@@ -238,11 +238,13 @@ def test_cli_exits_3_naming_the_holder(tmp_path, caplog):
             f.write(b" more rows")  # its temporary file was left alone
     assert "is in use by run nightly-1 on host" in caplog.text
     assert (tmp_path / "out/data/part-0-01234567.parquet").read_bytes() == b"rows more rows"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data"]  # the refused run wrote nothing
+    # the refused run wrote nothing (the holder's lease file, now released, was all of _vqpipe/)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_vqpipe", "data"]
+    assert list((tmp_path / "out" / "_vqpipe").iterdir()) == []
 
 
 def test_conditional_writes_on_a_store_without_them_are_checked_and_said_to_be_best_effort(caplog):
-    url = f"memory://lease-{time.time_ns()}/out/lease.json"
+    url = f"memory://lease-{time.time_ns()}/out/_vqpipe/lease.json"
     v1 = storage.write_if(url, b"one", if_version=None)
     with pytest.raises(storage.WriteConflict, match="already exists"):
         storage.write_if(url, b"two", if_version=None)

@@ -9,6 +9,7 @@ import pytest
 from vqpipe import storage
 from vqpipe.errors import PERMANENT_SHARD_REASONS, StorageError
 from vqpipe.ledger import Ledger
+from vqpipe.out.snapshot import Snapshot
 from vqpipe.plan import legacy_stem, make_plan, shard_id
 from vqpipe.status import read_status
 
@@ -119,15 +120,21 @@ def test_globs_and_directories_plan_only_tars(tmp_path, caplog):
     } <= PERMANENT_SHARD_REASONS and "truncated_tar" not in PERMANENT_SHARD_REASONS
 
 
+def _commit(ledger: Ledger, shard_id: str, record: dict) -> None:
+    """A commit as status sees it: a data file (status reads no rows: any bytes) and the done marker."""
+    storage.write_bytes_atomic(ledger.data_url(shard_id), b"rows")
+    ledger.mark_done(shard_id, record)
+
+
 def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path, capsys):
     ledger = Ledger(str(tmp_path / "out"))
-    ledger.mark_done("a-1", {"samples": 3, "rows": 2, "errors": 1, "errors_by_reason": {"decode_error": 1}})
-    ledger.mark_done("old-1", {"samples": 5, "rows": 5, "errors": 0, "errors_by_reason": {}})
+    _commit(ledger, "a-1", {"samples": 3, "rows": 2, "errors": 1, "errors_by_reason": {"decode_error": 1}})
+    _commit(ledger, "old-1", {"samples": 5, "rows": 5, "errors": 0, "errors_by_reason": {}})
     for i in range(3):  # failures of inputs a corrected rerun no longer plans
         ledger.mark_failed(f"junk-{i}", {"reason": "not_a_tar"})
     ledger.mark_failed("b-1", {"reason": "truncated_tar"})
     ledger.write_plan({"a-1": "/in/a.tar", "b-1": "/in/b.tar", "c-1": "/in/c.tar"})
-    st = read_status(ledger)
+    st = read_status(Snapshot.open(ledger=ledger, require_run=False))
     d = st.to_dict()
     assert d["shards"] == {"planned": 3, "done": 1, "failed": 1, "pending": 1}
     assert (d["samples"], d["rows"], d["errors"]) == (3, 2, 1)
@@ -137,8 +144,8 @@ def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path, capsys)
     json.dumps(d)
     from vqpipe.cli import main
 
-    ledger.mark_done("b-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
-    ledger.mark_done("c-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
+    _commit(ledger, "b-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
+    _commit(ledger, "c-1", {"samples": 1, "rows": 1, "errors": 0, "errors_by_reason": {}})
     assert main(["status", ledger.output]) == 0  # the corrected run's inputs are all done: complete
     text = capsys.readouterr().out
     assert "3 done, 0 failed, 0 pending (of 3 planned)" in text

@@ -60,7 +60,7 @@ def test_a_bundle_commits_each_good_shard_and_fails_only_the_bad_one(tmp_path, o
     for shard, outcome, name in zip([todo[0], *todo[2:]], [outcomes[0], *outcomes[2:]], "acd", strict=True):
         assert outcome.record is not None and not outcome.reason
         assert outcome.record.samples == outcome.record.rows == sizes[name]
-        marker = json.loads((out / "done" / f"{shard.shard_id}.json").read_text())
+        marker = json.loads((out / "_vqpipe" / "done" / f"{shard.shard_id}.json").read_text())
         assert marker["samples"] == sizes[name]
         keys = pq.read_table(out / "data" / f"{shard.shard_id}.parquet").column("key").to_pylist()
         assert sorted(keys) == [f"{name}{i}" for i in range(sizes[name])]

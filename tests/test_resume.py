@@ -68,12 +68,12 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_clean_output(ray_session, 
         cli(shards, out), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list((out / "done").glob("*.json"))) < 2:
+    while time.monotonic() < deadline and len(list((out / "_vqpipe" / "done").glob("*.json"))) < 2:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray processes and the actors, at once
     proc.wait()
-    committed = {p.stem: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
+    committed = {p.stem: p.stat().st_mtime_ns for p in (out / "_vqpipe" / "done").glob("*.json")}
     assert 2 <= len(committed) < SHARDS, "the kill should land mid-run"
     # Whatever the kill left, a data file is either complete (readable) or absent under its final name.
     for path in (out / "data").glob("[!.]*.parquet"):
@@ -82,9 +82,9 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_clean_output(ray_session, 
     res = subprocess.run(cli(shards, out), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert output_keys(out) == expected
-    assert {p.stem for p in (out / "done").glob("*.json")} == {
+    assert {p.stem for p in (out / "_vqpipe" / "done").glob("*.json")} == {
         p.stem for p in (out / "data").glob("*.parquet")
     }
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
     for shard_id, mtime in committed.items():  # committed shards were not redone
-        assert (out / "done" / f"{shard_id}.json").stat().st_mtime_ns == mtime
+        assert (out / "_vqpipe" / "done" / f"{shard_id}.json").stat().st_mtime_ns == mtime

@@ -92,11 +92,11 @@ def test_shards_checkpoint_and_output_on_s3_exactly_once_without_leaking_credent
     assert {n for n in names if n.startswith("out/done/")} == {
         f"out/done/{sid(s3, bucket, i)}.json" for i in range(3)
     }
-    assert "out/lease.json" not in names  # released at the end
+    assert "out/_vqpipe/lease.json" not in names  # released at the end
     keys = read_keys(s3, bucket)
     assert len(keys) == len(set(keys)) == summary.status.rows
     client = s3.boto3_client()
-    run = json.loads(client.get_object(Bucket=s3.bucket, Key=f"{bucket}/out/run.json")["Body"].read())
+    run = json.loads(client.get_object(Bucket=s3.bucket, Key=f"{bucket}/out/_vqpipe/run.json")["Body"].read())
     assert len(run["output_settings"]["model_sha256"]) == 64
     for name in names:  # no credential in any object vqpipe wrote, nor in any log line
         if name.startswith("out/"):

@@ -372,7 +372,7 @@ def test_job_completes_exactly_once_with_a_tenth_of_requests_failing(
     client = s3.boto3_client()
     rows = data_keys(s3, out)
     assert len(rows) == len(set(rows)) == summary.status.rows > 0  # every key once, none twice
-    run = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/out/run.json")["Body"].read()
+    run = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/out/_vqpipe/run.json")["Body"].read()
     assert SECRET.encode() not in run and SECRET not in caplog.text
 
 

@@ -188,7 +188,7 @@ def test_worker_writes_one_row_per_view_and_one_error_per_bad_image(tmp_path, on
     assert done["samples"] == len(samples) and done["images"] == len(good)
     assert done["images"] + done["errors"] == done["samples"]
     assert done["rows"] == len(good) * len(views) and done["views"] == list(views)
-    errors = pq.read_table(tmp_path / "out" / "errors" / "part-000000.parquet").to_pylist()
+    errors = pq.read_table(tmp_path / "out" / "_vqpipe" / "errors" / "part-000000.pq").to_pylist()
     assert sorted(e["key"] for e in errors) == sorted(k for k, r in expected.items() if r is not None)
 
     table = pq.read_table(tmp_path / "out" / "data" / "part-000000.parquet")
@@ -199,7 +199,7 @@ def test_worker_writes_one_row_per_view_and_one_error_per_bad_image(tmp_path, on
     assert [v for _, v in pairs] == list(views) * len(good)
     assert all(len({k for k, _ in pairs[i : i + len(views)]}) == 1 for i in range(0, len(pairs), len(views)))
     meta = json.loads(table.schema.metadata[b"vqpipe"])
-    assert meta["views"] == list(views) and meta["format_version"] == "1.1"
+    assert meta["views"] == list(views) and meta["format_version"] == "2.0"
     assert any("tl+hflip" in step for step in meta["preprocessing"]["steps"])
     assert meta["preprocessing"]["transform"] == "var_val_views"
     labels = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist()))

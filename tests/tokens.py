@@ -6,6 +6,7 @@ rows against what the model computes. `legacy=True` writes format 1.0 (`var_inpu
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from collections.abc import Collection
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from vqpipe import storage
 from vqpipe.ledger import Ledger
 from vqpipe.model import PRESETS, build_model
-from vqpipe.schema import TokenLayout, data_schema, file_metadata
+from vqpipe.schema import ERROR_SCHEMA, TokenLayout, data_schema, file_metadata
 from vqpipe.writer import ShardWriter
 
 TINY = PRESETS["tiny"]
@@ -73,8 +76,8 @@ def write_out(
     storage_options: dict | None = None,
     views: tuple[str, ...] | None = None,
 ) -> dict[str, dict]:
-    """An OUT with one committed shard per entry of `rows` (id -> row count) and data files without a done
-    marker for `uncommitted`. Returns key -> {"label", "codes", "var_input"} of the committed rows.
+    """An OUT with one committed shard per entry of `rows` (id -> row count), and for `uncommitted` what a kill
+    while writing the data file leaves (its error file and a temporary in data/). Returns key -> {"label", "codes", "var_input"} of the committed rows.
 
     `views` (a `--views` run): `rows` counts images, each written as one row per view (a `view` column, the
     markers' `images` and `views`, `batch` rows per write as the job's crop batches), and the result is keyed by
@@ -108,6 +111,17 @@ def write_out(
         writer = ShardWriter(
             ledger.data_url(shard_id), ledger.errors_url(shard_id), schema, rows_per_group, storage_options
         )
+        marker = {"shard_id": shard_id, "rows": n, "samples": images, "errors": 0}
+        marker.update({"images": images, "views": list(views)} if views else {})
+        if (
+            shard_id not in rows
+        ):  # killed while writing its data file: its error file and a temporary are left
+            buf = io.BytesIO()
+            pq.write_table(ERROR_SCHEMA.empty_table(), buf)
+            storage.write_bytes_atomic(ledger.errors_url(shard_id), buf.getvalue(), storage_options)
+            tmp = storage.join(ledger.layout.data_dir, f".tmp-{shard_id}.parquet.4242-0123456789ab")
+            storage.write_bytes_atomic(tmp, b"PAR1 half a data file", storage_options)
+            continue
         with writer:
             for s in range(0, n, batch):
                 sl = slice(s, s + batch)
@@ -122,19 +136,15 @@ def write_out(
                 else:
                     one = None if vi is None else vi[sl]
                     writer.write(keys[sl], labels[sl], metas[sl], codes[sl], one, names and names[sl])
-            writer.commit()
-        if shard_id in rows:
-            marker = {"shard_id": shard_id, "rows": n, "samples": images, "errors": 0}
-            ledger.mark_done(
-                shard_id, {**marker, **({"images": images, "views": list(views)} if views else {})}
-            )
-            for i, k in enumerate(keys):
-                expected[(k, names[i]) if names else k] = {
-                    "label": labels[i],
-                    "codes": codes[i],
-                    "var_input": None if vi is None else vi[i],
-                    "meta": metas[i],
-                }
+            sizes = writer.commit(marker)
+        ledger.mark_done(shard_id, {**marker, **sizes})
+        for i, k in enumerate(keys):
+            expected[(k, names[i]) if names else k] = {
+                "label": labels[i],
+                "codes": codes[i],
+                "var_input": None if vi is None else vi[i],
+                "meta": metas[i],
+            }
     return expected
 
 

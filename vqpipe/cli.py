@@ -80,11 +80,15 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from .ledger import Ledger
+    from .out.snapshot import Snapshot
+    from .out.verify import verify
     from .status import read_status
 
     storage_options = json.loads(args.storage_options) if args.storage_options else None
-    st = read_status(Ledger(args.output.rstrip("/"), storage_options))
+    snapshot = Snapshot.open(args.output.rstrip("/"), storage_options, require_run=False)
+    st = read_status(snapshot)
+    if args.verify:  # every file read in full, checksums too: damage that the listing cannot show
+        st.damaged = [d.describe() for d in verify(snapshot)]
     if args.json:
         print(json.dumps({**st.to_dict(), "complete": st.complete}, indent=2))
     else:
@@ -108,6 +112,14 @@ def run_status(args: argparse.Namespace) -> int:
             )
         if d["active_run"]:
             print(f"active:  {d['active_run']['description']}")
+        for line in d["damaged"]:
+            print(f"damaged: {line}")
+        if d["damaged"]:
+            print("         `vqpipe tokenize ... --repair` tokenizes the shards of damaged files again")
+        if d["incomplete_compaction"]:
+            print("unfinished compaction: readers of data/ fail until `vqpipe compact` finishes it")
+        if d["layout_version"] < 2:
+            print("format 1.x layout: `vqpipe migrate OUT` moves it to format 2 (docs/format.md)")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
 
 
@@ -124,16 +136,24 @@ def run_compact(args: argparse.Namespace) -> int:
             target_bytes=None if args.target_rows else args.target_bytes,
             target_rows=args.target_rows,
             row_group_rows=args.row_group_rows,
-            delete_sources=args.delete_sources,
             storage_options=storage_options,
             wait_for_lease_s=args.wait_for_lease_s,
         )
     )
     print(
         f"compacted {result.shards} shard(s), {result.rows} rows into {len(result.new_parts)} new file(s); "
-        f"{result.already_compacted} compacted before; {result.stale} stale entr(ies) ignored; "
-        f"{result.deleted_sources} data file(s) deleted"
+        f"{result.already_compacted} compacted before; {result.rewritten_parts} file(s) rewritten; "
+        f"{result.removed_sources} file(s) they replaced removed"
     )
+    return EXIT_OK
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from .out.migrate import migrate
+
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    report = migrate(args.output.rstrip("/"), storage_options, wait_for_lease_s=args.wait_for_lease_s)
+    print(report)
     return EXIT_OK
 
 
@@ -252,6 +272,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("output", metavar="OUT")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every committed file in full (page checksums, row counts); damaged ones make the exit 1",
+    )
+    s.add_argument(
         "--storage-options", help="fsspec options as JSON (credentials normally come from the environment)"
     )
     s.set_defaults(func=run_status, log_level=None)
@@ -271,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--delete-sources",
         action="store_true",
-        help="delete the data files of compacted shards once the manifest lists them (default: keep them)",
+        help="accepted for scripts of format 1.x; since format 2 compaction always moves rows (docs/compaction.md)",
     )
     c.add_argument(
         "--sql",
@@ -281,6 +306,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--wait-for-lease", dest="wait_for_lease_s", type=float, default=0.0, metavar="SECONDS")
     c.add_argument("--storage-options", help="fsspec options as JSON")
     c.set_defaults(func=run_compact, log_level=None)
+    g2 = sub.add_parser("migrate", help="move a format-1.x OUT to the format-2 layout (docs/format.md)")
+    g2.add_argument("output", metavar="OUT")
+    g2.add_argument("--wait-for-lease", dest="wait_for_lease_s", type=float, default=0.0, metavar="SECONDS")
+    g2.add_argument("--storage-options", help="fsspec options as JSON")
+    g2.set_defaults(func=run_migrate, log_level=None)
     i = sub.add_parser(
         "inspect", help="a report on an output: reconstructions, codebook usage, errors, speed"
     )

@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-FORMAT_VERSION = "1.1"  # of the files written (CHANGELOG.md)
+FORMAT_VERSION = "2.0"  # of the files written and the OUT layout (CHANGELOG.md, docs/format.md)
 # The format version inside the fingerprint stays 1.0: what 1.1 changed is in the output settings on its own
 # terms (the `var_input` layout, only when var_input is written; `views`, only when not the default), so a
 # codes-only OUT keeps its fingerprint while an OUT of 1.0 var_input files is not mixed with 1.1 ones.
@@ -157,7 +157,15 @@ class RunConfig:
     reprocess_changed: bool = option(
         False, "redo done shards whose input changed (size/mtime/ETag) since they were committed"
     )
-    allow_config_change: bool = option(False, "write into an OUT made with different output settings")
+    allow_config_change: bool = option(
+        False,
+        "write into an OUT made with different output settings (never another token layout: preset, views, var_input)",
+    )
+    repair: bool = option(
+        False,
+        "first read every committed file in full (as `vqpipe status --verify`) and tokenize the shards of damaged "
+        "ones again, where their inputs are among this run's",
+    )
     allow_unterminated_tar: bool = option(
         False,
         "accept tars without an end-of-archive marker (for writers that omit it; a cut-off copy then passes)",

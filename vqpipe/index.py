@@ -1,8 +1,9 @@
 """The ledger index: one row per committed shard, so a plan, a status or a reader needs no marker reads.
 
-`OUT/index/seg-<time>-<run>-<n>.parquet` files hold the summary of done markers (`records.SUMMARY_KEYS`: id,
-input URL and fingerprint, samples, rows, errors by reason, sizes) plus `marker`, the fingerprint the done/
-listing gave that marker (size, mtime or ETag) when the row was made from a listing. Later segments win.
+`OUT/_vqpipe/index/seg-<time>-<run>-<n>.pq` files (format 1.x: `OUT/index/….parquet`) hold the summary of done
+markers (`records.SUMMARY_KEYS`: id, input URL and fingerprint, samples, rows, images, views, errors by reason,
+sizes, and the commit fingerprint that the compaction manifest matches) plus `marker`, the fingerprint the
+done/ listing gave that marker (size, mtime or ETag) when the row was made from a listing. Later segments win.
 
 The done markers stay the truth; the index is a cache derived from them:
 - a row counts only for an id the done/ listing shows (a row never makes a shard look done), and only while
@@ -28,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .out.layout import Layout
 from .records import DoneRecord, InputRef
 
 logger = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
 MAX_SEGMENTS = 16  # more than this at a run's start: consolidate into one
 
 SCHEMA = pa.schema(
@@ -51,8 +52,14 @@ SCHEMA = pa.schema(
         ("data_bytes", pa.int64()),
         ("error_bytes", pa.int64()),
         ("record_version", pa.int64()),
+        # Since format 2: what a training reader plans its epoch with and the compaction manifest matches, so
+        # neither reads a marker. Null in rows of older segments: those markers are read again.
+        ("images", pa.int64()),
+        ("views", pa.string()),  # JSON list
+        ("commit", pa.string()),  # DoneRecord.commit_fingerprint()
     ]
 )
+_SINCE_FORMAT_2 = ("images", "views", "commit")
 
 
 def _dumps(d: dict[str, Any]) -> str:
@@ -88,6 +95,9 @@ def row_of(record: DoneRecord, marker: str | None) -> dict[str, Any]:
         "data_bytes": record.data_bytes,
         "error_bytes": record.error_bytes,
         "record_version": record.record_version,
+        "images": record.images,
+        "views": json.dumps(list(record.views)),
+        "commit": record.commit_fingerprint(),
     }
 
 
@@ -116,6 +126,21 @@ class Committed:
         if name not in self._columns:  # a plan asks about every committed input: one conversion, not 100k
             self._columns[name] = self.table.column(name).to_pylist()
         return self._columns[name]
+
+    def column(self, name: str, shard_ids: Iterable[str]) -> list[Any]:
+        """One summary column (`rows`, `images`, `commit`, `data_bytes`, ...) for `shard_ids`, in their order."""
+        column, position = self._column(name), self.position
+        return [column[position[i]] for i in shard_ids]
+
+    def views(self, shard_ids: Iterable[str]) -> list[tuple[str, ...]]:
+        """Each shard's views, in the order of an image's rows (markers from before views: center)."""
+        parsed: dict[str | None, tuple[str, ...]] = {}  # mostly one value over 100k shards: parse it once
+        out = []
+        for text in self.column("views", shard_ids):
+            if text not in parsed:
+                parsed[text] = tuple(json.loads(text)) if text else ("center",)
+            out.append(parsed[text])
+        return out
 
     def input(self, shard_id: str) -> InputRef:
         i = self.position[shard_id]
@@ -178,14 +203,17 @@ def _record_of(row: dict[str, Any]) -> DoneRecord:
         data_bytes=row["data_bytes"] or 0,
         error_bytes=row["error_bytes"] or 0,
         record_version=row["record_version"] or 0,
+        images=row["images"],
+        views=json.loads(row["views"]) if row["views"] else ["center"],
     )
 
 
 class LedgerIndex:
     """Reads and appends the segments under OUT/index/."""
 
-    def __init__(self, output: str, storage_options: dict[str, Any] | None = None, run_id: str = "status"):
-        self.dir = storage.join(output, INDEX_DIR)
+    def __init__(self, layout: Layout, storage_options: dict[str, Any] | None = None, run_id: str = "status"):
+        self.dir = layout.meta("index")
+        self.suffix = layout.table_suffix
         self.storage_options = storage_options
         self.run_id = run_id
         self._seq = 0
@@ -194,7 +222,7 @@ class LedgerIndex:
     def load(self) -> pa.Table:
         """All rows of all segments, later segments last (empty table when there is no index). A segment that
         cannot be read is skipped with a warning: the markers it summarised are read instead."""
-        self.segments = storage.list_files(self.dir, ".parquet", self.storage_options)
+        self.segments = storage.list_files(self.dir, self.suffix, self.storage_options)
         tables: list[pa.Table] = []
         with _system_memory_pool():
             for name in self.segments:  # names sort by time
@@ -206,7 +234,13 @@ class LedgerIndex:
         try:
             with storage.open_input(url, self.storage_options) as f:
                 # ParquetFile, not read_table: that imports pyarrow.dataset (a second per process)
-                tables.append(pq.ParquetFile(f).read(columns=SCHEMA.names).cast(SCHEMA))
+                pf = pq.ParquetFile(f)
+                have = [n for n in SCHEMA.names if n in pf.schema_arrow.names]
+                table = pf.read(columns=have)
+                for name in SCHEMA.names:  # a segment of an older vqpipe: its rows are re-read (null commit)
+                    if name not in have and name in _SINCE_FORMAT_2:
+                        table = table.append_column(name, pa.nulls(table.num_rows, SCHEMA.field(name).type))
+                tables.append(table.select(SCHEMA.names).cast(SCHEMA))
         except Exception as e:  # noqa: BLE001 - a damaged cache costs marker reads, never the run
             if storage.exists(url, self.storage_options):
                 logger.warning("%s: unreadable index segment, ignored (%s)", storage.redact(url), e)
@@ -221,7 +255,7 @@ class LedgerIndex:
 
     def _write(self, table: pa.Table) -> str:
         self._seq += 1
-        name = f"seg-{time.time_ns():020d}-{self.run_id}-{self._seq:04d}.parquet"
+        name = f"seg-{time.time_ns():020d}-{self.run_id}-{self._seq:04d}{self.suffix}"
         with storage.atomic_write(storage.join(self.dir, name), self.storage_options) as f:
             pq.write_table(table, f, compression="zstd")
         return name
@@ -254,6 +288,7 @@ def verified(table: pa.Table, listing: dict[str, str]) -> tuple[pa.Table, dict[s
     `marker_key` of each listed marker."""
     ids = table.column("shard_id").to_pylist()
     markers = table.column("marker").to_pylist()
+    commits = table.column("commit").to_pylist()
     latest: dict[str, int] = {}
     for i, sid in enumerate(ids):
         latest[sid] = i
@@ -262,6 +297,9 @@ def verified(table: pa.Table, listing: dict[str, str]) -> tuple[pa.Table, dict[s
         listed = listing.get(sid)
         if listed is None:
             dirty = True
+            continue
+        if commits[i] is None:
+            dirty = True  # written by an older vqpipe, without what format 2 keeps: read the marker again
             continue
         if markers[i] is None:
             dirty = True  # trusted while listed; consolidation stamps it

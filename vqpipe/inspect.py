@@ -13,7 +13,6 @@ import logging
 import os
 import posixpath
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +60,7 @@ class InspectOptions:
 
 
 def gather_status(reader: OutputReader) -> dict[str, Any]:
-    st = read_status(reader.ledger)
+    st = read_status(reader.snapshot)
     d = st.to_dict()
     return {
         "shards": d["shards"],
@@ -82,8 +81,8 @@ def inspect(opts: InspectOptions) -> str:
     from . import report
 
     reader = OutputReader.open(opts.output, opts.storage_options)
-    if not reader.markers:
-        raise ConfigError(f"{storage.redact(opts.output)}: no committed shard (done/*.json) to inspect")
+    if not reader.shard_ids:
+        raise ConfigError(f"{storage.redact(opts.output)}: no committed shard to inspect")
     stats = {"output": storage.redact(opts.output), **gather_status(reader)}
     counts, counted = reader.code_counts(opts.usage_rows, opts.seed)
     lay = reader.read_layout()  # every committed shard may be empty: the layout still comes from a data file
@@ -97,14 +96,12 @@ def inspect(opts: InspectOptions) -> str:
         "resolution": lay.resolution,
     }
     stats["codebook"] = {"rows_counted": counted, "scales": usage_stats(counts, lay.patch_nums)}
-    by_reason: Counter = Counter()
-    for rec in reader.markers.values():
-        by_reason.update(rec.errors_by_reason)
+    by_reason = reader.errors_by_reason()
     examples = reader.error_examples()
     stats["errors_by_reason"] = {
         r: {"count": n, "examples": examples.get(r, [])} for r, n in sorted(by_reason.items())
     }
-    stats["stages"] = stage_stats(reader.markers)
+    stats["stages"] = stage_stats(reader.timing_markers(opts.seed))
     figures: dict[str, bytes] = {}
     if opts.uses_model and stats["rows"]:
         from .reconstruct import measure

@@ -15,9 +15,14 @@ from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
-from .errors import CheckpointError, StorageError
+from .errors import CheckpointError, ConfigError, StorageError
 from .lease import Lease
 from .ledger import Ledger
+from .out import card
+from .out.incomplete import mark_incomplete
+from .out.layout import detect
+from .out.snapshot import Snapshot
+from .out.verify import forget_damaged, verify
 from .plan import Plan, Shard, legacy_stem, make_plan
 from .records import DoneRecord, FailedRecord, RunRecord
 from .status import Status, read_status
@@ -108,8 +113,14 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
     inputs (at least one shard) and the checkpoint (read and checked against the preset). `stop`: a
     StopRequest whose signal handlers the caller installed; the dispatcher honours it (see stop.py)."""
     t0 = time.monotonic()
-    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s)
-    ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id)
+    layout = detect(cfg.output, cfg.storage_options)
+    if layout.version < 2:
+        raise ConfigError(
+            f"{storage.redact(cfg.output)} is a format-1.x OUT; run `vqpipe migrate {storage.redact(cfg.output)}` "
+            "once to move it to format 2 (docs/format.md), then tokenize into it"
+        )
+    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s, layout=layout)
+    ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id, layout=layout)
     inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)  # planning empties it
     sha = model_sha256(cfg, ledger)
     record = run_record(cfg, sha)
@@ -137,8 +148,20 @@ def _tokenize_holding(
     ledger.start_run(record, allow_change=cfg.run.allow_config_change, previous=previous)
     logger.info("output %s (fingerprint %s)", storage.redact(cfg.output), record.fingerprint)
 
-    # One listing of done/ and the index (markers it lacks are read once and indexed): no marker reads below.
-    committed = ledger.committed(maintain=True)
+    # One listing of done/ and data/, and the index (markers it lacks are read once and indexed; markers a crash
+    # lost are written again from their data files): no marker reads below.
+    snapshot = Snapshot.open(ledger=ledger, maintain=True)
+    if cfg.run.repair:
+        damaged = verify(snapshot)
+        if damaged:
+            forget_damaged(snapshot, damaged)  # their shards are no longer committed: planned again below
+            snapshot = Snapshot.open(ledger=ledger, maintain=True)
+    if snapshot.incomplete:
+        logger.warning(
+            "%s: a compaction moving rows is unfinished (readers of data/ fail until it is); run `vqpipe compact`",
+            storage.redact(cfg.output),
+        )
+    committed = snapshot.committed
     plan = make_plan(inputs, ledger, cfg.run.limit_shards, cfg.run.reprocess_changed, committed)
     inputs.clear()  # the plan holds what it needs; 100k listed versions are ~30 MB the run no longer needs
     # A committed input's URL as its marker recorded it (masked the same way): redacting 100k URLs costs seconds.
@@ -157,7 +180,13 @@ def _tokenize_holding(
             "reprocessing it" if cfg.run.reprocess_changed else "kept (use --reprocess-changed to redo it)"
         )
         logger.warning("%s: input changed since it was committed; %s", shard.shard_id, action)
-    if cfg.run.reprocess_changed:
+    if cfg.run.reprocess_changed and plan.changed:
+        if any(s.shard_id in snapshot.placement.compacted for s in plan.changed):
+            # Their old rows stay in a compacted file until the next compaction rewrites it: until then readers
+            # of data/ must fail rather than read two versions of those rows.
+            mark_incomplete(
+                ledger.layout, ledger.storage_options, "shards tokenized again are also in compacted files"
+            )
         for shard in plan.changed:
             ledger.unmark_done(shard.shard_id)
     logger.info("%d shards: %d already done, %d to run", len(plan), len(plan.done), len(plan.todo))
@@ -180,10 +209,9 @@ def _tokenize_holding(
             # this run started has returned by now, so none is a live write: remove them instead of leaving
             # them in OUT. After a stop or an error, the next run's start removes them.
             ledger.remove_temporaries()
-        status = read_status(ledger, planned=set(planned))  # a fresh listing: also commits never reported
-    else:
-        # nothing ran: what the start found is still true
-        status = read_status(ledger, committed, set(planned))
+        snapshot = Snapshot.open(ledger=ledger)  # a fresh listing: also commits never reported
+    status = read_status(snapshot, set(planned))
+    card.write_quietly(snapshot, len(status.failed) + len(status.failed_outside_plan))
     return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
 
 

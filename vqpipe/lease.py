@@ -1,6 +1,6 @@
 """The run lease: at most one run writes into an OUT at a time (docs/reliability.md, "Concurrent runs").
 
-`OUT/lease.json` names the run that holds OUT: run id, host, pid, when it started, its last heartbeat and
+`OUT/_vqpipe/lease.json` names the run that holds OUT: run id, host, pid, when it started, its last heartbeat and
 when the lease expires. It is taken with a conditional write (local: an exclusive lock around
 check-and-replace; S3: `If-None-Match`/`If-Match`), renewed by a heartbeat thread on the driver, and removed
 when the run ends. A second run finds it and waits (`run.wait_for_lease_s`) or refuses with the holder named.
@@ -24,10 +24,9 @@ from typing import Any
 
 from . import storage
 from .errors import LeaseError
+from .out.layout import Layout, detect
 
 logger = logging.getLogger(__name__)
-
-LEASE_NAME = "lease.json"
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,12 @@ def _process_gone(rec: LeaseRecord) -> bool:
     return False
 
 
-def read_lease(output: str, storage_options: dict[str, Any] | None = None) -> LeaseRecord | None:
+def read_lease(
+    output: str, storage_options: dict[str, Any] | None = None, layout: Layout | None = None
+) -> LeaseRecord | None:
     """The lease record in OUT, if any (for `vqpipe status`)."""
-    got = storage.read_versioned(storage.join(output, LEASE_NAME), storage_options)
+    layout = layout if layout is not None else detect(output, storage_options)
+    got = storage.read_versioned(layout.lease_url, storage_options)
     return LeaseRecord.from_bytes(got[0]) if got else None
 
 
@@ -108,8 +110,11 @@ class Lease:
         storage_options: dict[str, Any] | None = None,
         ttl_s: float = 120.0,
         run_id: str | None = None,
+        layout: Layout | None = None,
     ):
-        self.url = storage.join(output, LEASE_NAME)
+        """`layout`: OUT's (None: found out; the lease of a format-1.x OUT is where format 1.x kept it)."""
+        layout = layout if layout is not None else detect(output, storage_options)
+        self.url = layout.lease_url
         self.output = output
         self.storage_options = storage_options
         self.ttl_s = ttl_s

@@ -1,12 +1,12 @@
-"""An OUT's committed rows read back (by `vqpipe inspect` and `vqpipe decode`): the done markers, the layout the
-data files' metadata give, a seeded sample of rows, the rows of given keys, code counts per scale, error examples.
+"""An OUT's committed rows read back for `vqpipe inspect` and `vqpipe decode`: where they are (out/snapshot.py: data
+files and compacted files, with or without the data files, local or remote), the layout the files' metadata give,
+a seeded sample of rows, the rows of given keys, code counts per scale, error examples.
 
-Reads with pyarrow directly: only `key`, `label`, `codes` and the file metadata.
+Reads with pyarrow directly: only `key`, `label`, `codes`, the file metadata, and only the row groups needed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -19,11 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .ledger import Ledger
-from .records import DoneRecord
+from .manifest import Source
+from .out.snapshot import Snapshot
+from .records import DoneRecord, InputRef
 
 _EXAMPLES_PER_REASON = 3
+_TIMING_SHARDS = 2000  # markers read for seconds per stage: a seeded sample beyond this many shards
+_COLUMNS = ["key", "label", "codes"]
 
 
 @dataclass
@@ -45,145 +49,249 @@ class Layout:
     resolution: int
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> Layout:
-        return cls(
-            meta["model"]["preset"],
-            meta["model"]["sha256"],
-            tuple(meta["patch_nums"]),
-            meta["vocab_size"],
-            meta["resolution"],
-        )
+    def from_metadata(cls, meta: dict[str, Any], url: str) -> Layout:
+        """Type-checked: a file's metadata is input like any other (it ends up in a report page)."""
+        try:
+            layout = cls(
+                str(meta["model"]["preset"]),
+                str(meta["model"]["sha256"]),
+                tuple(_int(p) for p in meta["patch_nums"]),
+                _int(meta["vocab_size"]),
+                _int(meta["resolution"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StorageError(
+                f"{storage.redact(url)}: not vqpipe's file metadata ({type(e).__name__}: {e})"
+            ) from None
+        return layout
 
     @property
     def offsets(self) -> list[int]:
         return np.cumsum([0] + [pn * pn for pn in self.patch_nums]).tolist()
 
 
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Rows [start, start + rows) of a source's file belong to one committed shard."""
+
+    shard_id: str
+    start: int
+    rows: int
+
+
 @dataclass
 class OutputReader:
-    """An OUT's committed shards, read once: markers, then data and error files on demand."""
+    """An OUT's committed rows: where they are (a Snapshot), then files read on demand."""
 
-    ledger: Ledger
-    markers: dict[str, DoneRecord] = field(default_factory=dict)
+    snapshot: Snapshot
+    sources: list[Source]
     layout: Layout | None = None
+    _markers: dict[str, DoneRecord] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, output: str, storage_options: dict[str, Any] | None = None) -> OutputReader:
-        ledger = Ledger(output.rstrip("/"), storage_options)
-        reader = cls(ledger)
-        reader.markers = ledger.read_done_many(sorted(ledger.done_ids()))
-        return reader
+        snapshot = Snapshot.open(output.rstrip("/"), storage_options)
+        return cls(snapshot, snapshot.sources())
 
-    @contextlib.contextmanager
-    def data_file(self, shard_id: str) -> Iterator[pq.ParquetFile]:
-        """The shard's data file (column chunks are fetched only when read), its layout checked."""
-        url = self.ledger.data_url(shard_id)
-        with storage.open_input(url, self.ledger.storage_options) as raw:
-            f = pq.ParquetFile(raw)
-            self._check_layout(url, f)
-            yield f
+    @property
+    def ledger(self) -> Ledger:
+        return self.snapshot.ledger
+
+    @property
+    def shard_ids(self) -> list[str]:
+        return self.snapshot.shard_ids
+
+    def input(self, shard_id: str) -> InputRef:
+        return self.snapshot.committed.input(shard_id)
+
+    def errors_by_reason(self) -> Counter[str]:
+        return Counter(self.snapshot.committed.totals(self.shard_ids)["errors_by_reason"])
+
+    def timing_markers(self, seed: int = 0) -> dict[str, DoneRecord]:
+        """Done markers (with their seconds per stage) of every shard, or of a seeded sample of _TIMING_SHARDS."""
+        if self._markers is None:
+            ids = self.shard_ids
+            if len(ids) > _TIMING_SHARDS:
+                pick = np.random.default_rng(seed).choice(len(ids), _TIMING_SHARDS, replace=False)
+                ids = sorted(ids[i] for i in pick)
+            self._markers = self.ledger.read_done_many(ids)
+        return self._markers
+
+    def _segments(self, src: Source) -> list[_Segment]:
+        if src.file_rows is None:
+            return [_Segment(src.id, 0, src.rows)]
+        entries = [self.snapshot.placement.compacted[i][1] for i in src.shards]
+        return [_Segment(e.id, e.offset, e.rows) for e in sorted(entries, key=lambda e: e.offset)]
+
+    def _open(self, src: Source) -> tuple[pq.ParquetFile, Any]:
+        try:
+            raw = storage.open_input(src.url, self.ledger.storage_options)
+        except FileNotFoundError:
+            raise StorageError(
+                f"{storage.redact(src.url)}: no such file, but committed rows are in it"
+            ) from None
+        try:
+            f = pq.ParquetFile(raw, page_checksum_verification=True)
+        except (pa.ArrowException, OSError) as e:
+            raw.close()
+            raise StorageError(f"{storage.redact(src.url)}: not a readable Parquet file ({e})") from None
+        self._check_layout(src.url, f)
+        return f, raw
+
+    def _read(self, src: Source, file_rows: list[int], columns: list[str]) -> pa.Table:
+        """Rows at these positions of the file (in this order), reading only the row groups that hold them."""
+        f, raw = self._open(src)
+        try:
+            sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            group_of = (np.searchsorted(starts, file_rows, side="right") - 1).tolist()
+            groups = sorted(set(group_of))
+            table = f.read_row_groups(groups, columns=columns)
+            first_of = dict(
+                zip(groups, np.concatenate([[0], np.cumsum([sizes[g] for g in groups])]).tolist())
+            )
+            local = [first_of[g] + r - int(starts[g]) for g, r in zip(group_of, file_rows)]
+            return table.take(pa.array(local, pa.int64()))
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(
+                f"{storage.redact(src.url)}: cannot be read ({type(e).__name__}: {e})"
+            ) from None
+        finally:
+            raw.close()
 
     def read_layout(self) -> Layout:
-        """The rows' layout: the one of the data files read so far, else the first committed shard's."""
+        """The rows' layout: the one of the files read so far, else the first file's."""
         if self.layout is not None:
             return self.layout
-        url = self.ledger.data_url(next(iter(self.markers)))
-        with storage.open_input(url, self.ledger.storage_options) as raw:
-            return self._check_layout(url, pq.ParquetFile(raw))
+        if not self.sources:
+            raise ConfigError(f"{storage.redact(self.snapshot.output)}: no committed rows")
+        src = self.sources[0]
+        f, raw = self._open(src)  # sets self.layout
+        raw.close()
+        return self._check_layout(src.url, f)
 
     def _check_layout(self, url: str, f: pq.ParquetFile) -> Layout:
-        layout = Layout.from_metadata(json.loads((f.schema_arrow.metadata or {})[b"vqpipe"]))
+        try:
+            meta = json.loads((f.schema_arrow.metadata or {})[b"vqpipe"])
+        except (KeyError, ValueError):
+            raise StorageError(f"{storage.redact(url)}: no vqpipe metadata: not a vqpipe data file") from None
+        layout = Layout.from_metadata(meta, url)
         if self.layout is None:
             self.layout = layout
         elif (layout.patch_nums, layout.vocab_size) != (self.layout.patch_nums, self.layout.vocab_size):
             raise ConfigError(
-                f"{url}: tokens of another layout ({layout.preset}, scales {layout.patch_nums}) than the "
-                f"other shards ({self.layout.preset}, scales {self.layout.patch_nums})"
+                f"{storage.redact(url)}: tokens of another layout ({layout.preset}, scales {layout.patch_nums}) "
+                f"than the other files ({self.layout.preset}, scales {self.layout.patch_nums})"
             )
         return layout
 
     def sample_rows(self, n: int, seed: int) -> list[Row]:
         """n committed rows drawn uniformly without replacement (seeded), in the order drawn."""
-        ids = [i for i in self.markers if self.markers[i].rows]
-        counts = np.array([self.markers[i].rows for i in ids], dtype=np.int64)
-        picks = np.random.default_rng(seed).choice(
-            int(counts.sum()), min(n, int(counts.sum())), replace=False
-        )
-        shard_of = np.searchsorted(np.cumsum(counts), picks, side="right")
-        local = picks - (np.cumsum(counts) - counts)[shard_of]
-        by_shard: dict[int, list[int]] = {}
-        for s, i in zip(shard_of.tolist(), local.tolist()):
-            by_shard.setdefault(s, []).append(i)
-        found: dict[tuple[int, int], Row] = {}
-        for s, rows in by_shard.items():
-            with self.data_file(ids[s]) as f:
-                t = f.read(columns=["key", "label", "codes"]).take(rows)
+        segs = [(src, seg) for src in self.sources for seg in self._segments(src) if seg.rows]
+        counts = np.array([seg.rows for _, seg in segs], dtype=np.int64)
+        total = int(counts.sum())
+        picks = np.random.default_rng(seed).choice(total, min(n, total), replace=False)
+        ends = np.cumsum(counts)
+        which = np.searchsorted(ends, picks, side="right")
+        local = picks - (ends - counts)[which]
+        by_source: dict[int, list[tuple[int, int]]] = {}  # source index -> [(pick order, file row)]
+        src_index = {id(src): k for k, src in enumerate(self.sources)}
+        for order, (w, i) in enumerate(zip(which.tolist(), local.tolist())):
+            src, seg = segs[w]
+            by_source.setdefault(src_index[id(src)], []).append((order, seg.start + i))
+        found: dict[int, Row] = {}
+        for k, wanted in by_source.items():
+            src = self.sources[k]
+            t = self._read(src, [r for _, r in wanted], _COLUMNS)
             codes = _codes(t)
-            for j, i in enumerate(rows):
-                found[s, i] = Row(ids[s], t["key"][j].as_py(), t["label"][j].as_py(), codes[j])
-        return [found[s, i] for s, i in zip(shard_of.tolist(), local.tolist())]
+            for j, (order, file_row) in enumerate(wanted):
+                shard = next(
+                    s.shard_id for s in self._segments(src) if s.start <= file_row < s.start + s.rows
+                )
+                found[order] = Row(shard, t["key"][j].as_py(), t["label"][j].as_py(), codes[j])
+        return [found[i] for i in range(len(picks))]
 
     def find_keys(self, keys: list[str]) -> list[Row]:
         """Every committed row whose key is in `keys` (a key may occur in several shards)."""
+        wanted = pa.array(keys, pa.string())
         rows = []
-        for shard_id in self.markers:
-            with self.data_file(shard_id) as f:
-                hits = pc.is_in(f.read(columns=["key"])["key"], value_set=pa.array(keys, pa.string()))
+        for src in self.sources:
+            for seg, t in self._segment_batches(src, ["key"]):
+                hits = pc.is_in(t["key"], value_set=wanted)
                 if not pc.any(hits).as_py():
                     continue
-                t = f.read(columns=["key", "label", "codes"]).filter(hits)
-            codes = _codes(t)
-            rows += [
-                Row(shard_id, k, lab, c)
-                for k, lab, c in zip(t["key"].to_pylist(), t["label"].to_pylist(), codes)
-            ]
+                positions = [seg.start + i for i in np.flatnonzero(hits.to_numpy(zero_copy_only=False))]
+                found = self._read(src, positions, _COLUMNS)
+                codes = _codes(found)
+                rows += [
+                    Row(seg.shard_id, k, lab, c)
+                    for k, lab, c in zip(found["key"].to_pylist(), found["label"].to_pylist(), codes)
+                ]
         return rows
 
+    def _segment_batches(self, src: Source, columns: list[str]) -> Iterator[tuple[_Segment, pa.Table]]:
+        """Each committed segment of the file with `columns` (the whole column read once per file)."""
+        f, raw = self._open(src)
+        try:
+            table = f.read(columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(
+                f"{storage.redact(src.url)}: cannot be read ({type(e).__name__}: {e})"
+            ) from None
+        finally:
+            raw.close()
+        for seg in self._segments(src):
+            yield seg, table.slice(seg.start, seg.rows)
+
     def code_counts(self, max_rows: int, seed: int) -> tuple[list[np.ndarray], int]:
-        """Per scale, how often each code occurs, over every row or whole shards (seeded) covering `max_rows`."""
-        ids = [i for i in self.markers if self.markers[i].rows]
-        order = (
-            np.random.default_rng(seed).permutation(len(ids)) if self._rows() > max_rows else range(len(ids))
-        )
+        """Per scale, how often each code occurs, over every row or whole files (seeded) covering `max_rows`."""
+        srcs = [s for s in self.sources if s.rows]
+        total = sum(s.rows for s in srcs)
+        order = np.random.default_rng(seed).permutation(len(srcs)) if total > max_rows else range(len(srcs))
         counts: list[np.ndarray] | None = None
         counted = 0
-        for s in order:
-            with self.data_file(ids[s]) as f:
-                layout = self.read_layout()  # known: the data file was just read
+        for k in order:
+            for _, t in self._segment_batches(srcs[k], ["codes"]):
+                layout = self.read_layout()  # known: the file was just opened
                 offsets, vocab = layout.offsets, layout.vocab_size
                 if counts is None:
                     counts = [np.zeros(vocab, np.int64) for _ in layout.patch_nums]
-                for batch in f.iter_batches(columns=["codes"], batch_size=8192):
-                    codes = _codes(batch)
-                    for k in range(len(counts)):
-                        scale = codes[:, offsets[k] : offsets[k + 1]].ravel()
-                        counts[k] += np.bincount(scale, minlength=vocab)
-                    counted += len(codes)
+                codes = _codes(t)
+                for s in range(len(counts)):
+                    counts[s] += np.bincount(codes[:, offsets[s] : offsets[s + 1]].ravel(), minlength=vocab)
+                counted += len(codes)
             if counted >= max_rows:
                 break
         return counts or [], counted
 
     def error_examples(self) -> dict[str, list[dict[str, str]]]:
         """reason -> a few (shard, key, detail) examples, from the error files of shards that had errors."""
-        wanted: Counter[str] = Counter()
-        for rec in self.markers.values():
-            wanted.update(rec.errors_by_reason)
+        wanted = self.errors_by_reason()
         examples: dict[str, list[dict[str, str]]] = {r: [] for r in wanted}
-        for shard_id, rec in self.markers.items():
+        ids = self.shard_ids
+        for shard_id, n in zip(ids, self.snapshot.committed.column("errors", ids)):
             if all(len(v) >= min(_EXAMPLES_PER_REASON, wanted[r]) for r, v in examples.items()):
                 break
-            if not rec.errors:
+            if not n:
                 continue
             url = self.ledger.errors_url(shard_id)
-            with storage.open_input(url, self.ledger.storage_options) as f:
-                errors = pq.read_table(f).to_pylist()
+            try:
+                with storage.open_input(url, self.ledger.storage_options) as f:
+                    errors = pq.read_table(f).to_pylist()
+            except FileNotFoundError:
+                raise StorageError(
+                    f"{storage.redact(url)}: no such file, but shard {shard_id} recorded errors"
+                ) from None
             for e in errors:
                 if len(examples.setdefault(e["reason"], [])) < _EXAMPLES_PER_REASON:
                     examples[e["reason"]].append({"shard": shard_id, "key": e["key"], "detail": e["detail"]})
         return examples
-
-    def _rows(self) -> int:
-        return sum(rec.rows for rec in self.markers.values())
 
 
 def _codes(table: Any) -> np.ndarray:

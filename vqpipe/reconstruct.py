@@ -196,7 +196,7 @@ def measure(reader: OutputReader, opts: InspectOptions) -> tuple[dict[str, Any],
     max_pixels = run.get("config", {}).get("encode", {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
     originals: dict[tuple[str, str], np.ndarray | str] = {}
     for shard_id in dict.fromkeys(r.shard_id for r in rows):
-        inp = reader.markers[shard_id].input
+        inp = reader.input(shard_id)
         keys = [r.key for r in rows if r.shard_id == shard_id]
         got = fetch_originals(
             shard_id,

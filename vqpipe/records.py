@@ -9,6 +9,8 @@ Nothing here touches storage; `ledger.py` reads and writes these.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +115,21 @@ class DoneRecord:
         """The keys a status, a plan and a training reader need: what the ledger index keeps per shard."""
         return {k: v for k, v in self.to_json().items() if k in SUMMARY_KEYS}
 
+    def commit_fingerprint(self) -> str:
+        """A short hash of the fields that identify this commit of the shard, as written (a key an older marker
+        lacks hashes as null, not as the default filled in): what a compaction manifest entry records, and the
+        ledger index keeps, so that readers match the two without reading markers. A subset of the fields, so
+        that fields a later vqpipe adds do not invalidate every compacted entry; a new commit of the shard
+        always changes `started`."""
+        marker = self.as_written if self.as_written is not None else self.to_json()
+        identity = {k: marker.get(k) for k in _COMMIT_IDENTITY}
+        text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# The marker fields that identify one commit of a shard (DoneRecord.commit_fingerprint).
+_COMMIT_IDENTITY = ("shard_id", "rows", "samples", "started", "attempt", "input", "data_bytes")
+
 
 # What `DoneRecord.summary` keeps (and the index stores): identity, counts, sizes; not timings or host facts.
 SUMMARY_KEYS = (
@@ -120,6 +137,8 @@ SUMMARY_KEYS = (
     "input",
     "samples",
     "rows",
+    "images",
+    "views",
     "errors",
     "errors_by_reason",
     "members",

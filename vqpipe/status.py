@@ -1,6 +1,7 @@
 """`vqpipe status`: what the latest plan's shards are (done, failed, pending) and what OUT holds beyond that plan.
 
-Read from OUT alone (the ledger's index and the markers it lacks, failure records, the lease); no Ray, no inputs.
+Read from OUT alone (its Snapshot: the ledger's index and the markers it lacks, the data/ listing; failure records,
+the lease); no Ray, no inputs.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .gcpause import without_cyclic_gc
-from .index import Committed
 from .lease import read_lease
-from .ledger import Ledger
+from .out.snapshot import Snapshot
 from .records import FailedRecord
 
 
@@ -34,10 +34,21 @@ class Status:
     done_outside_plan: list[str] = field(default_factory=list)
     failed_outside_plan: dict[str, str] = field(default_factory=dict)  # id -> reason
     lease: dict[str, Any] | None = None  # the run writing into OUT now, if any
+    # Files committed rows need that are missing (from the listings; `--verify` reads every file).
+    damaged: list[str] = field(default_factory=list)
+    # A compaction moving rows is unfinished: readers of data/ fail until `vqpipe compact` finishes it.
+    incomplete: bool = False
+    format_version: int = 2  # of the OUT's layout (1: format 1.x, read as it is; `vqpipe migrate` moves it)
 
     @property
     def complete(self) -> bool:
-        return not self.failed and not self.pending and bool(self.done)
+        return (
+            not self.failed
+            and not self.pending
+            and bool(self.done)
+            and not self.damaged
+            and not self.incomplete
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +70,9 @@ class Status:
                 "failed_shards": dict(sorted(self.failed_outside_plan.items())),
             },
             "active_run": self.lease,
+            "damaged": list(self.damaged),
+            "incomplete_compaction": self.incomplete,
+            "layout_version": self.format_version,
         }
 
 
@@ -68,15 +82,11 @@ def ignored_members(by_reason: Counter) -> dict[str, Any]:
 
 
 @without_cyclic_gc
-def read_status(
-    ledger: Ledger, committed: Committed | None = None, planned: set[str] | None = None
-) -> Status:
+def read_status(snapshot: Snapshot, planned: set[str] | None = None) -> Status:
     """Done / failed / pending shards of the latest plan, rows and errors by reason of its done shards, and
-    what OUT holds outside that plan; from OUT alone (the index, and markers it lacks). Without a plan.json,
-    every record counts as planned. `committed`: what the caller already knows to be committed (a run's
-    start listing plus its own commits), instead of a fresh listing; `planned`: the ids of the plan.json the
-    caller wrote, instead of reading it back."""
-    committed = committed if committed is not None else ledger.committed()
+    what OUT holds outside that plan; from OUT alone (`snapshot`). Without a plan.json, every record counts as
+    planned. `planned`: the ids of the plan.json the caller wrote, instead of reading it back."""
+    ledger, committed = snapshot.ledger, snapshot.committed
     done = committed.ids
     failed_ids = ledger.failed_ids() - done
     if planned is None:
@@ -93,7 +103,10 @@ def read_status(
     st.failed = {i: r for i, r in records.items() if i in planned}
     st.failed_outside_plan = {i: r.reason for i, r in records.items() if i not in planned}
     st.pending = sorted(planned - done - failed_ids)
-    holder = read_lease(ledger.output, ledger.storage_options)
+    holder = read_lease(ledger.output, ledger.storage_options, ledger.layout)
     if holder is not None:
         st.lease = {**asdict(holder), "description": holder.describe()}
+    st.damaged = [d.describe() for d in snapshot.missing()]
+    st.incomplete = snapshot.incomplete
+    st.format_version = ledger.layout.version
     return st

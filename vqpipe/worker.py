@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from . import __version__, storage
 from .async_writer import AsyncWriter
@@ -58,9 +57,7 @@ class _Superseded(Exception):
 @dataclass
 class _Outcome:
     sizes: dict[str, int]
-    errors: Counter[str]
-    agreement: dict[str, Any] | None
-    read_version: Any
+    record: DoneRecord  # as committed in the data file's footer, but for its sizes
 
 
 class ShardWorker:
@@ -138,8 +135,11 @@ class ShardWorker:
         """Tokenize one shard and commit it; returns the done record. Raises ShardError when the shard fails.
         A first attempt was planned from the done/ listing under the run's lease: only a retry, or a speculative
         copy (`look_first`: it may start long after the original, e.g. queued on a busy replica), looks first."""
-        if (attempt > 1 or look_first) and self.ledger.is_done(shard.shard_id):  # committed after all
-            return self._committed_by_another(shard)
+        if attempt > 1 or look_first:  # committed after all (or a crash lost its marker: written again here)
+            found = self.ledger.read_commit(shard.shard_id)
+            if found is not None:
+                found.skipped = True
+                return found
         started, clock = time.time(), StageClock()
         enc = self.config.encode
         meta = file_metadata(
@@ -164,61 +164,36 @@ class ShardWorker:
         counts: Counter = Counter()
         stats = ReadStats()
         try:
-            outcome = self._run(shard, writer, clock, counts, stats, on_progress)
+            outcome = self._run(shard, attempt, started, writer, clock, counts, stats, on_progress)
         except _Superseded:
             logger.info("%s: committed meanwhile by another attempt; this copy is discarded", shard.shard_id)
             return self._committed_by_another(shard)
-        errors, sizes = outcome.errors, outcome.sizes
-        n_errors = sum(errors.values())
-        record = DoneRecord(
-            shard_id=shard.shard_id,
-            # the fingerprint of the bytes read (equal before and after reading), not the one from planning
-            input=InputRef(storage.redact(shard.url), outcome.read_version),
-            samples=counts["samples"],
-            images=counts["images"],  # encoded; images + errors = samples
-            rows=writer.rows,  # one per image and view
-            views=list(enc.views),
-            errors=n_errors,
-            errors_by_reason=dict(sorted(errors.items())),
-            # every tar member is in a sample or counted here (docs/reliability.md, "Every member accounted")
-            members=stats.members,
-            ignored_members=sum(stats.ignored.values()),
-            ignored_by_reason=dict(sorted(stats.ignored.items())),
-            input_bytes=counts["input_bytes"],
-            data_bytes=sizes["data_bytes"],
-            error_bytes=sizes["error_bytes"],
-            seconds={k: round(v, 4) for k, v in sorted(clock.seconds.items())},
-            precision=self.encoder.mode.name,
-            decode=enc.decode,
-            agreement_with_exact=outcome.agreement,
-            wall_seconds=round(time.time() - started, 4),
-            started=started,
-            attempt=attempt,
-            host=socket.gethostname(),
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
-            decode_threads=self.decode_threads,
-            allocator_env={k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
-            pid=os.getpid(),
-            vqpipe_version=__version__,
-        )
+        record, sizes = outcome.record, outcome.sizes
+        record.data_bytes, record.error_bytes = sizes["data_bytes"], sizes["error_bytes"]
+        record.seconds = {k: round(v, 4) for k, v in sorted(clock.seconds.items())}
+        record.wall_seconds = round(time.time() - started, 4)
         self.ledger.mark_done(shard.shard_id, record)
         logger.info(
             "%s: done, %d rows, %d errors in %.1fs",
             shard.shard_id,
-            writer.rows,
-            n_errors,
+            record.rows,
+            record.errors,
             record.wall_seconds,
         )
         return record
 
     def _committed_by_another(self, shard: Shard) -> DoneRecord:
-        record = self.ledger.read_done(shard.shard_id)
+        record = self.ledger.read_commit(shard.shard_id)
+        if record is None:  # never: the data file was seen; it was removed since (a reprocess by hand?)
+            raise ShardError("worker_error", f"{shard.shard_id}: committed by another attempt, then removed")
         record.skipped = True
         return record
 
     def _run(
         self,
         shard: Shard,
+        attempt: int,
+        started: float,
         writer: ShardWriter,
         clock: StageClock,
         counts: Counter[str],
@@ -270,10 +245,40 @@ class ShardWorker:
                     f"{shard.shard_id}: {n_errors} of {counts['samples']} samples failed "
                     f"(limit {self.config.run.max_error_rate:.0%}): {dict(errors)}",
                 )
-            if self.ledger.is_done(shard.shard_id):  # a speculative twin won: first commit wins
+            if self.ledger.data_committed(shard.shard_id):  # a speculative twin won: first commit wins
                 raise _Superseded
-            sizes = clock.timed("write", writer.commit)
-        return _Outcome(sizes, errors, feed.agreement, read_version)
+            enc = self.config.encode
+            record = DoneRecord(  # as the data file's footer keeps it; sizes and final timings come after
+                shard_id=shard.shard_id,
+                # the fingerprint of the bytes read (equal before and after reading), not the one from planning
+                input=InputRef(storage.redact(shard.url), read_version),
+                samples=counts["samples"],
+                images=counts["images"],  # encoded; images + errors = samples
+                rows=writer.rows,  # one per image and view
+                views=list(enc.views),
+                errors=n_errors,
+                errors_by_reason=dict(sorted(errors.items())),
+                # every tar member is in a sample or counted here (docs/reliability.md, "Every member accounted")
+                members=stats.members,
+                ignored_members=sum(stats.ignored.values()),
+                ignored_by_reason=dict(sorted(stats.ignored.items())),
+                input_bytes=counts["input_bytes"],
+                seconds={k: round(v, 4) for k, v in sorted(clock.seconds.items())},
+                precision=self.encoder.mode.name,
+                decode=enc.decode,
+                agreement_with_exact=feed.agreement,
+                wall_seconds=round(time.time() - started, 4),
+                started=started,
+                attempt=attempt,
+                host=socket.gethostname(),
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+                decode_threads=self.decode_threads,
+                allocator_env={k: os.environ[k] for k in CPU_ALLOCATOR_ENV if k in os.environ},
+                pid=os.getpid(),
+                vqpipe_version=__version__,
+            )
+            sizes = clock.timed("write", writer.commit, record.to_json())
+        return _Outcome(sizes, record)
 
 
 class _SupersededCheck:
@@ -289,4 +294,4 @@ class _SupersededCheck:
         if time.monotonic() - self.last < self.interval:
             return False
         self.last, self.interval = time.monotonic(), min(2 * self.interval, _SUPERSEDED_CHECK_MAX_S)
-        return self.ledger.is_done(self.shard_id)
+        return self.ledger.data_committed(self.shard_id)

@@ -1,13 +1,17 @@
 """Rows -> one Parquet data file and one error file per shard, committed atomically.
 
 Rows stream into row groups as they arrive, so memory stays bounded whatever the shard size. Nothing is
-visible under the final names until `commit()`; leaving the `with` block by an exception discards everything.
-A row that cannot be written (a value Arrow refuses) becomes an error record for its key, never a shard failure.
+visible under the final names until `commit()`, which writes the error file first and the data file last: the
+data file's appearance under `data/` is the shard's commit (docs/format.md), and its footer carries the commit
+record (`COMMIT_KEY`) from which the done marker is made again if a crash loses it. Leaving the `with` block by
+an exception discards everything. A row that cannot be written (a value Arrow refuses) becomes an error record
+for its key, never a shard failure. Pages carry CRC32 checksums, which readers verify.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -25,8 +29,16 @@ logger = logging.getLogger(__name__)
 
 # Statistics over 680-long code lists and 20k-value tensors cost time and space and answer no query, and
 # dictionary-encoding them costs 2.3-3.4 ms of CPU per row for files 3.5% larger (benchmarks/README.md).
-_PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["key", "label"], "use_dictionary": ["label"]}
+# Page checksums: one flipped bit in a codes page must fail the read, not change 11 rows' codes silently.
+_PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "write_statistics": ["key", "label"],
+    "use_dictionary": ["label"],
+    "write_page_checksum": True,
+}
 PARQUET_OPTIONS = _PARQUET_OPTIONS  # the same for compacted files (vqpipe/compact.py)
+# The Parquet key-value metadata key of a data file's commit record (a done marker without its own size).
+COMMIT_KEY = "vqpipe_commit"
 
 
 @dataclass(frozen=True)
@@ -119,17 +131,22 @@ class ShardWriter:
         with self._errors_lock:
             self.errors.append(ErrorRecord(_escaped(key), reason, _escaped(detail), key_raw))
 
-    def commit(self) -> dict[str, int]:
-        """Close the data file under its final name, then the error file. Returns bytes written."""
+    def commit(self, record: dict[str, Any] | None = None) -> dict[str, int]:
+        """Write the error file, then close the data file under its final name: the shard's commit. `record`:
+        the shard's done record as JSON without its sizes; stored, with `error_bytes`, in the data file's footer.
+        Returns bytes written."""
         self._flush()
-        parquet, self._parquet = self._open_parquet(), None
+        parquet = self._open_parquet()
+        table = pa.Table.from_pylist([vars(e) for e in self.errors], schema=ERROR_SCHEMA)
+        with storage.atomic_write(self.errors_url, self.storage_options) as f:
+            pq.write_table(table, f, compression="zstd", write_page_checksum=True)
+            error_bytes = f.tell()
+        if record is not None:
+            parquet.add_key_value_metadata({COMMIT_KEY: json.dumps({**record, "error_bytes": error_bytes})})
+        self._parquet = None
         parquet.close()
         data_bytes = self._file.tell()
         self._stack.close()  # the atomic commit of the data file
-        table = pa.Table.from_pylist([vars(e) for e in self.errors], schema=ERROR_SCHEMA)
-        with storage.atomic_write(self.errors_url, self.storage_options) as f:
-            pq.write_table(table, f, compression="zstd")
-            error_bytes = f.tell()
         return {"data_bytes": data_bytes, "error_bytes": error_bytes}
 
     def _flush(self) -> None:

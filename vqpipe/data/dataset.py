@@ -15,15 +15,14 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import StorageError
-from ..ledger import Ledger
-from ..manifest import Manifest, Source, sources
+from ..manifest import Source
+from ..out.snapshot import Snapshot
 from ..schema import read_metadata
 from .batch import TokenBatch, block_columns
 from .epoch import EpochPlan, make_plan, window_order
 from .rows import RowBlock
 from .shards import ShardReader, check_file, open_parquet
-from .views import RANDOM, check_file_views, columns_to_read, view_choice
+from .views import RANDOM, ShardViews, check_file_views, columns_to_read, view_choice
 
 logger = logging.getLogger(__name__)
 
@@ -83,27 +82,35 @@ class TokenDataset(IterableDataset):
         self.epoch = 0
         self._resume: dict[str, Any] | None = None
         self._yielded = 0
-        ledger = Ledger(out, storage_options)
-        if ledger.read_run() is None:
-            raise StorageError(f"{out}: not a vqpipe output (no run.json)")
-        committed = sorted(ledger.done_ids())
+        snapshot = Snapshot.open(out, storage_options)  # the committed shards and where their rows are
+        committed = snapshot.shard_ids
         if shards is not None:
             missing = sorted(set(shards) - set(committed))
             if missing:
                 raise ValueError(f"{out}: shard(s) not committed: {', '.join(missing[:5])}")
             committed = sorted(set(shards))
-        markers = ledger.read_done_many(committed)
         self.shard_ids = tuple(committed)
-        self.shard_rows = tuple(markers[s].rows for s in committed)
+        self.shard_rows = tuple(snapshot.rows(committed))
         self.shard_rows_by_id = dict(zip(self.shard_ids, self.shard_rows))
-        self.choice = view_choice(view, markers, ledger.done_url)  # which rows of each image an epoch yields
+        index = snapshot.committed
+        self.choice = view_choice(  # which rows of each image an epoch yields
+            view,
+            [
+                ShardViews(*v)
+                for v in zip(
+                    committed, index.views(committed), self.shard_rows, index.column("images", committed)
+                )
+            ],
+            snapshot.ledger.done_url,
+        )
         self.views = self.choice.views  # the OUT's, in the order of an image's rows
         # What the files are read for, and the view of files without a `view` column: from the first file's schema.
         self.read_columns: tuple[str, ...] = self.columns
         self._view_fill: str | None = None
         # The files to read: the epoch is planned over these (a data file, or a compacted file's counted rows).
-        # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a compaction.
-        self.sources: tuple[Source, ...] = tuple(sources(ledger, markers, None if compacted else Manifest()))
+        # compacted=False reads data/ only (it must still hold every file): to finish an epoch begun before a
+        # compaction of a format-1.x OUT, which kept the data files.
+        self.sources: tuple[Source, ...] = tuple(snapshot.sources(committed, compacted=compacted))
         self.metadata = self._check_columns()
         self._digest = _digest(self.shard_ids, self.shard_rows, self.sources)
 

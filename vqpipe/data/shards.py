@@ -102,7 +102,13 @@ class ShardReader:
         if missing:
             if self.file is None:
                 raise RuntimeError("ShardReader._load before _open: no file is open")
-            table = self.file.read_row_groups(missing, columns=list(self.ds.read_columns))
+            try:
+                table = self.file.read_row_groups(missing, columns=list(self.ds.read_columns))
+            except (pa.ArrowException, OSError) as e:  # a checksum or decoding failure: damage, named
+                raise StorageError(
+                    f"{self.url}: row groups {missing} cannot be read ({type(e).__name__}: {e}); "
+                    "`vqpipe status OUT --verify` checks every file"
+                ) from None
             block = to_block(table, self.ds.label_fill)
             offset = 0
             for g in missing:
@@ -168,16 +174,25 @@ def _segments(group_rows: list[int], ranges: Sequence[tuple[int, int]] | None) -
 
 def open_parquet(url: str, storage_options: dict[str, Any] | None) -> tuple[pq.ParquetFile, Any]:
     """The file and, for remote ones, the stream under it (to close). Local files go to pyarrow's own reader
-    (memory-mapped); others stream through vqpipe's storage layer (range reads, retries)."""
+    (memory-mapped); others stream through vqpipe's storage layer (range reads, retries). Page checksums are
+    verified as pages are read (files written before format 2 have none: nothing to verify)."""
+    source = None
     try:
         if storage.is_local(url):
-            return pq.ParquetFile(url, memory_map=True), None
+            return pq.ParquetFile(url, memory_map=True, page_checksum_verification=True), None
         source = storage.open_input(url, storage_options)
-        return pq.ParquetFile(source), source
+        return pq.ParquetFile(source, page_checksum_verification=True), source
     except FileNotFoundError:
         raise StorageError(
-            f"{url}: no such file (its shard has a done marker; was the dataset built before a "
-            "`vqpipe compact --delete-sources`? build it again)"
+            f"{storage.redact(url)}: no such file, but committed rows are in it (removed since the dataset was "
+            "built, e.g. by `vqpipe compact`? build it again; else `vqpipe status OUT --verify`)"
+        ) from None
+    except (pa.ArrowException, OSError) as e:
+        if source is not None:
+            source.close()
+        raise StorageError(
+            f"{storage.redact(url)}: not a readable Parquet file ({type(e).__name__}: {e}); "
+            "`vqpipe status OUT --verify` checks every file"
         ) from None
 
 

@@ -10,7 +10,7 @@ any world size, worker count, resume point, shard selection or compaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StorageError
-from ..records import DoneRecord
 from ..schema import METADATA_KEY
 from ..views import DEFAULT_VIEWS
 from .epoch import view_picks
@@ -52,19 +51,28 @@ class ViewChoice:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def view_choice(view: str, markers: Mapping[str, DoneRecord], marker_url: Any) -> ViewChoice:
-    """Validate `view=` against the committed shards' done markers (`marker_url(shard_id)` names one in errors):
-    to pick views they must list the same views and hold whole images; view="all" reads rows as they are."""
+@dataclass(frozen=True)
+class ShardViews:
+    """What the view pick needs of one committed shard (from the ledger index, not its marker)."""
+
+    shard_id: str
+    views: tuple[str, ...]
+    rows: int
+    images: int | None  # None for markers from before views (then rows = images)
+
+
+def view_choice(view: str, shards: Sequence[ShardViews], marker_url: Any) -> ViewChoice:
+    """Validate `view=` against the committed shards (`marker_url(shard_id)` names one's marker in errors): to
+    pick views they must list the same views and hold whole images; view="all" reads rows as they are."""
     views: tuple[str, ...] | None = None
     first = ""
-    shards = list(markers.items())
-    for shard_id, marker in shards if view != ALL else shards[:1]:  # the first names the views of "all"
-        got = tuple(marker.views or DEFAULT_VIEWS)
+    for shard in shards if view != ALL else shards[:1]:  # the first names the views of "all"
+        got = tuple(shard.views or DEFAULT_VIEWS)
         if views is None:
-            views, first = got, shard_id
+            views, first = got, shard.shard_id
         elif got != views:
             raise StorageError(
-                f"{marker_url(shard_id)}: views {','.join(got)}, but {marker_url(first)} has "
+                f"{marker_url(shard.shard_id)}: views {','.join(got)}, but {marker_url(first)} has "
                 f"{','.join(views)}; one OUT holds one view list (read them as two datasets, shards=...)"
             )
     choice = ViewChoice(views or DEFAULT_VIEWS, view)
@@ -74,11 +82,11 @@ def view_choice(view: str, markers: Mapping[str, DoneRecord], marker_url: Any) -
         )
     if choice.per_image:
         n = len(choice.views)
-        for shard_id, marker in markers.items():
-            rows, images = marker.rows, marker.images
+        for shard in shards:
+            rows, images = shard.rows, shard.images
             if rows % n or (images is not None and int(images) * n != rows):
                 raise StorageError(
-                    f"{marker_url(shard_id)}: {rows} rows{'' if images is None else f' for {images} images'} "
+                    f"{marker_url(shard.shard_id)}: {rows} rows{'' if images is None else f' for {images} images'} "
                     f"is not {n} views per image; view={view!r} needs whole images (view='all' reads every row)"
                 )
     return choice
