@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,6 +69,7 @@ def migrate(
             lease.acquire(wait_s=wait_for_lease_s)
             stack.enter_context(lease)
         mark_incomplete(new, storage_options, "vqpipe migrate is moving files")
+        storage.cleanup_temporaries(new.data_dir, storage_options)  # a killed 1.x run's half-written files
         report = MigrateReport() if switched else _copy_over(output, old, new, storage_options)
         _remove_old(output, old, storage_options)
         snap = Snapshot.open(ledger=Ledger(output, storage_options, layout=new), maintain=True)
@@ -124,6 +126,9 @@ def _remove_old(output: str, old: Layout, so: dict[str, Any] | None) -> None:
         for name in storage.list_files(d, "", so):
             storage.remove(storage.join(d, name), so)
         storage.cleanup_temporaries(d, so)
+        if storage.is_local(d):  # object stores have no directories to leave behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
     for name in ("run.json", "plan.json"):
         storage.remove(storage.join(output, name), so)
 
