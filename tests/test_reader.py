@@ -4,11 +4,16 @@ names the version of the input that was read. Real tars from Python's tarfile an
 
 from __future__ import annotations
 
+import bz2
+import errno
 import gzip
 import io
+import lzma
 import os
+import struct
 import subprocess
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -271,6 +276,106 @@ def test_gzipped_tars_are_read_and_also_need_the_marker():
     assert len(read_all(gzip.compress(data))[0]) == 2
     with pytest.raises(ShardError, match="truncated_tar"):
         read_all(gzip.compress(data[: member_ends(data)[0]]))
+
+
+# -- compressed tars: the format's own checks, to the last byte ----------------------------------------------------
+
+COMPRESSORS = {
+    # level 0 stores the tar's bytes as they are: a flipped bit there still inflates, into a different tar
+    "gzip": lambda data: gzip.compress(data, compresslevel=0, mtime=0),
+    "bzip2": bz2.compress,
+    "xz": lzma.compress,
+    "lzma": lambda data: lzma.compress(data, format=lzma.FORMAT_ALONE),
+}
+
+
+def flip_a_bit(packed: bytes) -> bytes:
+    """`packed` with one bit flipped: inside the JPEG's bytes where they are stored as they are (gzip level 0,
+    so the damage inflates into a tar with one byte changed), else in the middle."""
+    at = packed.find(JPG)
+    at = at + len(JPG) // 2 if at >= 0 else len(packed) // 2
+    return packed[:at] + bytes([packed[at] ^ 0x10]) + packed[at + 1 :]
+
+
+def gzip_trailer(packed: bytes, crc: int | None = None, size: int | None = None) -> bytes:
+    """`packed` with its gzip trailer's CRC32 or length (ISIZE) replaced."""
+    old_crc, old_size = struct.unpack("<II", packed[-8:])
+    crc, size = old_crc if crc is None else crc, old_size if size is None else size
+    return packed[:-8] + struct.pack("<II", crc, size)
+
+
+@pytest.mark.parametrize(
+    "fmt, damage, reason",
+    [
+        ("gzip", "cut 8", "truncated_tar"),  # the whole trailer: the tar inside is complete
+        ("gzip", "cut 1", "truncated_tar"),
+        ("gzip", "wrong crc", "bad_tar"),
+        ("gzip", "wrong length", "bad_tar"),
+        ("gzip", "flipped bit", "bad_tar"),  # inflates, into a tar with one byte changed
+        ("gzip", "junk after", "bad_tar"),
+        ("bzip2", "cut 8", "truncated_tar"),
+        ("bzip2", "flipped bit", "bad_tar"),
+        ("xz", "cut 8", "truncated_tar"),
+        ("xz", "flipped bit", "bad_tar"),
+        ("lzma", "cut 8", "truncated_tar"),
+    ],
+)
+def test_a_damaged_compressed_tar_is_never_read_as_good(fmt, damage, reason):
+    data = tar_of([("a.jpg", JPG), ("b.png", PNG), ("c.cls", b"3")])
+    packed = COMPRESSORS[fmt](data)
+    assert outcome(read_all(packed)[0]) == {"a": None, "b": None, "c": "missing_image"}
+    damaged = {
+        "cut 8": lambda: packed[:-8],
+        "cut 1": lambda: packed[:-1],
+        "wrong crc": lambda: gzip_trailer(packed, crc=zlib.crc32(data) ^ 1),
+        "wrong length": lambda: gzip_trailer(packed, size=len(data) + 512),
+        "flipped bit": lambda: flip_a_bit(packed),
+        "junk after": lambda: packed + b"junk",
+    }[damage]()
+    with pytest.raises(ShardError) as e:
+        read_all(damaged)
+    assert e.value.reason == reason and e.value.detail.startswith("shard: ") and fmt[:2] in e.value.detail
+
+
+def test_compressed_tars_may_be_concatenated_streams_and_end_in_zeros():
+    """What pigz/pbzip2 and tape padding write: several streams one after the other, zero bytes at the end."""
+    data = tar_of([("a.jpg", JPG), ("b.png", PNG)])
+    half = member_ends(data)[0]
+    for compress in (gzip.compress, bz2.compress, lzma.compress):
+        assert len(read_all(compress(data[:half]) + compress(data[half:]))[0]) == 2
+    assert len(read_all(gzip.compress(data) + bytes(1000))[0]) == 2
+
+
+class FailingRead(io.BytesIO):
+    """Bytes whose read fails after `at` of them with an OSError, as a disk's read error does."""
+
+    def __init__(self, data: bytes, at: int) -> None:
+        super().__init__(data)
+        self.at = at
+
+    def readinto(self, buffer) -> int:
+        if self.tell() >= self.at:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().readinto(memoryview(buffer)[: self.at - self.tell()])
+
+
+def test_a_failed_read_of_a_compressed_shard_is_not_taken_for_corrupt_data():
+    """gzip's own errors are OSErrors too; a read that failed must not become `bad_tar`, a permanent reason
+    (never retried): the next read may succeed."""
+    packed = gzip.compress(tar_of([(f"k_{i}.jpg", JPG) for i in range(6)]))
+    with pytest.raises(OSError) as e:
+        list(iter_samples(FailingRead(packed, len(packed) // 2), "shard"))
+    assert e.value.errno == errno.EIO and not isinstance(e.value, ShardError)
+
+
+def test_a_gzipped_shard_cut_short_commits_nothing(worker, tmp_path):
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(gzip.compress(tar_of([(f"k_{i}.jpg", JPG) for i in range(6)]))[:-8])
+    with pytest.raises(ShardError) as e:
+        process(worker, path)
+    assert e.value.reason == "truncated_tar" and e.value.detail.startswith("cut: ")
+    assert not worker.ledger.is_done("cut")
+    assert not os.path.exists(worker.ledger.data_url("cut"))
 
 
 # -- the done marker names what was read ---------------------------------------------------------------------------
