@@ -188,6 +188,32 @@ def test_gnu_tar_links_are_resolved_and_every_listed_member_is_accounted(tmp_pat
     assert stats.sample_members + sum(stats.ignored.values()) == stats.members
 
 
+@pytest.mark.parametrize("maker", ["gnu", "python"])
+def test_links_resolve_in_a_tar_of_dot_with_dot_slash_names(maker, tmp_path):
+    """`tar -C src -cf x.tar .` names every member `./...`; link targets are `a.jpg`, `../a.jpg`, `./a.jpg`."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.jpg").write_bytes(JPG)
+    (src / "a.cls").write_bytes(b"7")
+    (src / "b.jpg").symlink_to("a.jpg")
+    (src / "sub" / "c.jpg").symlink_to("../a.jpg")
+    os.link(src / "a.jpg", src / "d.jpg")  # stored as a hard link to the first name, `./a.jpg`
+    out = tmp_path / "dot.tar"
+    if maker == "gnu":
+        subprocess.run(["tar", "--sort=name", "-C", str(src), "-cf", str(out), "."], check=True)
+    else:
+        with tarfile.open(out, "w") as tar:
+            tar.add(src, arcname=".")
+    with tarfile.open(out) as tar:
+        names = {m.name: m for m in tar.getmembers()}
+    assert names["./b.jpg"].issym() and names["./sub/c.jpg"].issym()
+    assert any(m.islnk() for m in names.values())
+    samples, stats = read_all(out.read_bytes())
+    assert outcome(samples) == {k: None for k in ("./a", "./b", "./d", "./sub/c")}
+    assert all(s.image == JPG for s in samples)
+    assert stats.members == len(names)
+
+
 def test_a_link_whose_target_left_the_window_is_an_error_not_a_loss(monkeypatch, tmp_path):
     monkeypatch.setattr(reader, "LINK_CACHE_MEMBERS", 2)
     buf = io.BytesIO()

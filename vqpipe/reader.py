@@ -155,10 +155,12 @@ def _members(tar: tarfile.TarFile, stats: ReadStats) -> Iterator[tuple[tarfile.T
         else:  # a hard link names the target's path; a symbolic one is relative to the link's directory
             target = member.linkname
             if member.issym():
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(member.name), target))
-            data = recent.get(target)
+                target = posixpath.join(posixpath.dirname(member.name), target)
+            data = recent.get(posixpath.normpath(target))
         if data is not None:
-            recent.put(member.name, data)
+            # remembered under the normalised name that targets are looked up by: `./a.jpg` (from
+            # `tar -C src -cf x.tar .`) is the target of a symbolic link to `a.jpg` and of a hard link to `./a.jpg`
+            recent.put(posixpath.normpath(member.name), data)
         yield member, data
 
 
