@@ -5,6 +5,7 @@ names the version of the input that was read. Real tars from Python's tarfile an
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import errno
 import gzip
 import io
@@ -18,10 +19,11 @@ import zlib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shards import _tar_bytes, defect_samples, good_image_bytes
+from shards import _tar_bytes, corrupt_jpeg_bytes, defect_samples, good_image_bytes
 
 from vqpipe import reader, storage
 from vqpipe.cli import main
+from vqpipe.config import RunConfig
 from vqpipe.errors import ShardError
 from vqpipe.ledger import Ledger
 from vqpipe.plan import Shard
@@ -43,8 +45,11 @@ def outcome(samples) -> dict[str, str | None]:
     return {s.key: (s.error.reason if s.error else None) for s in samples}
 
 
-def tar_of(members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORMAT) -> bytes:
-    """(name, bytes) regular members; bytes None: a directory. Names as bytes may be any bytes (not UTF-8)."""
+def tar_of(
+    members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORMAT, links: list[tarfile.TarInfo] = ()
+) -> bytes:
+    """(name, bytes) regular members, then `links` (link TarInfos); bytes None: a directory. Names as bytes may
+    be any bytes (not UTF-8)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
         for name, data in members:
@@ -57,6 +62,8 @@ def tar_of(members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORM
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+        for link in links:
+            tar.addfile(link)
     return buf.getvalue()
 
 
@@ -119,6 +126,32 @@ def test_case_different_suffixes_and_non_utf8_keys_are_sample_errors_with_the_ra
     rows = pq.read_table(worker.ledger.data_url("names"), columns=["key"]).column("key").to_pylist()
     assert rows == ["caf\u00e9_2", "ok_3"]
     assert pq.read_schema(worker.ledger.errors_url("names")).equals(ERROR_SCHEMA)
+
+
+def test_a_few_bad_samples_do_not_fail_a_small_shard_and_many_still_do(worker, tmp_path, monkeypatch):
+    """The default rate (10 %) counts only from run.min_errors_to_fail (10) bad samples on."""
+    defaults = dataclasses.replace(worker.config, run=RunConfig())
+    monkeypatch.setattr(worker, "config", defaults)
+    (tmp_path / "one.tar").write_bytes(tar_of([("k.jpg", corrupt_jpeg_bytes(1))]))
+    link = tarfile.TarInfo("k_3.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "nowhere.jpg"
+    (tmp_path / "four.tar").write_bytes(tar_of([(f"k_{i}.jpg", JPG) for i in range(3)], links=[link]))
+    assert process(worker, tmp_path / "one.tar")["errors_by_reason"] == {"decode_error": 1}
+    four = process(worker, tmp_path / "four.tar")
+    assert (four["rows"], four["errors_by_reason"]) == (3, {"unresolved_link": 1})
+
+    many = [(f"b_{i}.jpg", corrupt_jpeg_bytes(i)) for i in range(10)]
+    many += [(f"g_{i}.jpg", JPG) for i in range(10)]
+    (tmp_path / "many.tar").write_bytes(tar_of(many))
+    with pytest.raises(ShardError) as e:  # 10 of 20: the rate applies
+        process(worker, tmp_path / "many.tar")
+    assert e.value.reason == "too_many_errors" and "10 of 20 samples failed" in e.value.detail
+    assert not worker.ledger.is_done("many")
+
+    rate_alone = dataclasses.replace(defaults, run=RunConfig(min_errors_to_fail=1))
+    monkeypatch.setattr(worker, "config", rate_alone)
+    with pytest.raises(ShardError, match="too_many_errors"):
+        process(worker, tmp_path / "one.tar", shard_id="one-again")
 
 
 def test_a_row_arrow_refuses_becomes_a_sample_error_and_the_batch_keeps_the_others(worker, tmp_path):
