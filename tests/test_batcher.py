@@ -205,7 +205,7 @@ def test_each_shard_keeps_its_rows_errors_and_failure_with_others_in_flight(tmp_
     )
     write_truncated_tar(tmp_path / "truncated.tar", _images(6, start=20))
     shards = [_shard(tmp_path / f"{n}.tar") for n in ("clean", "some_errors", "mostly_bad", "truncated")]
-    w = _worker(tmp_path / "out")
+    w = _worker(tmp_path / "out", min_errors_to_fail=1)  # the rate alone: 3 bad samples of 3 fail it
     try:
         results = _process_all(w, shards)
         assert results["clean"].rows == 5 and results["clean"].errors == 0

@@ -83,6 +83,7 @@ def test_storage_options_are_taken_whole_not_merged(tmp_path):
         (minimal(encode={"decode": "gpu"}), "encode.decode: must be one of pil, device, got 'gpu'"),
         (minimal(run={"max_error_rate": 1.5}), "run.max_error_rate: must be between 0 and 1, got 1.5"),
         (minimal(run={"replicas": -1}), "run.replicas: must be >= 0, got -1"),
+        (minimal(run={"min_errors_to_fail": 0}), "run.min_errors_to_fail: must be > 0, got 0"),
         (minimal(run={"limit_shards": 0}), "run.limit_shards: must be > 0, got 0"),
         (minimal(model={}), "model.checkpoint: preset 'var256' needs weights"),
         (minimal(model={"random_weights": True, "checkpoint": "x.pth"}), "model.random_weights: conflicts"),

@@ -35,6 +35,7 @@ def test_every_setting_has_a_flag_and_a_row():
         (["--no-var-input"], ("encode", "var_input"), False),
         (["--batch-size", "4"], ("encode", "batch_size"), 4),
         (["--max-error-rate", "0.5"], ("run", "max_error_rate"), 0.5),
+        (["--min-errors-to-fail", "3"], ("run", "min_errors_to_fail"), 3),
         (["--wait-for-lease", "3"], ("run", "wait_for_lease_s"), 3.0),
         (["--no-speculative"], ("run", "speculative"), False),
         (["--limit-shards", "2"], ("run", "limit_shards"), 2),

@@ -1,8 +1,10 @@
 """Shard identity, planning against done markers (also format-1.0 ones), tar-only expansion, and status of
 records outside the plan. In-process, no Ray."""
 
+import hashlib
 import json
 import logging
+import os
 
 import pytest
 
@@ -124,6 +126,55 @@ def _commit(ledger: Ledger, shard_id: str, record: dict) -> None:
     """A commit as status sees it: a data file (status reads no rows: any bytes) and the done marker."""
     storage.write_bytes_atomic(ledger.data_url(shard_id), b"rows")
     ledger.mark_done(shard_id, record)
+
+
+def non_utf8_file(directory, name: bytes, data=b"x"):
+    """A real file whose name holds bytes that are not UTF-8 (Python lists it with surrogate escapes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = os.path.join(os.fsencode(directory), name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return os.fsdecode(path)
+
+
+def test_an_input_whose_name_is_not_utf8_is_refused_alone(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    good = touch(tmp_path / "in/part-1.tar")
+    bad = non_utf8_file(tmp_path / "in", b"caf\xe9 \xff.tar")
+    plan = planned([tmp_path / "in"], ledger)
+    assert [s.url for s in plan.todo] == [str(good)] and len(plan) == 1
+    assert len(plan.refused) == 1
+    refused = plan.refused[0]
+    assert refused.reason == "bad_input_name"
+    assert refused.url == f"{tmp_path}/in/caf\\xe9 \\xff.tar" and refused.url in refused.detail
+    assert refused.shard_id == f"caf_ _-{hashlib.sha1(os.fsencode(bad)).hexdigest()[:8]}"
+    for text in (refused.url, refused.detail, refused.shard_id):
+        text.encode("utf-8")  # valid text: it goes into failed/<id>.json, plan.json and logs
+    # the ids of names that are UTF-8 are what they always were
+    assert shard_id(str(good)) == f"part-1-{hashlib.sha1(str(good).encode()).hexdigest()[:8]}"
+
+
+@pytest.mark.slow
+def test_a_run_over_a_directory_with_a_non_utf8_name_tokenizes_the_rest(ray_session, tmp_path, capsys):
+    """Issue 23 item 3: one such name used to stop the whole run with a UnicodeEncodeError traceback."""
+    from shards import good_image_bytes, write_shard
+
+    from vqpipe.cli import main
+
+    images = [{"__key__": f"k{i}", "png": good_image_bytes(i, "png")} for i in range(3)]
+    write_shard(touch(tmp_path / "in/good.tar"), images)
+    bad = non_utf8_file(tmp_path / "in", b"bad\xff.tar", (tmp_path / "in/good.tar").read_bytes())
+    out = tmp_path / "out"
+    args = ["tokenize", str(tmp_path / "in"), "-o", str(out), "--model", "tiny", "--random-weights"]
+    assert main([*args, "--batch-size", "4"]) == 1  # incomplete: one input failed
+    assert main(["status", str(out), "--json"]) == 1
+    status = json.loads(capsys.readouterr().out)
+    bad_id = shard_id(bad)
+    assert status["shards"] == {"planned": 2, "done": 1, "failed": 1, "pending": 0}
+    assert status["failed_shards"] == {bad_id: "bad_input_name"}
+    assert Ledger(str(out)).read_done(shard_id(str(tmp_path / "in/good.tar"))).rows == 3
+    record = Ledger(str(out)).read_failed(bad_id)
+    assert record.url == f"{tmp_path}/in/bad\\xff.tar" and "not UTF-8" in record.detail
 
 
 def test_status_counts_the_plan_and_reports_records_outside_it(tmp_path, capsys):

@@ -4,19 +4,26 @@ names the version of the input that was read. Real tars from Python's tarfile an
 
 from __future__ import annotations
 
+import bz2
+import dataclasses
+import errno
 import gzip
 import io
+import lzma
 import os
+import struct
 import subprocess
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shards import _tar_bytes, defect_samples, good_image_bytes
+from shards import _tar_bytes, corrupt_jpeg_bytes, defect_samples, good_image_bytes
 
 from vqpipe import reader, storage
 from vqpipe.cli import main
+from vqpipe.config import RunConfig
 from vqpipe.errors import ShardError
 from vqpipe.out.snapshot import Snapshot
 from vqpipe.plan import Shard
@@ -38,8 +45,11 @@ def outcome(samples) -> dict[str, str | None]:
     return {s.key: (s.error.reason if s.error else None) for s in samples}
 
 
-def tar_of(members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORMAT) -> bytes:
-    """(name, bytes) regular members; bytes None: a directory. Names as bytes may be any bytes (not UTF-8)."""
+def tar_of(
+    members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORMAT, links: list[tarfile.TarInfo] = ()
+) -> bytes:
+    """(name, bytes) regular members, then `links` (link TarInfos); bytes None: a directory. Names as bytes may
+    be any bytes (not UTF-8)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
         for name, data in members:
@@ -52,6 +62,8 @@ def tar_of(members: list[tuple[str | bytes, bytes | None]], fmt=tarfile.GNU_FORM
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+        for link in links:
+            tar.addfile(link)
     return buf.getvalue()
 
 
@@ -114,6 +126,32 @@ def test_case_different_suffixes_and_non_utf8_keys_are_sample_errors_with_the_ra
     rows = pq.read_table(worker.ledger.data_url("names"), columns=["key"]).column("key").to_pylist()
     assert rows == ["caf\u00e9_2", "ok_3"]
     assert pq.read_schema(worker.ledger.errors_url("names")).equals(ERROR_SCHEMA)
+
+
+def test_a_few_bad_samples_do_not_fail_a_small_shard_and_many_still_do(worker, tmp_path, monkeypatch):
+    """The default rate (10 %) counts only from run.min_errors_to_fail (10) bad samples on."""
+    defaults = dataclasses.replace(worker.config, run=RunConfig())
+    monkeypatch.setattr(worker, "config", defaults)
+    (tmp_path / "one.tar").write_bytes(tar_of([("k.jpg", corrupt_jpeg_bytes(1))]))
+    link = tarfile.TarInfo("k_3.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "nowhere.jpg"
+    (tmp_path / "four.tar").write_bytes(tar_of([(f"k_{i}.jpg", JPG) for i in range(3)], links=[link]))
+    assert process(worker, tmp_path / "one.tar")["errors_by_reason"] == {"decode_error": 1}
+    four = process(worker, tmp_path / "four.tar")
+    assert (four["rows"], four["errors_by_reason"]) == (3, {"unresolved_link": 1})
+
+    many = [(f"b_{i}.jpg", corrupt_jpeg_bytes(i)) for i in range(10)]
+    many += [(f"g_{i}.jpg", JPG) for i in range(10)]
+    (tmp_path / "many.tar").write_bytes(tar_of(many))
+    with pytest.raises(ShardError) as e:  # 10 of 20: the rate applies
+        process(worker, tmp_path / "many.tar")
+    assert e.value.reason == "too_many_errors" and "10 of 20 samples failed" in e.value.detail
+    assert not worker.ledger.is_done("many")
+
+    rate_alone = dataclasses.replace(defaults, run=RunConfig(min_errors_to_fail=1))
+    monkeypatch.setattr(worker, "config", rate_alone)
+    with pytest.raises(ShardError, match="too_many_errors"):
+        process(worker, tmp_path / "one.tar", shard_id="one-again")
 
 
 def test_a_row_arrow_refuses_becomes_a_sample_error_and_the_batch_keeps_the_others(worker, tmp_path):
@@ -181,6 +219,32 @@ def test_gnu_tar_links_are_resolved_and_every_listed_member_is_accounted(tmp_pat
     assert by_key["a_1"].image == by_key["a_2"].image == JPG and by_key["a_1"].label == 7
     assert stats.ignored == {"no_extension": 1, "dot_name": 1, "directory": 1, "special_file": 1}
     assert stats.sample_members + sum(stats.ignored.values()) == stats.members
+
+
+@pytest.mark.parametrize("maker", ["gnu", "python"])
+def test_links_resolve_in_a_tar_of_dot_with_dot_slash_names(maker, tmp_path):
+    """`tar -C src -cf x.tar .` names every member `./...`; link targets are `a.jpg`, `../a.jpg`, `./a.jpg`."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.jpg").write_bytes(JPG)
+    (src / "a.cls").write_bytes(b"7")
+    (src / "b.jpg").symlink_to("a.jpg")
+    (src / "sub" / "c.jpg").symlink_to("../a.jpg")
+    os.link(src / "a.jpg", src / "d.jpg")  # stored as a hard link to the first name, `./a.jpg`
+    out = tmp_path / "dot.tar"
+    if maker == "gnu":
+        subprocess.run(["tar", "--sort=name", "-C", str(src), "-cf", str(out), "."], check=True)
+    else:
+        with tarfile.open(out, "w") as tar:
+            tar.add(src, arcname=".")
+    with tarfile.open(out) as tar:
+        names = {m.name: m for m in tar.getmembers()}
+    assert names["./b.jpg"].issym() and names["./sub/c.jpg"].issym()
+    assert any(m.islnk() for m in names.values())
+    samples, stats = read_all(out.read_bytes())
+    assert outcome(samples) == {k: None for k in ("./a", "./b", "./d", "./sub/c")}
+    assert all(s.image == JPG for s in samples)
+    assert stats.members == len(names)
 
 
 def test_a_link_whose_target_left_the_window_is_an_error_not_a_loss(monkeypatch, tmp_path):
@@ -271,6 +335,106 @@ def test_gzipped_tars_are_read_and_also_need_the_marker():
     assert len(read_all(gzip.compress(data))[0]) == 2
     with pytest.raises(ShardError, match="truncated_tar"):
         read_all(gzip.compress(data[: member_ends(data)[0]]))
+
+
+# -- compressed tars: the format's own checks, to the last byte ----------------------------------------------------
+
+COMPRESSORS = {
+    # level 0 stores the tar's bytes as they are: a flipped bit there still inflates, into a different tar
+    "gzip": lambda data: gzip.compress(data, compresslevel=0, mtime=0),
+    "bzip2": bz2.compress,
+    "xz": lzma.compress,
+    "lzma": lambda data: lzma.compress(data, format=lzma.FORMAT_ALONE),
+}
+
+
+def flip_a_bit(packed: bytes) -> bytes:
+    """`packed` with one bit flipped: inside the JPEG's bytes where they are stored as they are (gzip level 0,
+    so the damage inflates into a tar with one byte changed), else in the middle."""
+    at = packed.find(JPG)
+    at = at + len(JPG) // 2 if at >= 0 else len(packed) // 2
+    return packed[:at] + bytes([packed[at] ^ 0x10]) + packed[at + 1 :]
+
+
+def gzip_trailer(packed: bytes, crc: int | None = None, size: int | None = None) -> bytes:
+    """`packed` with its gzip trailer's CRC32 or length (ISIZE) replaced."""
+    old_crc, old_size = struct.unpack("<II", packed[-8:])
+    crc, size = old_crc if crc is None else crc, old_size if size is None else size
+    return packed[:-8] + struct.pack("<II", crc, size)
+
+
+@pytest.mark.parametrize(
+    "fmt, damage, reason",
+    [
+        ("gzip", "cut 8", "truncated_tar"),  # the whole trailer: the tar inside is complete
+        ("gzip", "cut 1", "truncated_tar"),
+        ("gzip", "wrong crc", "bad_tar"),
+        ("gzip", "wrong length", "bad_tar"),
+        ("gzip", "flipped bit", "bad_tar"),  # inflates, into a tar with one byte changed
+        ("gzip", "junk after", "bad_tar"),
+        ("bzip2", "cut 8", "truncated_tar"),
+        ("bzip2", "flipped bit", "bad_tar"),
+        ("xz", "cut 8", "truncated_tar"),
+        ("xz", "flipped bit", "bad_tar"),
+        ("lzma", "cut 8", "truncated_tar"),
+    ],
+)
+def test_a_damaged_compressed_tar_is_never_read_as_good(fmt, damage, reason):
+    data = tar_of([("a.jpg", JPG), ("b.png", PNG), ("c.cls", b"3")])
+    packed = COMPRESSORS[fmt](data)
+    assert outcome(read_all(packed)[0]) == {"a": None, "b": None, "c": "missing_image"}
+    damaged = {
+        "cut 8": lambda: packed[:-8],
+        "cut 1": lambda: packed[:-1],
+        "wrong crc": lambda: gzip_trailer(packed, crc=zlib.crc32(data) ^ 1),
+        "wrong length": lambda: gzip_trailer(packed, size=len(data) + 512),
+        "flipped bit": lambda: flip_a_bit(packed),
+        "junk after": lambda: packed + b"junk",
+    }[damage]()
+    with pytest.raises(ShardError) as e:
+        read_all(damaged)
+    assert e.value.reason == reason and e.value.detail.startswith("shard: ") and fmt[:2] in e.value.detail
+
+
+def test_compressed_tars_may_be_concatenated_streams_and_end_in_zeros():
+    """What pigz/pbzip2 and tape padding write: several streams one after the other, zero bytes at the end."""
+    data = tar_of([("a.jpg", JPG), ("b.png", PNG)])
+    half = member_ends(data)[0]
+    for compress in (gzip.compress, bz2.compress, lzma.compress):
+        assert len(read_all(compress(data[:half]) + compress(data[half:]))[0]) == 2
+    assert len(read_all(gzip.compress(data) + bytes(1000))[0]) == 2
+
+
+class FailingRead(io.BytesIO):
+    """Bytes whose read fails after `at` of them with an OSError, as a disk's read error does."""
+
+    def __init__(self, data: bytes, at: int) -> None:
+        super().__init__(data)
+        self.at = at
+
+    def readinto(self, buffer) -> int:
+        if self.tell() >= self.at:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().readinto(memoryview(buffer)[: self.at - self.tell()])
+
+
+def test_a_failed_read_of_a_compressed_shard_is_not_taken_for_corrupt_data():
+    """gzip's own errors are OSErrors too; a read that failed must not become `bad_tar`, a permanent reason
+    (never retried): the next read may succeed."""
+    packed = gzip.compress(tar_of([(f"k_{i}.jpg", JPG) for i in range(6)]))
+    with pytest.raises(OSError) as e:
+        list(iter_samples(FailingRead(packed, len(packed) // 2), "shard"))
+    assert e.value.errno == errno.EIO and not isinstance(e.value, ShardError)
+
+
+def test_a_gzipped_shard_cut_short_commits_nothing(worker, tmp_path):
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(gzip.compress(tar_of([(f"k_{i}.jpg", JPG) for i in range(6)]))[:-8])
+    with pytest.raises(ShardError) as e:
+        process(worker, path)
+    assert e.value.reason == "truncated_tar" and e.value.detail.startswith("cut: ")
+    assert not worker.ledger.is_done("cut")
+    assert not os.path.exists(worker.ledger.data_url("cut"))
 
 
 # -- the done marker names what was read ---------------------------------------------------------------------------

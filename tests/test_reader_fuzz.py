@@ -7,16 +7,27 @@ duplicates, links, directories and FIFOs. Whatever a tar holds, its shard commit
 Derandomized, so every run tries the same examples: 50 in the unit layer (Hypothesis profile "fuzz-unit"), 500
 in the full suite (profile "fuzz-full", marked slow); VQPIPE_FUZZ_EXAMPLES sets the larger count. The encoder
 is the real tiny model, memoized per distinct image (the pool has six), so 500 shards fit in CI.
+
+Compressed tars (`.tar.gz`, and bzip2 and xz, which the reader also accepts) are fuzzed as bytes: such a tar is
+compressed, then its compressed bytes are damaged (bits flipped, cut short, zeroed, repeated, inserted, junk
+appended; or left whole). The shard either commits, and then the format's own one-shot decompression accepts
+the file, gives the tar that was built, and the invariants above hold; or it fails with a tar reason
+(`truncated_tar`, `bad_tar`, `not_a_tar`) and leaves nothing in OUT. Never another exception, never a hang (a
+time limit per test). 25 examples in the unit layer, 300 in the full suite (VQPIPE_FUZZ_COMPRESSED_EXAMPLES).
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
 import itertools
+import lzma
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +40,7 @@ from hypothesis import strategies as st
 from shards import good_image_bytes
 
 from vqpipe import storage
+from vqpipe.errors import ShardError
 from vqpipe.plan import Shard
 
 _FUZZ = dict(
@@ -40,6 +52,12 @@ _FUZZ = dict(
 settings.register_profile("fuzz-unit", max_examples=50, **_FUZZ)
 settings.register_profile(
     "fuzz-full", max_examples=int(os.environ.get("VQPIPE_FUZZ_EXAMPLES", "500")), **_FUZZ
+)
+settings.register_profile("fuzz-unit-compressed", max_examples=25, **_FUZZ)
+settings.register_profile(
+    "fuzz-full-compressed",
+    max_examples=int(os.environ.get("VQPIPE_FUZZ_COMPRESSED_EXAMPLES", "300")),
+    **_FUZZ,
 )
 IMAGES = {
     "jpg": [good_image_bytes(s, "jpg", (8 + s, 10)) for s in range(3)],
@@ -268,9 +286,14 @@ def check_shard(worker, members: list[Member], fmt: int) -> None:
     path.write_bytes(tar_bytes(members, fmt))
 
     record = worker.process(Shard(shard_id, str(path), storage.input_version(str(path)))).to_json()
+    check_committed(worker, shard_id, record, path.read_bytes(), members)
 
-    with tarfile.open(path) as tar:  # `tar t`, read independently of vqpipe (random access, not a stream)
-        listed = tar.getmembers()
+
+def check_committed(worker, shard_id: str, record: dict, tar: bytes, members: list[Member]) -> None:
+    """A committed shard against the tar it was read from and the members that tar was built from."""
+    # `tar t`, read independently of vqpipe (random access, not a stream)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as listing:
+        listed = listing.getmembers()
     assert record["members"] == len(listed) == len(members)
     assert record["ignored_by_reason"] == dict(Counter(m.ignored for m in members if m.ignored))
     samples = expected_samples(members)
@@ -297,3 +320,100 @@ def check_shard(worker, members: list[Member], fmt: int) -> None:
         assert e["reason"] and e["detail"]
         if e["key_raw"] is not None:
             assert e["key"] == e["key_raw"].decode("utf-8", "backslashreplace")
+
+
+# -- compressed tars, damaged as bytes ----------------------------------------------------------------------------
+
+COMPRESSORS = {
+    "gzip": (".tar.gz", lambda data: gzip.compress(data, mtime=0), gzip.decompress),
+    "bzip2": (".tar.bz2", bz2.compress, bz2.decompress),
+    "xz": (".tar.xz", lzma.compress, lzma.decompress),
+}
+# How the format's own one-shot decompression refuses damaged bytes.
+_REFUSED = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+
+damages = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 2**20), st.integers(0, 7)),
+    st.tuples(st.just("cut"), st.integers(0, 2**20), st.just(0)),
+    # where gzip keeps its CRC32 and length, and bzip2/xz their stream ends: a copy cut off, a bad last block
+    st.tuples(st.just("cut end"), st.integers(1, 16), st.just(0)),
+    st.tuples(st.just("flip end"), st.integers(1, 16), st.integers(0, 7)),
+    st.tuples(st.just("zero"), st.integers(0, 2**20), st.integers(1, 64)),
+    st.tuples(st.just("repeat"), st.integers(0, 2**20), st.integers(1, 600)),
+    st.tuples(st.just("insert"), st.integers(0, 2**20), st.integers(1, 32)),
+    st.tuples(st.just("append"), st.integers(0, 255), st.integers(1, 32)),
+)
+
+
+def damaged(data: bytes, changes: list[tuple[str, int, int]]) -> bytes:
+    for kind, at, n in changes:
+        if not kind.endswith("end"):
+            at %= max(1, len(data))
+        if kind == "flip" and data:
+            data = data[:at] + bytes([data[at] ^ (1 << n)]) + data[at + 1 :]
+        elif kind == "cut":
+            data = data[:at]
+        elif kind == "cut end":
+            data = data[:-at]
+        elif kind == "flip end" and len(data) >= at:
+            data = data[:-at] + bytes([data[-at] ^ (1 << n)]) + data[len(data) - at + 1 :]
+        elif kind == "zero":
+            data = data[:at] + bytes(len(data[at : at + n])) + data[at + n :]
+        elif kind == "repeat":
+            data = data[: at + n] + data[at : at + n] + data[at + n :]
+        elif kind == "insert":
+            data = data[:at] + bytes((at + i) % 256 for i in range(n)) + data[at:]
+        elif kind == "append":
+            data = data + bytes([at]) * n
+    return data
+
+
+@st.composite
+def compressed_shards(draw) -> tuple[list[Member], int, str, list[tuple[str, int, int]]]:
+    members = draw(shard_members())
+    fmt = draw(tar_formats)
+    comp = draw(st.sampled_from(["gzip", "gzip", "bzip2", "xz"]))  # .tar.gz is the common one
+    changes = draw(st.lists(damages, min_size=1, max_size=3)) if draw(st.integers(0, 7)) else []
+    return members, fmt, comp, changes
+
+
+@pytest.mark.timeout(120)
+@settings(settings.get_profile("fuzz-unit-compressed"))
+@given(case=compressed_shards())
+def test_a_damaged_compressed_tar_fails_with_a_tar_reason_or_commits_what_was_built(worker, case):
+    check_compressed(worker, *case)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@settings(settings.get_profile("fuzz-full-compressed"))
+@given(case=compressed_shards())
+def test_a_damaged_compressed_tar_fails_with_a_tar_reason_or_commits_what_was_built_300(worker, case):
+    check_compressed(worker, *case)
+
+
+def check_compressed(worker, members: list[Member], fmt: int, comp: str, changes: list) -> None:
+    suffix, compress, decompress = COMPRESSORS[comp]
+    shard_id = f"fuzzc-{next(_counter):05d}"
+    path = worker.tars / f"{shard_id}{suffix}"
+    tar = tar_bytes(members, fmt)
+    path.write_bytes(damaged(compress(tar), changes))
+    try:  # the format's own check of the whole file, independent of the reader's streaming one
+        whole = decompress(path.read_bytes())
+    except _REFUSED:
+        whole = None
+    event(f"{comp}: {'intact' if whole is not None else 'fails its check'}")
+
+    try:
+        record = worker.process(Shard(shard_id, str(path), storage.input_version(str(path)))).to_json()
+    except ShardError as e:
+        event(f"{comp}: {e.reason}")
+        assert e.reason in ("truncated_tar", "bad_tar", "not_a_tar"), e
+        assert changes, f"an undamaged {comp} tar failed: {e}"
+        assert not worker.ledger.is_done(shard_id)
+        assert not storage.exists(worker.ledger.data_url(shard_id))
+        return
+    event(f"{comp}: committed")
+    assert whole is not None, f"committed a {comp} file that fails its own check ({changes})"
+    assert whole.startswith(tar)  # what was committed is what was built (a repeat may add a whole stream)
+    check_committed(worker, shard_id, record, whole, members)

@@ -153,6 +153,12 @@ class RunConfig:
     max_error_rate: float = option(
         0.1, "a shard with more bad samples than this fraction fails: a bug or the wrong input, not noise"
     )
+    min_errors_to_fail: int = option(
+        10,
+        "max_error_rate fails a shard only once it has at least this many bad samples: one bad image of a "
+        "4-sample shard is 25 %, noise rather than a bug (1: the rate alone)",
+        metavar="N",
+    )
     limit_shards: int | None = option(None, "process only the first N shards (by shard id)", metavar="N")
     reprocess_changed: bool = option(
         False, "redo done shards whose input changed (size/mtime/ETag) since they were committed"
@@ -354,6 +360,7 @@ def _validate(cfg: JobConfig) -> None:
     _at_least("run.stop_grace_s", r.stop_grace_s, 0)
     _positive("run.lease_ttl_s", r.lease_ttl_s)
     _at_least("run.wait_for_lease_s", r.wait_for_lease_s, 0)
+    _positive("run.min_errors_to_fail", r.min_errors_to_fail)
     if not 0.0 <= r.max_error_rate <= 1.0:
         raise ConfigError(f"run.max_error_rate: must be between 0 and 1, got {r.max_error_rate}")
     if r.limit_shards is not None:

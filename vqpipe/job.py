@@ -171,6 +171,7 @@ def _tokenize_holding(
         (s.shard_id, committed.url(s.shard_id) if s.shard_id in committed else storage.redact(s.url))
         for s in plan.todo
     )
+    planned.update((r.shard_id, r.url) for r in plan.refused)
     ledger.write_plan(planned)
     if record.legacy_stem_ids:
         for stem in sorted({legacy_stem(s.url) for s in plan.todo if legacy_stem(s.url) not in committed}):
@@ -192,6 +193,11 @@ def _tokenize_holding(
     logger.info("%d shards: %d already done, %d to run", len(plan), len(plan.done), len(plan.todo))
 
     failed: dict[str, dict[str, Any]] = {}
+    for refused in plan.refused:  # each fails alone, before anything runs
+        failed[refused.shard_id] = {"reason": refused.reason, "detail": refused.detail, "attempts": 0}
+        logger.error("%s: not run: %s: %s", refused.shard_id, refused.reason, refused.detail)
+        failure = FailedRecord(refused.shard_id, refused.url, refused.reason, refused.detail, attempts=0)
+        ledger.mark_failed(refused.shard_id, failure)
     error = None
     if plan.todo and not (stop and stop.requested):
         # Failure records of shards about to run: the driver removes one when its shard commits (a worker

@@ -43,11 +43,21 @@ class DoneShard(NamedTuple):
     url: str
 
 
+class Refused(NamedTuple):
+    """A listed input that is not run: it fails at once, alone, with this reason and detail."""
+
+    shard_id: str
+    url: str  # as shown and recorded: valid UTF-8 text
+    reason: str
+    detail: str
+
+
 @dataclass
 class Plan:
     todo: list[Shard]
     done: list[DoneShard]
     changed: list[Shard]  # done, but the input changed since (reported; redone only if asked)
+    refused: list[Refused] = field(default_factory=list)  # not counted in len() or ids
 
     def __len__(self) -> int:
         """Planned shards, each once (a changed shard to redo is in `todo` only)."""
@@ -64,8 +74,46 @@ class Plan:
 
 
 def shard_id(url: str) -> str:
-    """The id of the shard read from `url` (as listed: an absolute local path or a full URL)."""
-    return f"{legacy_stem(url)}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+    """The id of the shard read from `url` (as listed: an absolute local path or a full URL). A local name that
+    is not UTF-8 is hashed as its bytes, and each of its bytes that is not UTF-8 shows as `_` in the stem."""
+    stem = legacy_stem(url)
+    try:
+        raw = url.encode()
+    except UnicodeEncodeError:
+        raw = _raw(url)
+        stem = _raw(stem).decode("utf-8", "replace").replace("\ufffd", "_")
+    return f"{stem}-{hashlib.sha1(raw).hexdigest()[:8]}"
+
+
+def is_text(name: str) -> bool:
+    """Whether `name` is valid text: Python keeps the bytes of a local file name that are not UTF-8 as
+    surrogate escapes, which no UTF-8 record (a marker, a Parquet file's metadata) can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_name(name: str) -> str:
+    """`name` as valid text to show and record: bytes that are not UTF-8 spelled `\\xNN` (as keys are)."""
+    return _raw(name).decode("utf-8", "backslashreplace")
+
+
+def _raw(name: str) -> bytes:
+    try:
+        return name.encode("utf-8", "surrogateescape")  # a file name's own bytes
+    except UnicodeEncodeError:  # a surrogate no file name gives (a config file's string): its own spelling
+        return name.encode("utf-8", "surrogatepass")
+
+
+def _refused(sid: str, url: str) -> Refused:
+    shown = storage.redact(escape_name(url))
+    detail = (
+        f"{shown}: the input's name is not UTF-8; OUT records every input's name as text (done markers, file "
+        "metadata), so it is not tokenized under this name: rename it (e.g. with convmv) and rerun"
+    )
+    return Refused(sid, shown, "bad_input_name", detail)
 
 
 def legacy_stem(url: str) -> str:
@@ -100,6 +148,9 @@ def make_plan(
             raise ConfigError(f"inputs {storage.redact(a[1])} and {storage.redact(b[1])} get one id {a[0]}")
     if limit is not None:
         listed = listed[:limit]
+    refused = [_refused(sid, u) for sid, u, _ in listed if not is_text(u)]
+    if refused:  # each fails alone; the rest of the run goes on
+        listed = [entry for entry in listed if is_text(entry[1])]
     index = committed if committed is not None else ledger.committed()
     position = index.position
     matched = [entry for entry in listed if entry[0] in position]
@@ -117,7 +168,7 @@ def make_plan(
                 taken.add(stem)
                 adopted.add(sid)
         new = [entry for entry in new if entry[0] not in adopted]
-    plan = Plan(todo=[Shard(sid, u, fp) for sid, u, fp in new], done=[], changed=[])
+    plan = Plan(todo=[Shard(sid, u, fp) for sid, u, fp in new], done=[], changed=[], refused=refused)
     for start in range(0, len(matched), _CHUNK):
         chunk = matched[start : start + _CHUNK]
         recorded = index.input_fingerprints([sid for sid, _, _ in chunk])

@@ -6,7 +6,8 @@ Only raw bytes come out: members are never unpickled or decoded here. Every tar 
 two members with the same suffix, a link whose target is gone, a key seen before) comes out with an `error`
 instead of image bytes, so the caller records it; nothing a single sample contains can fail the shard. Only
 damage to the tar itself raises `ShardError`: not a tar, cut short (also at a block boundary: the
-end-of-archive marker is required unless `allow_unterminated`), or a corrupt header.
+end-of-archive marker is required unless `allow_unterminated`), a corrupt header, or compressed data that
+fails its format's checks (compressed.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import IO
 
 from webdataset.tariterators import base_plus_ext
 
+from . import compressed
 from .errors import SampleError, ShardError
 from .preprocess import IMAGE_EXTENSIONS
 
@@ -83,9 +85,10 @@ def iter_samples(
     """Yield every sample of a WebDataset tar stream in order, as RawSample; count members into `stats`."""
     stats = stats if stats is not None else ReadStats()
     seen: set[str] = set()
+    stream = compressed.open_tar(stream, shard_name)  # gzip, bzip2, xz: decompressed with their checks
     try:
         tar = tarfile.open(  # noqa: SIM115 - closed below; opening is where "not a tar" shows
-            fileobj=stream, mode="r|*", tarinfo=_TarInfo, encoding="utf-8", errors="surrogateescape"
+            fileobj=stream, mode="r|", tarinfo=_TarInfo, encoding="utf-8", errors="surrogateescape"
         )
     except tarfile.ReadError as e:
         raise ShardError("not_a_tar", f"{shard_name}: {e}") from None
@@ -110,6 +113,7 @@ def iter_samples(
             if group is not None:
                 yield _checked(group.finish(), seen)
             _check_end(tar, shard_name, allow_unterminated)
+            compressed.read_to_end(stream)  # a compressed tar's trailer and checksums come after its end
     except (EOFError, tarfile.TarError) as e:
         raise ShardError("truncated_tar", f"{shard_name}: {e}") from None
 
@@ -151,10 +155,12 @@ def _members(tar: tarfile.TarFile, stats: ReadStats) -> Iterator[tuple[tarfile.T
         else:  # a hard link names the target's path; a symbolic one is relative to the link's directory
             target = member.linkname
             if member.issym():
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(member.name), target))
-            data = recent.get(target)
+                target = posixpath.join(posixpath.dirname(member.name), target)
+            data = recent.get(posixpath.normpath(target))
         if data is not None:
-            recent.put(member.name, data)
+            # remembered under the normalised name that targets are looked up by: `./a.jpg` (from
+            # `tar -C src -cf x.tar .`) is the target of a symbolic link to `a.jpg` and of a hard link to `./a.jpg`
+            recent.put(posixpath.normpath(member.name), data)
         yield member, data
 
 

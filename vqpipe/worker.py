@@ -238,12 +238,13 @@ class ShardWorker:
                     "retry reads it anew",
                 )
             errors = Counter(e.reason for e in writer.errors)
-            n_errors = sum(errors.values())
-            if counts["samples"] and n_errors > self.config.run.max_error_rate * counts["samples"]:
+            n_errors, run = sum(errors.values()), self.config.run
+            # the rate says nothing about a few errors: one bad image of a 4-sample shard is 25 %
+            if n_errors >= run.min_errors_to_fail and n_errors > run.max_error_rate * counts["samples"]:
                 raise ShardError(
                     "too_many_errors",
                     f"{shard.shard_id}: {n_errors} of {counts['samples']} samples failed "
-                    f"(limit {self.config.run.max_error_rate:.0%}): {dict(errors)}",
+                    f"(limit {run.max_error_rate:.0%}, from {run.min_errors_to_fail} errors on): {dict(errors)}",
                 )
             if self.ledger.data_committed(shard.shard_id):  # a speculative twin won: first commit wins
                 raise _Superseded
