@@ -84,7 +84,9 @@ def test_planning_an_epoch_reads_no_marker_once_the_index_is_made(out, monkeypat
 def test_a_missing_data_file_is_named_before_any_row_is_read(out, capsys):
     d, _ = out
     (d / "data" / "c.parquet").unlink()
-    with pytest.raises(StorageError, match=r"data/c\.parquet: no such file \(rows of c\).*--verify.*--repair"):
+    with pytest.raises(
+        StorageError, match=r"data/c\.parquet: no such file \(rows of c\).*--verify.*--repair"
+    ):
         TokenDataset(str(d))
     assert main(["status", str(d)]) == 1
     assert "damaged: " in capsys.readouterr().out
