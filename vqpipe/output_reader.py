@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .ledger import Ledger
 from .records import DoneRecord
 
@@ -45,14 +45,24 @@ class Layout:
     resolution: int
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> Layout:
-        return cls(
-            meta["model"]["preset"],
-            meta["model"]["sha256"],
-            tuple(meta["patch_nums"]),
-            meta["vocab_size"],
-            meta["resolution"],
-        )
+    def from_metadata(cls, raw: bytes | None, url: str) -> Layout:
+        """The layout in a data file's `vqpipe` metadata, every value type-checked: whoever can write one file
+        into OUT's bucket writes this, and it reaches the report page and the decoder."""
+        try:
+            meta = json.loads(raw or b"")
+            v = {
+                "preset": meta["model"]["preset"],
+                "model_sha256": meta["model"]["sha256"],
+                "patch_nums": meta["patch_nums"],
+                "vocab_size": meta["vocab_size"],
+                "resolution": meta["resolution"],
+            }
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"{url}: no vqpipe layout in its metadata ({type(e).__name__}: {e})") from None
+        for name, fits, what in _LAYOUT_TYPES:
+            if not fits(v[name]):
+                raise StorageError(f"{url}: metadata {name} is {v[name]!r}, not {what}")
+        return cls(v["preset"], v["model_sha256"], tuple(v["patch_nums"]), v["vocab_size"], v["resolution"])
 
     @property
     def offsets(self) -> list[int]:
@@ -92,7 +102,7 @@ class OutputReader:
             return self._check_layout(url, pq.ParquetFile(raw))
 
     def _check_layout(self, url: str, f: pq.ParquetFile) -> Layout:
-        layout = Layout.from_metadata(json.loads((f.schema_arrow.metadata or {})[b"vqpipe"]))
+        layout = Layout.from_metadata((f.schema_arrow.metadata or {}).get(b"vqpipe"), storage.redact(url))
         if self.layout is None:
             self.layout = layout
         elif (layout.patch_nums, layout.vocab_size) != (self.layout.patch_nums, self.layout.vocab_size):
@@ -184,6 +194,23 @@ class OutputReader:
 
     def _rows(self) -> int:
         return sum(rec.rows for rec in self.markers.values())
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+_LAYOUT_TYPES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("preset", lambda x: isinstance(x, str), "a string"),
+    ("model_sha256", lambda x: isinstance(x, str), "a string"),
+    ("vocab_size", _positive_int, "an integer >= 1"),
+    ("resolution", _positive_int, "an integer >= 1"),
+    (
+        "patch_nums",
+        lambda x: isinstance(x, list) and bool(x) and all(map(_positive_int, x)),
+        "a list of integers >= 1",
+    ),
+)
 
 
 def _codes(table: Any) -> np.ndarray:
