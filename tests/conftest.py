@@ -6,6 +6,7 @@ Cluster, `ray start`, a `vqpipe tokenize` subprocess) without `@pytest.mark.slow
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -115,22 +116,26 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real, nearly full filesystem: a 256 KiB tmpfs mounted under tmp_path (needs root; skipped without)."""
+@contextlib.contextmanager
+def mounted(args: list[str], mnt: Path):
+    """`mount ARGS MNT` while in the block, then a lazy unmount (needs root: skips the test without)."""
     import subprocess
 
-    mnt = tmp_path / "tiny-disk"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
+    mnt.mkdir(exist_ok=True)
+    res = subprocess.run(["mount", *args, str(mnt)], capture_output=True, text=True)
     if res.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        pytest.skip(f"cannot mount {' '.join(args)} here: {res.stderr.strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real, nearly full filesystem: a 256 KiB tmpfs mounted under tmp_path (needs root; skipped without)."""
+    with mounted(["-t", "tmpfs", "-o", "size=256k", "tmpfs"], tmp_path / "tiny-disk") as mnt:
+        yield mnt
 
 
 @pytest.fixture

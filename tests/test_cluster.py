@@ -4,8 +4,9 @@ node, a killed actor, a speculative copy of a slow tail shard, and a shard that 
 Two clusters, each started once: a `ray start --head` (job server, dashboard, metrics) for the `ray job` tests and
 a `ray.cluster_utils.Cluster` (a head without CPUs and two one-CPU worker nodes) for the failure tests. Each gets
 its own short RAY_TMPDIR, so neither writes /tmp/ray/ray_current_cluster, where any `ray.init()` on this machine
-would find it. They are stopped by killing exactly the processes they started: `ray stop` would kill every Ray
-process on the machine.
+would find it, and ports of its own, so other Ray clusters on the machine do not matter: the `ray job` tests run
+beside a third cluster on Ray's default ports, started for that (docs/testing.md). They are stopped by killing
+exactly the processes they started: `ray stop` would kill every Ray process on the machine.
 """
 
 import contextlib
@@ -208,6 +209,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something on this machine accepts connections on 127.0.0.1:`port`."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# The one port every Ray node asks for unless told otherwise, even when `ray.init` starts it: its dashboard agent's
+# HTTP server (the job agent `ray job submit` needs). A second node asking for it runs without it ("No available
+# agent to submit job").
+RAY_AGENT_PORT = 52365
+
+
+# What else a `ray start --head` takes by default and a second cluster on the machine would want too: the agent's
+# port, and workers' ports from one fixed range. 0: the system picks a free one (the others are given above).
+OWN_PORTS = ("--dashboard-agent-listen-port", "0", "--min-worker-port", "0", "--max-worker-port", "0")
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --head --block` and every process it started, and nothing else."""
+    # `ray start --block` stops its Ray processes on SIGTERM; then kill whatever of its tree is left (drivers of
+    # jobs run in sessions of their own, workers are the raylet's children).
+    tree = process_tree(proc.pid)
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    kill_tree(tree)
+
+
+@pytest.fixture(scope="class")
+def neighbour():
+    """Another Ray cluster on this machine, as other people's are: Ray's default ports (GCS and client server
+    aside, which a second `ray start` could not get), so it holds the dashboard agent's port. Everything the
+    tests here start must work beside it."""
+    tmp = Path(tempfile.mkdtemp(prefix="vqn", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(tmp)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+        "--ray-client-server-port", str(free_port()), "--num-cpus", "0", "--include-dashboard", "false",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(tmp / "neighbour.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+
+        def agent_port_taken():  # by the neighbour, or by someone else's cluster already: not ours either way
+            assert proc.poll() is None, (tmp / "neighbour.log").read_text()[-3000:]
+            return listening(RAY_AGENT_PORT)
+
+        wait_for(agent_port_taken, 120, f"a Ray agent on port {RAY_AGENT_PORT}", interval=0.5)
+        yield
+    finally:
+        stop_head(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass
 class Head:
     url: str  # dashboard / job server
@@ -217,7 +275,7 @@ class Head:
 
 
 @pytest.fixture(scope="class")
-def head():
+def head(neighbour):
     import ray
 
     ray.shutdown()  # a local Ray from earlier test modules: nothing here needs it (ray_session re-inits it)
@@ -234,11 +292,10 @@ def head():
         RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dash), "--metrics-export-port", str(metrics), "--disable-usage-stats",
-        "--ray-client-server-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()), *OWN_PORTS,
     ]  # fmt: skip
     with open(tmp / "head.log", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    tree: dict[int, str] = {}
     try:
 
         def job_server_up():
@@ -252,13 +309,7 @@ def head():
         wait_for(job_server_up, 120, "the head's job server", interval=0.5)
         yield Head(f"http://127.0.0.1:{dash}", metrics, tmp, env)
     finally:
-        # `ray start --block` stops its Ray processes on SIGTERM; then kill whatever of its tree is left (drivers
-        # of jobs run in sessions of their own, workers are the raylet's children).
-        tree = process_tree(proc.pid)
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        kill_tree(tree)
+        stop_head(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -291,6 +342,8 @@ def submit(head: Head, submission_id: str, args: list[str], wait: bool = True) -
 
 class TestRayJob:
     def test_ray_job_submit_end_to_end(self, head, tmp_path):
+        # The head's agent cannot have its default port: another cluster has it.
+        assert listening(RAY_AGENT_PORT)
         shard_dir = tmp_path / "shards"
         shard_dir.mkdir()
         write_good_shard(shard_dir / "a-0000.tar", 10)
@@ -376,6 +429,20 @@ class TestRayJob:
         mtimes = done_mtimes(out)
         assert {s: mtimes[s] for s in committed} == committed
 
+    def test_a_local_cluster_starts_beside_other_clusters(self, head):
+        """vqpipe's own local cluster (no --address: `cluster.connect`'s `ray.init(address="local")`) starts
+        beside the neighbour and the head: its ports are picked free, but for its agent's, which it goes without
+        when another cluster has it (a local job never submits to it). Jobs on such a cluster: tests/test_job.py."""
+        import ray
+
+        from vqpipe.cluster import connect
+
+        assert listening(RAY_AGENT_PORT)  # someone else has the agent's default port
+        ray.shutdown()
+        connect(None, num_cpus=1)
+        assert ray.get(ray.put("here")) == "here" and ray.cluster_resources()["CPU"] == 1
+        ray.shutdown()
+
 
 # -- a simulated multi-node cluster: node loss, actor crash, speculation, retries ------------------------------
 
@@ -391,7 +458,12 @@ def cluster():
     os.environ["RAY_TMPDIR"] = tmp
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": HEALTH_CHECKS},
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "_system_config": HEALTH_CHECKS,
+            "dashboard_agent_listen_port": 0,  # every other port of a Cluster's node is picked free already
+        },
     )
     try:
         ray.init(address=c.address, log_to_driver=False)
@@ -410,7 +482,7 @@ def cluster():
 def two_workers(cluster):
     """Two one-CPU worker nodes: one replica each, and no room to restart a replica whose node is lost."""
     while len(cluster.worker_nodes) < 2:
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, dashboard_agent_listen_port=0)
     cluster.wait_for_nodes()
     return cluster
 

@@ -1,7 +1,9 @@
 """vqpipe.data with real DataLoaders over small OUTs written by vqpipe's own writer and ledger (no Ray)."""
 
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader
 from vqpipe.data import TokenDataset, VarInputBuilder, var_batch
 from vqpipe.data.epoch import make_plan
 from vqpipe.errors import CheckpointError, StorageError
+from vqpipe.ledger import Ledger
 from vqpipe.model import build_model
 
 ROWS = {"p0": 23, "p1": 0, "p2": 9, "p3": 41, "p4": 16}  # different sizes and an empty shard
@@ -261,3 +264,44 @@ def test_other_columns_pass_through(tmp_path):
     assert batch["view"] == views and batch["box"].shape == (5, 4) and batch.keys()[-2:] == ["view", "box"]
     with pytest.raises(StorageError, match="no column"):
         TokenDataset(str(tmp_path / "o"), columns=("nothing",))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "yielded",
+            10**9,
+            "yielded is 1000000000, but worker 0 of 1 yields 89 rows in epoch 0",
+        ),  # yielded nothing
+        ("yielded", -3, "yielded is -3, not an integer >= 0"),  # a numpy error mid-iteration
+        ("yielded", "5", "yielded is '5', not an integer >= 0"),
+        ("epoch", -1, "epoch is -1, not an integer >= 0"),
+        ("worker", 2, "worker is 2, not one of num_workers=1"),
+        ("num_workers", 0, "num_workers is 0, not an integer >= 1"),
+        ("shuffle", "yes", "shuffle is 'yes', not true or false"),
+    ],
+)
+def test_hand_edited_states_are_refused_naming_field_and_value(out, field, value, message):
+    d, _ = out
+    ds = TokenDataset(str(d), shuffle=False)
+    state = {**ds.state_dict(), field: value}
+    with pytest.raises(ValueError, match=re.escape(f"TokenDataset state: {message}")):
+        TokenDataset(str(d), shuffle=False).load_state_dict(state)
+
+
+def test_a_state_at_the_end_of_the_epoch_resumes_to_nothing(out):
+    d, _ = out
+    ds = TokenDataset(str(d), shuffle=False)
+    ds.load_state_dict({**ds.state_dict(), "yielded": len(ds)})
+    assert list(ds) == []
+
+
+def test_a_marker_with_negative_rows_is_refused_naming_the_file(tmp_path):
+    write_out(tmp_path, {"a": 4, "b": 6, "c": 5})
+    marker = Path(Ledger(str(tmp_path)).done_url("b"))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows": -4}))
+    with pytest.raises(
+        StorageError, match=re.escape(f"{marker}: not a done record (rows is -4, not a count")
+    ):
+        TokenDataset(str(tmp_path))

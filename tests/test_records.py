@@ -2,6 +2,8 @@
 so far reads back (missing keys take defaults, unknown keys are kept). In-process, no Ray."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +96,57 @@ def test_failed_and_run_records_round_trip():
     assert "previous_fingerprints" not in old.to_json()
     old.previous_fingerprints = ["e"]
     assert RunRecord.from_json(old.to_json()) == old
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rows", -4, "rows is -4, not a count"),  # dropped shards from a TokenDataset; status counted them
+        ("rows", "5", "rows is '5', not a count"),
+        ("rows", 2.0, "rows is 2.0, not a count"),
+        ("samples", True, "samples is True, not a count"),
+        ("errors", None, "errors is None, not a count"),
+        ("images", -1, "images is -1, not a count"),
+        ("errors_by_reason", {"decode_error": -1}, "errors_by_reason['decode_error'] is -1, not a count"),
+        ("ignored_by_reason", ["x"], "ignored_by_reason is ['x'], not an object of counts by reason"),
+        ("views", [], "views is [], not a list of view names"),
+        ("seconds", {"encode": float("nan")}, "seconds['encode'] is nan, not a number of seconds"),
+        ("wall_seconds", -1.0, "wall_seconds is -1.0, not a number of seconds"),
+        ("shard_id", 7, "shard_id is 7, not a string"),
+        ("input", {"url": 7}, "input.url is 7, not a string"),
+    ],
+)
+def test_markers_with_values_of_the_wrong_type_or_range_are_refused_naming_field_and_value(
+    field, value, message
+):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        DoneRecord.from_json({**MARKER_1_1, field: value})
+
+
+def test_failure_records_with_values_of_the_wrong_type_are_refused():
+    with pytest.raises(ValueError, match=r"^attempts is -1, not a count"):
+        FailedRecord.from_json({"reason": "not_a_tar", "attempts": -1})
+    with pytest.raises(ValueError, match=r"^reason is \['not_a_tar'\], not a string"):
+        FailedRecord.from_json({"reason": ["not_a_tar"]})
+
+
+def test_status_names_the_marker_a_hand_edit_broke(tmp_path, caplog):
+    from tokens import write_out
+
+    from vqpipe.cli import main
+    from vqpipe.ledger import Ledger
+
+    write_out(tmp_path, {"a": 4, "b": 6})
+    ledger = Ledger(str(tmp_path))
+    assert main(["status", str(tmp_path)]) == 0
+    marker = Path(ledger.done_url("b"))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows": -4}))
+    assert main(["status", str(tmp_path)]) == 2  # was 0, with all rows counted
+    assert f"{marker}: not a done record (rows is -4, not a count" in caplog.text
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "rows": 6}))
+    ledger.mark_failed("c", {"reason": "not_a_tar"})
+    assert main(["status", str(tmp_path)]) == 1
+    failed = Path(ledger.failed_url("c"))
+    failed.write_text(json.dumps({"reason": "not_a_tar", "attempts": "3"}))
+    assert main(["status", str(tmp_path)]) == 2
+    assert f"{failed}: not a failure record (attempts is '3', not a count" in caplog.text

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, storage
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .output_reader import OutputReader
 from .stats import stage_stats, usage_stats
 from .status import read_status
@@ -80,6 +80,8 @@ def inspect(opts: InspectOptions) -> str:
     """Write stats.json, the figures and index.html for OUT into the report directory; returns its path."""
     from . import report
 
+    out_dir = opts.report_path()
+    check_writable(out_dir)  # before minutes of reading, not when the first figure is saved
     reader = OutputReader.open(opts.output, opts.storage_options)
     if not reader.shard_ids:
         raise ConfigError(f"{storage.redact(opts.output)}: no committed shard to inspect")
@@ -120,17 +122,36 @@ def inspect(opts: InspectOptions) -> str:
         )
     figures["codebook_usage"] = report.codebook_figure(counts, stats["codebook"]["scales"])
     figures["throughput"] = report.throughput_figure(stats["stages"])
-    out_dir = opts.report_path()
-    os.makedirs(out_dir, exist_ok=True)
-    for name, png in figures.items():
-        with open(os.path.join(out_dir, f"{name}.png"), "wb") as f:
-            f.write(png)
-    with open(os.path.join(out_dir, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=1, allow_nan=False, default=_jsonable)
-    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
-        f.write(report.html_page(stats, figures))
+    page = report.html_page(stats, figures)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, png in figures.items():
+            with open(os.path.join(out_dir, f"{name}.png"), "wb") as f:
+                f.write(png)
+        with open(os.path.join(out_dir, "stats.json"), "w") as f:
+            json.dump(stats, f, indent=1, allow_nan=False, default=_jsonable)
+        with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as e:  # passed the check above, and failed anyway (a full disk, a mount gone read-only)
+        raise StorageError(f"{out_dir}: cannot write the report ({e}); pass --report DIR") from None
     logger.info("report written to %s", os.path.join(out_dir, "index.html"))
     return out_dir
+
+
+def check_writable(path: str) -> None:
+    """The report directory exists or can be made, and this user can write into it; creates nothing (a mistyped
+    OUT must not gain a report directory). Root writes through any mode bits, but not into a read-only mount."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
+        return
+    why = "not a directory" if not os.path.isdir(probe) else "not writable by this user"
+    if os.path.isdir(probe) and os.statvfs(probe).f_flag & os.ST_RDONLY:
+        why = "on a read-only filesystem"
+    raise ConfigError(
+        f"{path}: cannot write the report ({probe} is {why}); pass --report DIR, a directory you can write"
+    )
 
 
 def _jsonable(x: Any) -> Any:

@@ -218,7 +218,11 @@ class Ledger:
         storage.write_json_atomic(self.failed_url(shard_id), record.to_json(), self.storage_options)
 
     def read_failed(self, shard_id: str) -> FailedRecord:
-        return FailedRecord.from_json(storage.read_json(self.failed_url(shard_id), self.storage_options))
+        url = self.failed_url(shard_id)
+        try:
+            return FailedRecord.from_json(storage.read_json(url, self.storage_options))
+        except (ValueError, TypeError) as e:  # as read_done
+            raise StorageError(storage.redact(f"{url}: not a failure record ({e})")) from None
 
     def unmark_done(self, shard_id: str) -> None:
         """Forget a shard's commit (its input changed and the user asked to reprocess it): its data file first,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,31 +49,28 @@ class Layout:
     resolution: int
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any], url: str) -> Layout:
-        """Type-checked: a file's metadata is input like any other (it ends up in a report page)."""
+    def from_metadata(cls, raw: bytes | None, url: str) -> Layout:
+        """The layout in a data file's `vqpipe` metadata, every value type-checked: whoever can write one file
+        into OUT's bucket writes this, and it reaches the report page and the decoder."""
         try:
-            layout = cls(
-                str(meta["model"]["preset"]),
-                str(meta["model"]["sha256"]),
-                tuple(_int(p) for p in meta["patch_nums"]),
-                _int(meta["vocab_size"]),
-                _int(meta["resolution"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise StorageError(
-                f"{storage.redact(url)}: not vqpipe's file metadata ({type(e).__name__}: {e})"
-            ) from None
-        return layout
+            meta = json.loads(raw or b"")
+            v = {
+                "preset": meta["model"]["preset"],
+                "model_sha256": meta["model"]["sha256"],
+                "patch_nums": meta["patch_nums"],
+                "vocab_size": meta["vocab_size"],
+                "resolution": meta["resolution"],
+            }
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"{url}: no vqpipe layout in its metadata ({type(e).__name__}: {e})") from None
+        for name, fits, what in _LAYOUT_TYPES:
+            if not fits(v[name]):
+                raise StorageError(f"{url}: metadata {name} is {v[name]!r}, not {what}")
+        return cls(v["preset"], v["model_sha256"], tuple(v["patch_nums"]), v["vocab_size"], v["resolution"])
 
     @property
     def offsets(self) -> list[int]:
         return np.cumsum([0] + [pn * pn for pn in self.patch_nums]).tolist()
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{value!r} is not a count")
-    return value
 
 
 @dataclass(frozen=True)
@@ -177,11 +174,7 @@ class OutputReader:
         return self._check_layout(src.url, f)
 
     def _check_layout(self, url: str, f: pq.ParquetFile) -> Layout:
-        try:
-            meta = json.loads((f.schema_arrow.metadata or {})[b"vqpipe"])
-        except (KeyError, ValueError):
-            raise StorageError(f"{storage.redact(url)}: no vqpipe metadata: not a vqpipe data file") from None
-        layout = Layout.from_metadata(meta, url)
+        layout = Layout.from_metadata((f.schema_arrow.metadata or {}).get(b"vqpipe"), storage.redact(url))
         if self.layout is None:
             self.layout = layout
         elif (layout.patch_nums, layout.vocab_size) != (self.layout.patch_nums, self.layout.vocab_size):
@@ -292,6 +285,23 @@ class OutputReader:
                 if len(examples.setdefault(e["reason"], [])) < _EXAMPLES_PER_REASON:
                     examples[e["reason"]].append({"shard": shard_id, "key": e["key"], "detail": e["detail"]})
         return examples
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+_LAYOUT_TYPES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("preset", lambda x: isinstance(x, str), "a string"),
+    ("model_sha256", lambda x: isinstance(x, str), "a string"),
+    ("vocab_size", _positive_int, "an integer >= 1"),
+    ("resolution", _positive_int, "an integer >= 1"),
+    (
+        "patch_nums",
+        lambda x: isinstance(x, list) and bool(x) and all(map(_positive_int, x)),
+        "a list of integers >= 1",
+    ),
+)
 
 
 def _codes(table: Any) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,58 @@ def _split(cls: type, d: Mapping[str, Any], nested: dict[str, Any] | None = None
     kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
     kwargs.setdefault("record_version", 0)
     return kwargs
+
+
+_Check = Callable[[str, Any], None]  # (field name, value) -> None, or ValueError naming both
+
+
+# What a record read back may hold, field by field: a hand-edited marker with `rows: -4` or `"rows": "5"` is
+# refused here, naming the field and the value (the ledger adds the file), instead of skewing every count.
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} is {value!r}, not a count (an integer >= 0)")
+
+
+def _seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} is {value!r}, not a number of seconds (finite, >= 0)")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is {value!r}, not a string")
+
+
+def _views(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} is {value!r}, not a list of view names")
+
+
+def _object_of(check: _Check, what: str) -> _Check:
+    """An object whose every value passes `check`."""
+
+    def checked(name: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} is {value!r}, not an object of {what}")
+        for key, v in value.items():
+            check(f"{name}[{key!r}]", v)
+
+    return checked
+
+
+def _or_null(check: _Check) -> _Check:
+    """`check`, and null allowed too (a field markers from before it existed lack)."""
+
+    def checked(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+
+    return checked
+
+
+def _check(record: Any, checks: Mapping[str, _Check]) -> None:
+    for name, check in checks.items():
+        check(name, getattr(record, name))
 
 
 def _as_json(record: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -57,6 +110,9 @@ class InputRef:
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> InputRef:
         d = d or {}
+        if not isinstance(d, Mapping) or not isinstance(d.get("fingerprint") or {}, Mapping):
+            raise ValueError(f"input is {d!r}, not an object with a url and a fingerprint")
+        _text("input.url", d.get("url", ""))
         return cls(url=d.get("url", ""), fingerprint=dict(d.get("fingerprint") or {}))
 
 
@@ -108,6 +164,7 @@ class DoneRecord:
         kwargs = _split(cls, d, {"input": InputRef.from_json})
         kwargs.pop("skipped", None)
         record = cls(**kwargs)
+        _check(record, _DONE_CHECKS)
         record.as_written = d
         return record
 
@@ -129,6 +186,23 @@ class DoneRecord:
 
 # The marker fields that identify one commit of a shard (DoneRecord.commit_fingerprint).
 _COMMIT_IDENTITY = ("shard_id", "rows", "samples", "started", "attempt", "input", "data_bytes")
+
+
+# The fields counts, sums and readers rely on (timings and host facts are informational, but the report
+# sums `seconds`).
+_DONE_CHECKS: dict[str, _Check] = {
+    "shard_id": _text,
+    **dict.fromkeys(
+        ("samples", "rows", "errors", "ignored_members", "input_bytes", "data_bytes", "error_bytes"), _count
+    ),
+    **dict.fromkeys(("images", "members"), _or_null(_count)),
+    "views": _views,
+    **dict.fromkeys(("errors_by_reason", "ignored_by_reason"), _object_of(_count, "counts by reason")),
+    "seconds": _object_of(_seconds, "seconds by stage"),
+    "wall_seconds": _seconds,
+    "attempt": _count,
+    "record_version": _count,
+}
 
 
 # What `DoneRecord.summary` keeps (and the index stores): identity, counts, sizes; not timings or host facts.
@@ -167,7 +241,15 @@ class FailedRecord:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FailedRecord:
-        return cls(**_split(cls, d))
+        record = cls(**_split(cls, d))
+        _check(record, _FAILED_CHECKS)
+        return record
+
+
+_FAILED_CHECKS: dict[str, _Check] = {
+    **dict.fromkeys(("shard_id", "url", "reason", "detail"), _text),
+    **dict.fromkeys(("attempts", "record_version"), _count),
+}
 
 
 @dataclass

@@ -26,6 +26,10 @@ GAP, HEADER, ROW_LABEL = (
     16,
 )  # reconstruction grid: pixels between cells, above the grid, above each row
 MAX_CELL = 256  # larger images (var512) are shown downscaled
+# Text that comes from the data (keys, shard ids, stage names) is drawn as it is: matplotlib would read `$…$` in
+# it as math (`$x$` drawn as an italic x; `$^$` a parse error that ended `vqpipe inspect`), and TeX if the
+# user's matplotlibrc turns it on.
+PLAIN = {"parse_math": False, "usetex": False}
 
 
 @dataclass
@@ -74,7 +78,7 @@ def reconstruction_figure(rows: list[GridRow], patch_nums: tuple[int, ...]) -> t
         top = HEADER + i * (ROW_LABEL + cell + GAP) + ROW_LABEL
         tops.append(top)
         label = row.label if len(row.label) * 5 < width else row.label[: width // 5 - 1] + "…"
-        fig.text(GAP / width, 1 - (top - 3) / height, label, fontsize=font, family="monospace")
+        fig.text(GAP / width, 1 - (top - 3) / height, label, fontsize=font, family="monospace", **PLAIN)
         cells = [row.original, row.reconstruction, *row.progressive]
         for left, img in zip(lefts, cells):
             img = np.full((cell, cell, 3), 128, np.uint8) if img is None else _fit(img, cell)
@@ -129,7 +133,8 @@ def throughput_figure(stages: dict[str, Any]) -> bytes:
     ax_stage, ax_shard = fig.subplots(1, 2)
     # Waiting (wait_input, wait_device) is not work: it shows in the page's table, not as a throughput.
     rates = {k: v for k, v in stages["images_per_stage_second"].items() if not k.startswith("wait")}
-    ax_stage.barh(list(rates), list(rates.values()), color="tab:blue")
+    ax_stage.barh(range(len(rates)), list(rates.values()), color="tab:blue")
+    ax_stage.set_yticks(range(len(rates)), list(rates), **PLAIN)
     ax_stage.set(xscale="log", xlabel="images per stage-second", title="throughput by stage")
     ax_stage.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
     walls = sorted(
@@ -137,7 +142,7 @@ def throughput_figure(stages: dict[str, Any]) -> bytes:
     )
     if len(walls) <= 40:
         ax_shard.bar(range(len(walls)), [w for w, _ in walls], color="tab:orange")
-        ax_shard.set_xticks(range(len(walls)), [s for _, s in walls], rotation=90, fontsize=6)
+        ax_shard.set_xticks(range(len(walls)), [s for _, s in walls], rotation=90, fontsize=6, **PLAIN)
     else:
         ax_shard.hist([w for w, _ in walls], bins=40, color="tab:orange")
         ax_shard.set_xlabel("seconds")
@@ -202,7 +207,7 @@ def html_page(stats: dict[str, Any], figures: dict[str, bytes]) -> str:
     lay = s["layout"]
     parts.append(
         f"<p>Tokens: preset <code>{_e(lay['preset'])}</code>, scales {_e(lay['patch_nums'])}, vocabulary "
-        f"{lay['vocab_size']}, {lay['resolution']} px; model sha256 <code>{_e(lay['model_sha256'])}</code>.</p>"
+        f"{_e(lay['vocab_size'])}, {_e(lay['resolution'])} px; model sha256 <code>{_e(lay['model_sha256'])}</code>.</p>"
     )
     parts.append("<h2>Reconstructions</h2>")
     q = s.get("quality")
@@ -212,7 +217,7 @@ def html_page(stats: dict[str, Any], figures: dict[str, bytes]) -> str:
         if s.get("model_note"):
             parts.append(f'<p class="note">{_e(s["model_note"])}</p>')
         parts.append(
-            f"<p>{q['samples']} rows drawn at random (seed {q['seed']}), decoded with {_e(q['model'])}; "
+            f"<p>{_e(q['samples'])} rows drawn at random (seed {_e(q['seed'])}), decoded with {_e(q['model'])}; "
             "the first are shown: original (preprocessed as the job did), decoded, and the picture after "
             "each scale.</p>"
         )
@@ -229,14 +234,15 @@ def html_page(stats: dict[str, Any], figures: dict[str, bytes]) -> str:
         parts.append(_table(["metric", "mean", "p5", "p50", "p95", "samples"], metric_rows, {1, 2, 3, 4, 5}))
         if q.get("codes_agree") is not None:
             parts.append(
-                f"<p>Re-encoding the originals gives the stored codes for {q['codes_agree']:.2%} of positions.</p>"
+                f"<p>Re-encoding the originals gives the stored codes for {_e(_num(q['codes_agree'], '{:.2%}'))} "
+                "of positions.</p>"
             )
         if q["missing_originals"]:
             parts.append("<p>Originals that could not be fetched:</p>")
             rows = [[m["shard"], m["key"], m["reason"]] for m in q["missing_originals"]]
             parts.append(_table(["shard", "key", "reason"], rows))
     cb = s["codebook"]
-    parts.append(f"<h2>Codebook usage</h2><p>Over {cb['rows_counted']:,} rows.</p>")
+    parts.append(f"<h2>Codebook usage</h2><p>Over {_e(_num(cb['rows_counted']))} rows.</p>")
     parts.append(_img(figures["codebook_usage"], "codebook usage"))
     rows = [
         [

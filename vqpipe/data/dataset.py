@@ -22,6 +22,7 @@ from .batch import TokenBatch, block_columns
 from .epoch import EpochPlan, make_plan, window_order
 from .rows import RowBlock
 from .shards import ShardReader, check_file, open_parquet
+from .state import check_position, check_state
 from .views import RANDOM, ShardViews, check_file_views, columns_to_read, view_choice
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class TokenDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The next iteration continues right after the last row the saved iteration yielded."""
+        check_state(state)
         mine = self.state_dict()
         state = {"view": "all", **state}  # states saved before view= existed read every row
         for key in _STATE_SETTINGS:
@@ -168,6 +170,8 @@ class TokenDataset(IterableDataset):
                 "or where their rows are stored (vqpipe compact); to finish that epoch, build the dataset with "
                 "shards= the saved run's shard_ids, and compacted=False if OUT was compacted since"
             )
+        begin, end = self._plan().worker_range(self.rank, state["worker"], state["num_workers"])
+        check_position(state, end - begin)  # a worker's rows per epoch are the same in every epoch
         self.epoch = state["epoch"]
         self._resume = dict(state)
 
