@@ -1,5 +1,6 @@
-"""What bookkeeping costs at 1k-100k shards: a no-op rerun and `vqpipe status` (whole process: wall seconds,
-driver RSS), and on a real S3 API (moto on 127.0.0.1) the requests per committed shard and of a no-op rerun.
+"""What bookkeeping costs at 1k-100k shards: a no-op rerun, `vqpipe status` and building a `TokenDataset` (whole
+process: wall seconds, peak RSS), and on a real S3 API (moto on 127.0.0.1) the requests per committed shard and of
+a no-op rerun.
 
     python benchmarks/bench_bookkeeping.py                         # 1k, 10k, 100k locally; 300 on moto
     python benchmarks/bench_bookkeeping.py --before /work/main     # also the code in that checkout, same sets
@@ -8,7 +9,8 @@ driver RSS), and on a real S3 API (moto on 127.0.0.1) the requests per committed
 Shard sets: one real tar (two tiny PNGs) tokenized once by the real worker (tiny preset, random weights);
 then N inputs (hard links of that tar: no disk) and N done markers cloned from the real one with the id, URL
 and fingerprint of each input substituted, data/errors files hard-linked. That is an OUT as a finished run
-leaves it, without running N shards. Each measurement is a fresh `python -m vqpipe.cli` process with
+leaves it, without running N shards, in the layout the measured code writes (format 2: bookkeeping under
+_vqpipe/; an older checkout given as --before: format 1.x). Each measurement is a fresh `python -m vqpipe.cli` process with
 PYTHONPATH at the code measured; RSS is that process's peak (wait4). "after, 1st" is the first run of this
 code on an OUT that has no index yet (it reads every marker once and writes the index); "after" is the next.
 """
@@ -69,6 +71,7 @@ def config(
 def template_marker(work: str) -> tuple[str, dict[str, Any], str, str]:
     """Tokenize one real shard with the real worker; its tar, marker (JSON), data and errors files."""
     from vqpipe import storage
+    from vqpipe.ledger import Ledger
     from vqpipe.plan import Shard, shard_id
     from vqpipe.worker import ShardWorker
 
@@ -81,14 +84,10 @@ def template_marker(work: str) -> tuple[str, dict[str, Any], str, str]:
         worker.process(Shard(sid, tar, storage.input_version(tar)))
     finally:
         worker.close()
-    with open(os.path.join(out, "done", f"{sid}.json")) as f:
+    ledger = Ledger(out)
+    with open(ledger.done_url(sid)) as f:
         marker = json.load(f)
-    return (
-        tar,
-        marker,
-        os.path.join(out, "data", f"{sid}.parquet"),
-        os.path.join(out, "errors", f"{sid}.parquet"),
-    )
+    return tar, marker, ledger.data_url(sid), ledger.errors_url(sid)
 
 
 _LINKS_PER_FILE = 50_000
@@ -100,15 +99,25 @@ def _copy(path: str, i: int) -> str:
     return copy
 
 
-def build_local(root: str, n: int, template: tuple[str, dict[str, Any], str, str]) -> tuple[str, str]:
-    """N inputs and an OUT holding all N committed (markers cloned from the real one)."""
+def layout_version(code: str) -> int:
+    """The OUT layout the code at `code` reads and writes: 2 since vqpipe/out/layout.py exists, else 1."""
+    return 2 if os.path.exists(os.path.join(code, "vqpipe", "out", "layout.py")) else 1
+
+
+def build_local(
+    root: str, n: int, template: tuple[str, dict[str, Any], str, str], version: int = 2
+) -> tuple[str, str]:
+    """N inputs and an OUT holding all N committed (markers cloned from the real one), in layout `version`."""
     from vqpipe import storage
     from vqpipe.plan import shard_id
 
     tar, marker, data, errors = template
     inp, out = os.path.join(root, "in"), os.path.join(root, "out")
-    for sub in ("done", "data", "errors"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    meta = os.path.join(out, "_vqpipe") if version >= 2 else out
+    table = ".pq" if version >= 2 else ".parquet"
+    for sub in ("done", "errors"):
+        os.makedirs(os.path.join(meta, sub), exist_ok=True)
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
     os.makedirs(inp, exist_ok=True)
     fingerprint = None
     for i in range(n):
@@ -119,17 +128,17 @@ def build_local(root: str, n: int, template: tuple[str, dict[str, Any], str, str
         fingerprint = fingerprint or storage.input_version(url)  # the copies keep size and mtime
         sid = shard_id(url)
         rec = {**marker, "shard_id": sid, "input": {"url": url, "fingerprint": fingerprint}}
-        with open(os.path.join(out, "done", f"{sid}.json"), "w") as f:
+        with open(os.path.join(meta, "done", f"{sid}.json"), "w") as f:
             json.dump(rec, f, sort_keys=True, indent=2)
         os.link(data, os.path.join(out, "data", f"{sid}.parquet"))
-        os.link(errors, os.path.join(out, "errors", f"{sid}.parquet"))
+        os.link(errors, os.path.join(meta, "errors", f"{sid}{table}"))
     # run.json as the run that made them left it (so a rerun is not the OUT's first)
     from vqpipe.config import random_weights_id
     from vqpipe.job import run_record
 
     pattern = os.path.join(inp, "*.tar")
     record = run_record(config([pattern], out), random_weights_id("tiny")).to_json()
-    with open(os.path.join(out, "run.json"), "w") as f:
+    with open(os.path.join(meta, "run.json"), "w") as f:
         json.dump({**record, "legacy_stem_ids": False, "run_id": "bench"}, f, sort_keys=True, indent=2)
     return pattern, out
 
@@ -148,13 +157,15 @@ def use_checkpoint(pattern: str, out: str, work: str) -> str:
     with open(ckpt, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     record = run_record(config([pattern], out, checkpoint=ckpt), sha).to_json()
-    with open(os.path.join(out, "run.json"), "w") as f:
+    meta = os.path.join(out, "_vqpipe") if os.path.isdir(os.path.join(out, "_vqpipe")) else out
+    with open(os.path.join(meta, "run.json"), "w") as f:
         json.dump({**record, "legacy_stem_ids": False, "run_id": "bench"}, f, sort_keys=True, indent=2)
     return ckpt
 
 
 def run_measured(code: str, args: list[str]) -> dict[str, Any]:
-    """`vqpipe ARGS` in a fresh process with `code` first on PYTHONPATH: wall seconds and peak RSS."""
+    """`vqpipe ARGS` in a fresh process with `code` first on PYTHONPATH: wall seconds and peak RSS. `args` of
+    ["dataset", OUT]: build `vqpipe.data.TokenDataset(OUT)` (what a training job does first) instead."""
     env = {
         **os.environ,
         "PYTHONPATH": code,
@@ -197,8 +208,13 @@ def _peak():
         out.write(next(line for line in f if line.startswith("VmHWM:")).split()[1] + f" {t.user + t.system}")
 
 atexit.register(_peak)
-sys.argv = ["vqpipe", *sys.argv[1:]]
-runpy.run_module("vqpipe.cli", run_name="__main__")
+if sys.argv[1] == "dataset":
+    from vqpipe.data import TokenDataset
+
+    print(len(TokenDataset(sys.argv[2])))
+else:
+    sys.argv = ["vqpipe", *sys.argv[1:]]
+    runpy.run_module("vqpipe.cli", run_name="__main__")
 """
 
 
@@ -207,26 +223,26 @@ def local_rows(
 ) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
-        root = os.path.join(work, f"n{n}")
-        t = time.perf_counter()
-        pattern, out = build_local(root, n, template)
-        print(f"# {n} shards built in {time.perf_counter() - t:.0f}s", file=sys.stderr)
-        tok = ["tokenize", pattern, "--output", out, "--model", "tiny", "--random-weights"]
         row: dict[str, Any] = {"shards": n}
-        if before:
-            row["rerun_before"] = best_of(repeat, before, tok)
-            row["status_before"] = best_of(repeat, before, ["status", out])
-        row["rerun_after_first"] = run_measured(REPO, tok)  # once: it changes OUT (writes the index)
-        row["rerun_after"] = best_of(repeat, REPO, tok)
-        row["status_after"] = best_of(repeat, REPO, ["status", out])
-        # The same OUT as a run with a checkpoint leaves it: a rerun with that checkpoint
-        ckpt_tok = [*tok[:-1], "--checkpoint", use_checkpoint(pattern, out, work)]
-        if before:
-            row["rerun_ckpt_before"] = best_of(repeat, before, ckpt_tok)
-        row["rerun_ckpt_after"] = best_of(repeat, REPO, ckpt_tok)
+        codes = [("before", before)] if before else []
+        for side, code in [*codes, ("after", REPO)]:
+            root = os.path.join(work, f"n{n}-{side}")
+            t = time.perf_counter()
+            pattern, out = build_local(root, n, template, layout_version(code))
+            print(f"# {n} shards built in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+            tok = ["tokenize", pattern, "--output", out, "--model", "tiny", "--random-weights"]
+            if side == "after":  # before any run made the index: every marker is read
+                row["dataset_after_first"] = run_measured(code, ["dataset", out])
+                row["rerun_after_first"] = run_measured(code, tok)  # once: it changes OUT (writes the index)
+            row[f"rerun_{side}"] = best_of(repeat, code, tok)
+            row[f"status_{side}"] = best_of(repeat, code, ["status", out])
+            row[f"dataset_{side}"] = best_of(repeat, code, ["dataset", out])
+            # The same OUT as a run with a checkpoint leaves it: a rerun with that checkpoint
+            ckpt_tok = [*tok[:-1], "--checkpoint", use_checkpoint(pattern, out, work)]
+            row[f"rerun_ckpt_{side}"] = best_of(repeat, code, ckpt_tok)
+            shutil.rmtree(root)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-        shutil.rmtree(root)
     return rows
 
 
@@ -351,6 +367,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="bench-bookkeeping-")
+    os.makedirs(work, exist_ok=True)  # a --work that does not exist yet
     try:
         template = template_marker(work)
         results: dict[str, Any] = {"local": local_rows(args.sizes, args.before, work, template, args.repeat)}
@@ -387,10 +404,21 @@ def report(results: dict[str, Any]) -> str:
             f"| {n} | no-op rerun with a checkpoint | {cell(row.get('rerun_ckpt_before'))} | | "
             f"{cell(row['rerun_ckpt_after'])} |"
         )
+        lines.append(
+            f"| {n} | `TokenDataset(OUT)` | {cell(row.get('dataset_before'))} | "
+            f"{cell(row['dataset_after_first'])} | {cell(row['dataset_after'])} |"
+        )
     local = {r["shards"]: r for r in results["local"]}
     if len(local) > 1:
         small, big = sorted(local)[-2:]
-        for key in ("rerun_before", "rerun_after", "status_before", "status_after"):
+        for key in (
+            "rerun_before",
+            "rerun_after",
+            "status_before",
+            "status_after",
+            "dataset_before",
+            "dataset_after",
+        ):
             if key in local[big]:
                 ratio = local[big][key]["cpu_seconds"] / max(local[small][key]["cpu_seconds"], 1e-9)
                 lines.append(f"\n{key}: {big:,} / {small:,} shards = {ratio:.2f}x the CPU time")

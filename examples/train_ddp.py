@@ -43,6 +43,33 @@ class ToyVAR(nn.Module):
         return self.mlp(h)  # (B, L, vocab)
 
 
+def save_atomically(state: dict, path: Path) -> None:
+    """A checkpoint is whole or absent: written to a temporary file, flushed to disk, then renamed over the
+    previous one, which is kept as `<name>.prev` (a kill mid-save once left an unloadable checkpoint)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(tmp, path)
+
+
+def load_last_good(path: Path) -> dict | None:
+    """The newest checkpoint that loads: `path`, else the one before it (`<name>.prev`), else None."""
+    for candidate in (path, path.with_name(path.name + ".prev")):
+        if candidate.exists():
+            try:
+                return torch.load(candidate, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - damaged by something outside this script: try the older one
+                print(
+                    f"{candidate}: cannot be loaded ({type(e).__name__}: {e}); trying an older one",
+                    flush=True,
+                )
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", help="a vqpipe OUT (local path or fsspec URL)")
@@ -89,8 +116,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step, epoch = 0, 0
     ckpt = Path(args.ckpt) / f"rank{rank}.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+    state = load_last_good(ckpt)
+    if state is not None:
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         dataset.load_state_dict(state["data"])
@@ -117,7 +144,7 @@ def main() -> None:
                 "opt": opt.state_dict(),
                 "data": dataset.state_dict(),
             }
-            torch.save({**state, "step": step}, ckpt)
+            save_atomically({**state, "step": step}, ckpt)
             if step >= args.steps:
                 break
         else:

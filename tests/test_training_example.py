@@ -13,8 +13,6 @@ import pytest
 from conftest import REPO
 from tokens import write_out
 
-pytestmark = pytest.mark.slow
-
 
 def run_ddp(out, ckpt, steps):
     init = f"file://{ckpt.parent / f'rendezvous-{steps}'}"
@@ -44,6 +42,7 @@ def run_ddp(out, ckpt, steps):
     return results[0][0] + results[1][0]
 
 
+@pytest.mark.slow
 def test_ddp_example_trains_resumes_and_sees_every_row_once_per_epoch(tmp_path):
     expected = write_out(
         tmp_path / "out", {"a": 13, "b": 0, "c": 10}, labeled=True
@@ -57,3 +56,28 @@ def test_ddp_example_trains_resumes_and_sees_every_row_once_per_epoch(tmp_path):
     assert [len(k) for k in per_rank] == [20, 20]  # 5 steps of 4 rows on each rank
     epoch0 = Counter(k for keys in per_rank for k in keys[:12])  # 12 = ceil(23 / 2) rows per rank
     assert set(epoch0) == set(expected) and sum(epoch0.values()) == 24  # every row; one fill row repeats
+
+
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ddp", REPO / "examples" / "train_ddp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("damage", ["killed mid-save", "newest damaged"])
+def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path, damage):
+    """Issue 22: torch.save straight onto the path left an unloadable checkpoint when killed mid-save."""
+    ex = _example()
+    path = tmp_path / "rank0.pt"
+    ex.save_atomically({"step": 1}, path)
+    ex.save_atomically({"step": 2}, path)
+    if damage == "killed mid-save":  # the temporary is what a kill leaves; the checkpoint is untouched
+        (tmp_path / ".rank0.pt.tmp-999").write_bytes(b"PK\x03\x04 half a zip")
+        assert ex.load_last_good(path) == {"step": 2}
+    else:  # damaged by something else (a full disk at the storage layer, a bad copy): the previous one loads
+        path.write_bytes(path.read_bytes()[:20])
+        assert ex.load_last_good(path) == {"step": 1}
+    assert ex.load_last_good(tmp_path / "none.pt") is None

@@ -26,6 +26,20 @@ def batch(keys: list[str]) -> tuple:
     return keys, list(range(n)), ["{}"] * n, codes, var_input
 
 
+@pytest.mark.parametrize("per_write", [3, 5, 17])
+def test_every_row_group_has_rows_per_group_rows_but_the_last(tmp_path, per_write):
+    """Issue 22: --rows-per-group 8 gave groups of 10/11/11 (a group was whatever had piled up)."""
+    with writer(tmp_path, rows_per_group=8) as w:
+        for i in range(0, 35, per_write):
+            w.write(*batch([f"k{j}" for j in range(i, min(35, i + per_write))]))
+        w.commit()
+    meta = pq.ParquetFile(tmp_path / "data" / "s.parquet").metadata
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert sizes == [8, 8, 8, 8, 3]
+    keys = pq.read_table(tmp_path / "data" / "s.parquet", columns=["key"])["key"].to_pylist()
+    assert keys == [f"k{j}" for j in range(35)]  # in the order written
+
+
 def test_rows_and_errors_are_committed_in_row_groups(tmp_path):
     with writer(tmp_path, rows_per_group=4) as w:
         for i in range(5):

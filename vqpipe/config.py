@@ -114,7 +114,10 @@ class EncodeConfig:
     decode: DecodeBackend = option(
         "pil", "pil is VAR-exact; device decodes and resizes JPEGs on the GPU (nvJPEG; not VAR-exact)"
     )
-    rows_per_group: int = option(512, "Parquet row group size; bounds writer memory")
+    rows_per_group: int = option(
+        512,
+        "rows per Parquet row group: every group of a data file has exactly this many but its last (bounds memory)",
+    )
     views: tuple[str, ...] = option(
         DEFAULT_VIEWS,
         "augmented views, one row each, comma-separated: center (default), hflip, tl, tr, bl, br, X+hflip, "

@@ -29,6 +29,7 @@ from .decode_stage import DecodeStage
 from .encode import Encoder, build_encoder
 from .errors import ShardError
 from .ledger import Ledger
+from .out.layout import Layout
 from .plan import Shard
 from .reader import ReadStats
 from .records import DoneRecord, InputRef
@@ -73,7 +74,10 @@ class ShardWorker:
         """`slots`: how many shards the caller runs at once (an actor's concurrency); None: unknown."""
         self.config = config
         self.resolution, self.model_sha256 = resolution, model_sha256
-        self.ledger = Ledger(config.output, config.storage_options)
+        # A tokenize run writes format 2 only (job.py refuses older OUTs): no request to find the layout out.
+        self.ledger = Ledger(
+            config.output, config.storage_options, layout=Layout(config.output.rstrip("/"), 2)
+        )
         enc = config.encode
         self.decode_threads = max(1, decode_threads)
         device_decoder = None

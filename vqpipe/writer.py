@@ -102,7 +102,7 @@ class ShardWriter:
             self._pending_rows += table.num_rows
             self.rows += table.num_rows
         if self._pending_rows >= self.rows_per_group:
-            self._flush()
+            self._flush(whole_groups_only=True)
 
     def _rows_one_by_one(self, keys, labels, metas, codes, var_input, views) -> list[pa.Table]:
         tables = []
@@ -149,11 +149,18 @@ class ShardWriter:
         self._stack.close()  # the atomic commit of the data file
         return {"data_bytes": data_bytes, "error_bytes": error_bytes}
 
-    def _flush(self) -> None:
-        if self._pending_rows:
-            table = pa.concat_tables(self._pending)
-            self._open_parquet().write_table(table, row_group_size=max(self.rows_per_group, table.num_rows))
-            self._pending, self._pending_rows = [], 0
+    def _flush(self, whole_groups_only: bool = False) -> None:
+        """Write the pending rows as row groups of exactly `rows_per_group` rows (the last of the file may be
+        smaller); `whole_groups_only`: keep a remainder pending for the next write."""
+        if not self._pending_rows:
+            return
+        table = pa.concat_tables(self._pending)
+        n = self.rows_per_group
+        full = table.num_rows // n * n if whole_groups_only else table.num_rows
+        if full:
+            self._open_parquet().write_table(table.slice(0, full), row_group_size=n)
+        rest = table.slice(full)
+        self._pending, self._pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
     def _open_parquet(self) -> pq.ParquetWriter:
         if self._parquet is None:
