@@ -4,7 +4,7 @@ Talks to the browser with the DevTools protocol over a pipe (`--remote-debugging
 replies and events on fd 4, each message JSON ending in a NUL byte), so no port is opened. Imported by tests
 as `from browser import load_page`; also a command that saves a screenshot:
 
-    python tests/browser.py OUT/report/index.html --screenshot docs/inspect.png
+    python tests/browser.py OUT/_report/index.html --screenshot docs/inspect.png
 """
 
 from __future__ import annotations

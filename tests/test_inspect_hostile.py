@@ -223,7 +223,7 @@ def test_a_read_only_out_is_refused_up_front_and_report_dir_works(read_only, tmp
     with pytest.raises(OSError):
         (read_only / "probe").write_bytes(b"")  # really read-only
     assert main(["inspect", str(read_only)]) == 2  # was an OSError traceback, after all the reading
-    assert f"{read_only / 'report'}: cannot write the report" in caplog.text
+    assert f"{read_only / '_report'}: cannot write the report" in caplog.text
     assert "read-only" in caplog.text and "--report DIR" in caplog.text
     assert main(["inspect", str(read_only), "--report", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "index.html").exists()

@@ -323,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--seed", type=int, default=0, help="seed of the row sample (default 0)")
     i.add_argument("--usage-rows", type=int, default=1_000_000, help="rows counted for codebook usage")
-    i.add_argument("--report", help="local report directory (default OUT/report)")
+    i.add_argument("--report", help="local report directory (default OUT/_report)")
     i.set_defaults(func=run_inspect, log_level=None)
     d = sub.add_parser("decode", help="PNGs of the decoded codes of some keys, for spot checks")
     _model_arguments(d)

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class InspectOptions:
     output: str
-    report_dir: str | None = None  # local; default OUT/report, or ./<name>-report when OUT is remote
+    report_dir: str | None = None  # local; default OUT/_report, or ./<name>-report when OUT is remote
     checkpoint: str | None = None
     preset: str | None = None  # default: the preset the data files name
     random_weights: bool = False
@@ -55,7 +55,7 @@ class InspectOptions:
         if self.report_dir:
             return self.report_dir
         if storage.is_local(self.output):
-            return os.path.join(self.output, "report")
+            return os.path.join(self.output, "_report")  # "_": readers of OUT as a dataset skip it
         return f"{posixpath.basename(self.output.rstrip('/')) or 'out'}-report"
 
 
