@@ -11,10 +11,16 @@ answers a fraction of them with what a struggling object store sends instead:
   forwarded, so a retried upload never meets its own completed twin;
 - "slow": forwarded, but answered after `delay_s` (not a failure: it only tests patience);
 - "forbidden": 403 (S3: `<Code>AccessDenied</Code>`), a permanent error no layer may retry. Only used in
-  `script`, a list of faults applied to the next requests in order, before the seeded schedule resumes.
+  `script`, a list of faults applied to the next requests in order, before the seeded schedule resumes;
+- "silent": the request's headers are read and it is never answered: the connection stays open, silent,
+  until the proxy stops. A request sent with `Expect: 100-continue` (s3fs's PUTs) gets no `100 Continue`,
+  so its body is never sent; others are read whole. Nothing is forwarded;
+- "stall": forwarded, and a response with a body sends its headers and half the body, then nothing more
+  until the proxy stops (a store that stalls mid-body); a response without one is never answered.
 
-`down = True` answers every request with a 503 (a store that stays unavailable); `down_after = n` does so
-from the n+1-th request on. `stats` counts requests
+`down = True` answers every request with a 503 (a store that stays unavailable; `down_as = "silent"` makes it
+one that never answers); `down_after = n` does so from the n+1-th request on; `down_methods = ("PUT",)` limits
+it to those methods (a store that lists and reads but never answers an upload). `stats` counts requests
 and injected faults per kind so a test can check the fault rate it actually ran at.
 
 Requests are forwarded unchanged, Host header included: clients sign for the proxy's address and the test
@@ -39,7 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-FAILURES = ("slowdown", "internal", "reset", "forbidden")
+FAILURES = ("slowdown", "internal", "reset", "forbidden", "silent", "stall")
 _STATUS = {"slowdown": 503, "internal": 500, "forbidden": 403}
 _ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
@@ -93,12 +99,15 @@ class FaultProxy:
     endpoint_url: str = ""
     down: bool = False
     down_after: int | None = None  # go down for good once this many requests were served
+    down_as: str = "slowdown"  # the fault every request gets while down
+    down_methods: tuple[str, ...] = ()  # while down, only requests with these methods fail (empty: all)
     script: list[str] = field(default_factory=list)
     stats: ProxyStats = field(default_factory=ProxyStats)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
+        self.closing = threading.Event()  # set when the proxy stops: silent and stalled connections end
 
     def next_fault(self, method: str, path: str) -> str:
         """The fault for the next request ("" for none), drawn from the seeded schedule, and counted."""
@@ -106,8 +115,8 @@ class FaultProxy:
             self.stats.requests += 1
             if self.down_after is not None and self.stats.requests > self.down_after:
                 self.down = True
-            if self.down:
-                fault = "slowdown"
+            if self.down and (not self.down_methods or method in self.down_methods):
+                fault = self.down_as
             elif self.script:
                 fault = self.script.pop(0)
             elif self._rng.random() < self.rate:
@@ -136,8 +145,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real stores do
     server: _ProxyServer
 
+    _drawn: str | None = None  # the fault of the request being handled, drawn before its body is read
+
     def log_message(self, *args: Any) -> None:
         pass
+
+    def handle_expect_100(self) -> bool:
+        # Called while parsing a request that waits for `100 Continue` before it sends its body: the fault is
+        # drawn here, so that a silent store sends no 100 either.
+        self._drawn = self.server.proxy.next_fault(self.command, self.path)
+        return True if self._drawn == "silent" else super().handle_expect_100()
+
+    def _hang(self) -> None:
+        """Say nothing more on this connection until the proxy stops, then drop it."""
+        self.server.proxy.closing.wait()
+        self._reset()
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -190,8 +212,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         proxy = self.server.proxy
+        fault, self._drawn = self._drawn, None
+        if fault == "silent":  # waiting for a 100 Continue: its body never comes
+            self._hang()
+            return
         body = self._read_body()
-        fault = proxy.next_fault(self.command, self.path)
+        if fault is None:
+            fault = proxy.next_fault(self.command, self.path)
+        if fault == "silent":
+            self._hang()
+            return
         if fault in _STATUS:
             status = _STATUS[fault]
             data, ctype = proxy.error_body(status, urlsplit(self.path).path)
@@ -207,12 +237,12 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self._reset()
             return
-        if fault == "reset":
-            if len(data) < 2:  # nothing to cut in half: drop the connection instead of answering
-                self._reset()
+        if fault in ("reset", "stall"):
+            if len(data) < 2:  # nothing to cut in half: drop the connection (or say nothing) instead
+                self._hang() if fault == "stall" else self._reset()
                 return
             self._send(status, reason, headers, data, cut=True)
-            self._reset()
+            self._hang() if fault == "stall" else self._reset()
             return
         self._send(status, reason, headers, data, cut=False)
 
@@ -258,6 +288,7 @@ def fault_proxy(
     try:
         yield proxy
     finally:
+        proxy.closing.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)

@@ -1,8 +1,10 @@
 """The run lease on OUT: one holder at a time, on a local disk and on S3 (moto); no Ray needed."""
 
-import json
+import dataclasses
 import logging
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 
 import pytest
 
+from vqpipe import lease as lease_module
 from vqpipe import storage
 from vqpipe.errors import LeaseError
 from vqpipe.lease import Lease, LeaseRecord, _pid_namespace, read_lease
@@ -153,15 +156,96 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
     with Lease(output, ttl_s=120, run_id="next") as lease:
         lease.acquire()
         assert read_lease(output).run_id == "next"
-    # ... but a live process with that record is (this test's own pid)
+    # ... but a live process with that record is (this test's own pid; a recent heartbeat: an old one is gone
+    # whatever its process, see the next tests)
     put_record(
-        output, None, stale_record(host=socket.gethostname(), pid=os.getpid(), namespace=_pid_namespace())
+        output,
+        None,
+        stale_record(host=socket.gethostname(), pid=os.getpid(), namespace=_pid_namespace(), age_s=1),
     )
-    record = json.loads((tmp_path / "out" / "_vqpipe" / "lease.json").read_text())
-    record["expires"] = time.time() + 60
-    (tmp_path / "out" / "_vqpipe" / "lease.json").write_text(json.dumps(record))
     with pytest.raises(LeaseError, match="in use by run old"):
         Lease(output, ttl_s=120).acquire()
+
+
+def claimed(heartbeat_age_s: float, expires_in_s: float, **fields: object) -> LeaseRecord:
+    """A record of another host's run, its times as a file could claim them."""
+    now = time.time()
+    record = LeaseRecord(
+        "old", "elsewhere", 4242, None, now - 3600, now - heartbeat_age_s, now + expires_in_s
+    )
+    return dataclasses.replace(record, **fields)  # type: ignore[arg-type]
+
+
+def test_a_lease_claiming_a_far_expiry_is_gone_once_its_heartbeat_is_older_than_our_ttl(out, caplog):
+    """10 years ahead blocked OUT for 10 years: the reader judges the heartbeat by its own TTL instead."""
+    output, options = out
+    put_record(output, options, claimed(heartbeat_age_s=200, expires_in_s=10 * 365 * 86400))
+    with Lease(output, options, ttl_s=120, run_id="new") as lease:
+        lease.acquire()
+        assert read_lease(output, options).run_id == "new"
+    assert "heartbeat is older than this run's lease TTL (120s)" in caplog.text
+    # A recent heartbeat is still honoured, whatever the expiry: that run may be alive.
+    put_record(output, options, claimed(heartbeat_age_s=5, expires_in_s=10 * 365 * 86400))
+    with pytest.raises(LeaseError, match="in use by run old"):
+        Lease(output, options, ttl_s=120).acquire()
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"expires": math.nan}, "expires is nan, not a time"),
+        ({"heartbeat": math.inf, "expires": math.inf}, "heartbeat is inf, not a time"),
+        ({"started": -math.inf}, "started is -inf, not a time"),
+        (
+            {"heartbeat": time.time() + 10 * 365 * 86400, "expires": time.time() + 10 * 365 * 86400 + 120},
+            r"its heartbeat is 3153\d+s ahead of this host's clock",
+        ),
+    ],
+)
+def test_a_lease_with_times_that_are_not_times_is_taken_over_naming_the_file(
+    tmp_path, caplog, fields, problem
+):
+    """NaN blocked OUT for ever ("expired nans ago"): such a file is no lease."""
+    output = str(tmp_path / "out")
+    record = claimed(heartbeat_age_s=1, expires_in_s=60, **fields)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "lease.json").write_bytes(record.to_bytes())  # json writes NaN and Infinity
+    with Lease(output, ttl_s=120, run_id="new") as lease:
+        lease.acquire()
+        assert read_lease(output).run_id == "new"
+    assert re.search(
+        f"{re.escape(str(tmp_path / 'out' / 'lease.json'))}: not a valid lease, {problem}", caplog.text
+    )
+    assert "nans ago" not in caplog.text
+
+
+def test_a_dead_holder_whose_clock_ran_ahead_is_taken_over_by_a_waiter(tmp_path, caplog):
+    """Its heartbeat lies in the future, so its age never passes the TTL in time: a reader that waits sees the
+    file unchanged for longer than its TTL and takes it over. One that does not wait refuses, saying so."""
+    output = str(tmp_path / "out")
+    put_record(output, None, claimed(heartbeat_age_s=-300, expires_in_s=420))  # 5 minutes ahead, then died
+    with pytest.raises(LeaseError, match=r"heartbeat 300s ahead of this host's clock.*--wait-for-lease"):
+        Lease(output, ttl_s=0.5).acquire()
+    started = time.monotonic()
+    with Lease(output, ttl_s=0.5, run_id="new") as lease:
+        lease.acquire(wait_s=30, poll_s=0.05)
+        assert read_lease(output).run_id == "new"
+    assert time.monotonic() - started < 5
+    assert re.search(r"stayed unchanged for \d+s, longer than this run's lease TTL \(0.5s\)", caplog.text)
+
+
+def test_a_holder_renews_often_enough_for_a_reader_with_a_shorter_ttl(tmp_path, monkeypatch):
+    """Readers judge a heartbeat by their own TTL: a holder with a long TTL renews at least every
+    MAX_HEARTBEAT_INTERVAL_S, or a reader with a short one would take a live lease for gone."""
+    monkeypatch.setattr(lease_module, "MAX_HEARTBEAT_INTERVAL_S", 0.1)
+    output = str(tmp_path / "out")
+    with Lease(output, ttl_s=3600, run_id="long") as holder:
+        holder.acquire()
+        first = read_lease(output).heartbeat
+        time.sleep(0.5)
+        assert read_lease(output).heartbeat > first
+        with pytest.raises(LeaseError, match="in use by run long"):
+            Lease(output, ttl_s=0.4).acquire()
 
 
 @pytest.mark.slow  # waits for a 4 s lease to expire

@@ -4,9 +4,12 @@ its own. The Ray side (actors dying with a bundle, retries) is in test_cluster.p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
+from faultproxy import fault_proxy
 from shards import good_image_bytes, write_not_a_tar, write_shard
 
 from vqpipe import storage
@@ -75,3 +78,57 @@ def test_a_single_shard_is_run_on_the_calling_thread_and_its_failure_is_an_outco
     _, [outcome], actor = run_bundle(shards, tmp_path / "out")
     assert outcome.record is None and outcome.reason == "not_a_tar"
     assert actor._bundle_pool is None  # no pool started for one shard
+
+
+def _actor(shards: Path, out: str, storage_options: dict | None = None) -> tuple[list[Shard], EncoderActor]:
+    cfg = build_config(
+        {
+            "inputs": [str(shards)],
+            "output": out,
+            "model": {"preset": "tiny", "random_weights": True, "device": "cpu"},
+            "encode": {"batch_size": 4},
+            "storage_options": storage_options or {},
+        }
+    )
+    todo = make_plan(
+        storage.expand_inputs_with_info([str(shards)], None), Ledger(out, storage_options), None, False
+    )
+    return todo.todo, EncoderActor(cfg, build_encoder(cfg)[1], "replica-0", threads=1)
+
+
+def test_a_shard_the_store_fails_is_a_storage_error_in_one_line(tmp_path, one_torch_thread, caplog):
+    """Not a `worker_error` with a traceback per attempt: the store failed, and the detail says how."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "a.tar", [{"__key__": "a0", "jpg": good_image_bytes(0)}])
+    todo, actor = _actor(shards, str(tmp_path / "out"))
+    (shards / "a.tar").unlink()  # gone between planning and reading
+    [outcome] = actor.process(todo, [1])
+    assert outcome.record is None and outcome.reason == "storage_error", outcome
+    assert outcome.detail == f"{todo[0].shard_id}: {shards / 'a.tar'}: no such file"
+    assert "Traceback" not in caplog.text and "storage error" in caplog.text
+
+
+@pytest.mark.slow  # waits out the storage deadline
+@pytest.mark.timeout(120)  # before the deadline, the data file's upload held its shard for ever
+def test_a_data_upload_the_store_never_answers_fails_the_attempt_within_the_deadline(
+    tmp_path, one_torch_thread, s3
+):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "a.tar", [{"__key__": f"a{i}", "jpg": good_image_bytes(i)} for i in range(3)])
+    with fault_proxy(s3.endpoint_url, rate=0.0) as proxy:
+        options = {
+            **s3.storage_options,
+            "client_kwargs": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"},
+            "vqpipe_deadline_s": 2,
+        }
+        todo, actor = _actor(shards, s3.url(f"{tmp_path.name}/out"), options)
+        proxy.down, proxy.down_as, proxy.down_methods = True, "silent", ("PUT",)
+        started = time.monotonic()
+        [outcome] = actor.process(todo, [1])
+        took = time.monotonic() - started
+    print(f"silent data upload: {outcome.reason} after {took:.1f}s: {outcome.detail}")
+    assert outcome.reason == "storage_error" and "timed out: no answer within 2s" in outcome.detail, outcome
+    assert f"{todo[0].shard_id}.parquet: cannot write" in outcome.detail
+    assert proxy.stats.faults["silent"] >= 1 and took < 30, took

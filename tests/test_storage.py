@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import traceback
 import uuid
 from typing import Any
@@ -703,3 +704,46 @@ def test_sha256_of_streams_the_file_and_can_keep_exactly_the_bytes_hashed(tmp_pa
     assert kept.getvalue() == data
     with pytest.raises((StorageError, OSError)):
         storage.sha256_of(str(tmp_path / "missing.pth"))
+
+
+def test_the_storage_deadline_is_vqpipes_own_option_and_is_checked() -> None:
+    """`vqpipe_deadline_s` never reaches fsspec (memory:// would refuse an unknown option), and a bad value
+    is a ConfigError naming the key."""
+    from vqpipe.errors import ConfigError
+
+    url = f"memory://deadline-{uuid.uuid4().hex[:8]}/x.json"
+    storage.write_bytes_atomic(url, b"{}", {"vqpipe_deadline_s": 5})
+    assert storage.read_bytes(url, {"vqpipe_deadline_s": 5}) == b"{}"
+    for bad in (0, -1, "soon", float("nan"), True):
+        with pytest.raises(
+            ConfigError, match=r"storage_options\.vqpipe_deadline_s: expected a positive number"
+        ):
+            storage.read_bytes(url, {"vqpipe_deadline_s": bad})
+
+
+def test_retries_stop_at_the_deadline_and_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection reset again and again is retried with backoff, but not past the operation's deadline."""
+    from vqpipe.storage import deadlines
+
+    monkeypatch.setattr(storage.retries, "RETRY_ATTEMPTS", 1000)
+    calls = {"n": 0}
+
+    def reset() -> None:
+        calls["n"] += 1
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    started = time.monotonic()
+    with deadlines.deadline(0.5), pytest.raises(StorageError) as info:
+        storage.retries._retrying("s3://b/k", "read", reset, backoff_s=0.05)
+    assert time.monotonic() - started < 1.5 and calls["n"] > 1
+    assert str(info.value) == (
+        "s3://b/k: cannot read (timed out: no answer within 0.5s, the storage deadline (vqpipe_deadline_s); "
+        "last error: connection lost: ConnectionResetError: [Errno 104] Connection reset by peer)"
+    )
+    # nested operations keep the earlier end; a fresh one (the clean-up after a timeout) has its own
+    with deadlines.deadline(1):
+        with deadlines.deadline(60):
+            assert deadlines.remaining() is not None and deadlines.remaining() <= 1  # type: ignore[operator]
+        with deadlines.deadline(60, fresh=True):
+            assert deadlines.remaining() > 59  # type: ignore[operator]
+    assert deadlines.remaining() is None

@@ -12,6 +12,10 @@ import io
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -141,6 +145,61 @@ def test_transient_error_classification() -> None:
     assert got == {name: want for name, _, want in _transient_cases()}
     assert isinstance(_s3_error("AccessDenied", 403), PermissionError)
     assert isinstance(_s3_error("NoSuchBucket", 404), FileNotFoundError)
+
+
+def _s3fs_timeout_bug() -> BaseException:
+    """What s3fs 2026.9's `_fetch_range` raises for a body read that timed out: it reads `args[0]` of an
+    OSError whose args are empty, and the IndexError carries the timeout as its context."""
+    try:
+        try:
+            raise TimeoutError()
+        except OSError as ex:
+            ex.args[0]  # noqa: B018 - the bug, reproduced
+    except IndexError as e:
+        return e
+    raise AssertionError("unreachable")
+
+
+def test_storage_failures_are_classified_and_said_in_one_line() -> None:
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    from vqpipe.storage import Failure, classify
+    from vqpipe.storage.failures import describe
+
+    cases = {
+        "read timeout": (ReadTimeoutError(endpoint_url="http://x/b/k"), Failure.TIMEOUT),
+        "s3fs's IndexError over a timeout": (_s3fs_timeout_bug(), Failure.TIMEOUT),
+        "reset": (ConnectionResetError(104, "Connection reset by peer"), Failure.CONNECTION),
+        "connect failed": (EndpointConnectionError(endpoint_url="http://x"), Failure.CONNECTION),
+        "aiohttp disconnect": (_aiohttp_disconnect(), Failure.CONNECTION),
+        "503 SlowDown": (_s3_error("SlowDown", 503), Failure.THROTTLED),
+        "500 InternalError": (_s3_error("InternalError", 500), Failure.UNAVAILABLE),
+        "403 AccessDenied": (_s3_error("AccessDenied", 403), Failure.PERMISSION),
+        "404 NoSuchKey": (_s3_error("NoSuchKey", 404), Failure.NOT_FOUND),
+        "GCS 429": (_gcs_error(429), Failure.THROTTLED),
+        "GCS 503": (_gcs_error(503), Failure.UNAVAILABLE),
+        "bad argument": (ValueError("bad range"), Failure.OTHER),
+    }
+    assert {name: classify(e)[0] for name, (e, _) in cases.items()} == {n: k for n, (_, k) in cases.items()}
+    for e, kind in cases.values():
+        line = describe(e)
+        assert "\n" not in line and (kind is Failure.OTHER or line.startswith(kind.value + ": ")), line
+    assert describe(_s3fs_timeout_bug()) == "timed out: TimeoutError"
+    assert describe(_s3_error("SlowDown", 503)).startswith("throttled by the store: ClientError: ")
+    # ... and the storage error of such a call says it too (and retries it: a timeout is transient)
+    calls = iter([_s3fs_timeout_bug(), _s3fs_timeout_bug()])
+
+    def fn() -> None:
+        raise next(calls)
+
+    with pytest.raises(StorageError, match=r"^s3://b/k: cannot read \(timed out: TimeoutError\)$"):
+        storage.retries._retrying("s3://b/k", "read", fn, attempts=2, backoff_s=0)
+
+
+def _aiohttp_disconnect() -> BaseException:
+    import aiohttp
+
+    return aiohttp.ServerDisconnectedError()
 
 
 def test_retrying_backs_off_on_transient_errors_and_gives_up_on_permanent_ones(
@@ -315,6 +374,132 @@ def test_a_store_that_stays_down_fails_cleanly(
             fn()
         assert str(info.value).startswith(f"s3://{s3.bucket}/{prefix}/"), info.value
     assert keys(s3, f"{prefix}/out/") == [] and uploads(s3, prefix) == []
+
+
+# ------------------------------------------------------------------------------ a store that never answers
+
+DEADLINE_S = 3.0  # the calls that are answered must fit in it on a loaded machine
+QUICK = {
+    "vqpipe_deadline_s": DEADLINE_S,
+    "config_kwargs": {"read_timeout": 1, "retries": {"max_attempts": 2}},
+}
+
+
+def _bounded(fn: Any, limit_s: float) -> tuple[StorageError, float]:
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        fn()
+    return info.value, time.monotonic() - started
+
+
+@pytest.mark.slow  # waits out a deadline per call
+@pytest.mark.timeout(120)  # before the deadline existed these calls hung for ever
+def test_a_store_that_reads_a_put_and_never_answers_fails_each_write_within_the_deadline(
+    s3: S3Server, proxy: FaultProxy, prefix: str
+) -> None:
+    """s3fs sends PUTs with `Expect: 100-continue`; a store that reads the headers and never replies left
+    `Lease.acquire` and data-file uploads waiting for ever (aiohttp's read timeout starts after the body)."""
+    from vqpipe.lease import Lease
+
+    opts = via(s3, proxy, **QUICK)
+    out = s3.url(f"{prefix}/out")
+    # The client is set up (botocore loads its models: seconds on a loaded machine) before the clock runs.
+    assert storage.read_versioned(storage.join(out, "lease.json"), {**opts, "vqpipe_deadline_s": 60}) is None
+    proxy.down, proxy.down_as, proxy.down_methods = True, "silent", ("PUT",)
+    writes = {
+        "the lease": (storage.join(out, "lease.json"), lambda: Lease(out, opts, ttl_s=30).acquire()),
+        "a data file": (
+            s3.url(f"{prefix}/out/data/part-0.parquet"),
+            lambda: storage.write_bytes_atomic(
+                s3.url(f"{prefix}/out/data/part-0.parquet"), b"x" * 4096, opts
+            ),
+        ),
+        "a multipart data file": (
+            s3.url(f"{prefix}/out/data/part-1.parquet"),
+            lambda: _multipart(s3, prefix, opts),
+        ),
+    }
+    for what, (url, write) in writes.items():
+        silent = proxy.stats.faults["silent"]
+        error, took = _bounded(write, DEADLINE_S)
+        print(f"silent store, {what}: {error} after {took:.1f}s")
+        assert proxy.stats.faults["silent"] > silent, what  # the PUT did go out, and got no answer
+        assert str(error).startswith(f"{url}: cannot write (timed out: no answer within 3s"), error
+        assert took < DEADLINE_S + 5, (what, took)  # the deadline plus a read timeout at most
+    proxy.down = False
+    assert keys(s3, f"{prefix}/out/") == [] and uploads(s3, prefix) == []  # nothing half-written left
+
+
+def _multipart(s3: S3Server, prefix: str, opts: dict[str, Any]) -> None:
+    with storage.atomic_write(s3.url(f"{prefix}/out/data/part-1.parquet"), opts, block_size=5 * MiB) as f:
+        f.write(os.urandom(6 * MiB))  # the first part's upload (a PUT) is what never gets an answer
+
+
+@pytest.mark.slow  # waits out client timeouts and a deadline
+@pytest.mark.timeout(120)
+def test_a_read_that_stalls_mid_body_says_it_timed_out(s3: S3Server, proxy: FaultProxy, prefix: str) -> None:
+    """A body that stops half-way: s3fs 2026.9 reported it as `IndexError: tuple index out of range` after
+    ~4 minutes. Now: the deadline plus one read timeout, and the message says what happened."""
+    data = os.urandom(2 * MiB)
+    s3.seed({f"{prefix}/x.tar": data})
+    url = s3.url(f"{prefix}/x.tar")
+    with storage.open_input(url, via(s3, proxy, **QUICK)) as f:
+        proxy.down, proxy.down_as = True, "stall"  # from the first range request on
+        error, took = _bounded(f.read, DEADLINE_S)
+    print(f"stalled body: {error} after {took:.1f}s")
+    assert proxy.stats.faults["stall"] >= 1
+    assert str(error).startswith(f"{url}: read failed at byte 0 (timed out: no answer within 3s"), error
+    assert "IndexError" not in str(error)
+    assert took < DEADLINE_S + 5, took
+
+
+@pytest.mark.slow  # a `vqpipe tokenize` subprocess
+@pytest.mark.timeout(180)
+def test_a_driver_stalled_on_a_silent_store_exits_on_sigterm(
+    s3: S3Server, proxy: FaultProxy, prefix: str, tmp_path: Any
+) -> None:
+    """SIGTERM (`timeout`'s, a pod's) used to be ignored while `Lease.acquire` waited on an unanswered PUT: the
+    process needed SIGKILL. The deadline here is long on purpose: only the signal can end the wait soon."""
+    samples, _ = defect_samples(0)
+    write_shard(tmp_path / "shard.tar", samples)
+    s3.seed({f"{prefix}/shards/part-000000.tar": (tmp_path / "shard.tar").read_bytes()})
+    settings = {
+        "inputs": [s3.url(f"{prefix}/shards/part-*.tar")],
+        "output": s3.url(f"{prefix}/out"),
+        "model": {"preset": "tiny", "random_weights": True},
+        "storage_options": via(s3, proxy, vqpipe_deadline_s=600),
+    }
+    config = tmp_path / "job.yaml"  # YAML is a superset of JSON
+    config.write_text(json.dumps(settings))
+    proxy.down, proxy.down_as, proxy.down_methods = True, "silent", ("PUT",)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vqpipe.cli", "tokenize", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        waited = time.monotonic() + 90
+        while proxy.stats.faults["silent"] == 0:  # the lease's PUT went out and hangs
+            assert proc.poll() is None and time.monotonic() < waited, (
+                proc.stderr.read() if proc.stderr else ""
+            )
+            time.sleep(0.05)
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    print(f"SIGTERM while the lease's PUT hung: exit {proc.returncode} after {took:.1f}s")
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert took < 10, took
+    assert "SIGTERM: interrupted; rerun to resume" in log and "Traceback" not in log, log[-3000:]
+    assert keys(s3, f"{prefix}/out/") == []
 
 
 # ---------------------------------------------------------------------------------- whole job (Ray)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ShardError
+from .errors import STORAGE_ERROR, ShardError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +254,14 @@ class EncoderLoop:
         try:
             self._encode_and_route(live)
         except BaseException as e:  # noqa: BLE001 - not one sample's fault (device, bug): its shards fail
-            logger.exception("encoding a batch of %d items failed", len(live))
+            reason = "worker_error"
+            if isinstance(e, StorageError):  # a shard's writer could not write: the store, not a bug
+                reason = STORAGE_ERROR
+                logger.warning("a batch of %d items failed: %s", len(live), e)
+            else:
+                logger.exception("encoding a batch of %d items failed", len(live))
             for f in {f for f, _ in live}:  # each its own error: one exception raised in many threads is not
-                error = ShardError("worker_error", f"{f.shard_id}: its batch failed: {type(e).__name__}: {e}")
+                error = ShardError(reason, f"{f.shard_id}: its batch failed: {type(e).__name__}: {e}")
                 error.__cause__ = e
                 f._fail(error)
         finally:

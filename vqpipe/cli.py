@@ -47,12 +47,15 @@ def run_tokenize(args: argparse.Namespace) -> int:
     cfg = from_sources(args.config, overrides(args))
     prepare_local_ray(cfg.run.address)
     from .job import tokenize
-    from .stop import StopRequest
+    from .stop import Interrupted, StopRequest
 
     stop = StopRequest()
     stop.install()
     try:
         summary = tokenize(cfg, stop)
+    except Interrupted:  # a signal ended a wait outside the dispatcher (a listing, the lease, a silent store)
+        logger.error("%s: interrupted; rerun to resume", stop.name)
+        return stop.exit_code
     finally:
         stop.restore()
     st, planned = summary.status, summary.plan.ids

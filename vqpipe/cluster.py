@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from .config import JobConfig
 from .dispatch_policy import DispatchPolicy, GiveUp, InFlight, Retry, Running, ShardQueue
-from .errors import ShardError
+from .errors import STORAGE_ERROR, ShardError, StorageError
 from .plan import Shard
 from .records import DoneRecord
 from .replicas import ReplicaPool, ShardOutcome
@@ -278,5 +278,7 @@ def _failure(e: RayActorError | RayTaskError) -> tuple[str, str]:
         cause = e.as_instanceof_cause()
         if isinstance(cause, ShardError):
             return cause.reason, cause.detail
+        if isinstance(cause, StorageError):
+            return STORAGE_ERROR, str(cause).strip().splitlines()[-1]
         return "worker_error", str(cause).strip().splitlines()[-1]
     return "actor_died", str(e).strip().splitlines()[0][:300]

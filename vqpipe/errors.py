@@ -53,6 +53,10 @@ class LeaseError(VqpipeError):
     """Another run holds the output (its lease is live), or this run lost its lease to another."""
 
 
+# The shard failure reason of an attempt that the store failed (a timeout, a dropped connection, throttling, a
+# missing or forbidden object: the detail says which). Retried like any reason not listed below.
+STORAGE_ERROR = "storage_error"
+
 # Shard failure reasons that no retry can change: the bytes are not a tar, or the tar is malformed. The driver
 # fails such a shard at its first attempt (dispatch_policy.DispatchPolicy.failed). `truncated_tar` is left out on purpose: an input still being
 # copied, or a read that ended early, can succeed when tried again.

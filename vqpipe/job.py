@@ -5,6 +5,7 @@ Returns a summary; the entry points turn it into an exit code (0 only when every
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import platform
@@ -111,7 +112,8 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
 
     Everything that can be checked on the driver is checked before OUT is touched or Ray starts: the preset, the
     inputs (at least one shard) and the checkpoint (read and checked against the preset). `stop`: a
-    StopRequest whose signal handlers the caller installed; the dispatcher honours it (see stop.py)."""
+    StopRequest whose signal handlers the caller installed; the dispatcher honours it, and outside the
+    dispatcher a signal ends any wait at once by raising `stop.Interrupted` (see stop.py)."""
     t0 = time.monotonic()
     layout = detect(cfg.output, cfg.storage_options)
     if layout.version < 2:
@@ -119,15 +121,16 @@ def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
             f"{storage.redact(cfg.output)} is a format-1.x OUT; run `vqpipe migrate {storage.redact(cfg.output)}` "
             "once to move it to format 2 (docs/format.md), then tokenize into it"
         )
-    lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s, layout=layout)
-    ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id, layout=layout)
-    inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)  # planning empties it
-    sha = model_sha256(cfg, ledger)
-    record = run_record(cfg, sha)
-    # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
-    lease.acquire(wait_s=cfg.run.wait_for_lease_s)
-    with lease:
-        return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
+    with stop.interrupting() if stop is not None else contextlib.nullcontext():
+        lease = Lease(cfg.output, cfg.storage_options, ttl_s=cfg.run.lease_ttl_s, layout=layout)
+        ledger = Ledger(cfg.output, cfg.storage_options, run_id=lease.run_id, layout=layout)
+        inputs = storage.expand_inputs_with_info(list(cfg.inputs), cfg.storage_options)  # planning empties it
+        sha = model_sha256(cfg, ledger)
+        record = run_record(cfg, sha)
+        # Nothing in OUT is touched before this run holds it: cleanup would break another live run's writes.
+        lease.acquire(wait_s=cfg.run.wait_for_lease_s)
+        with lease:
+            return _tokenize_holding(cfg, sha, ledger, record, inputs, lease, stop, t0)
 
 
 def _tokenize_holding(
@@ -204,7 +207,10 @@ def _tokenize_holding(
         # removing "its" record would cost every shard a DELETE of a key that is nearly never there).
         had_failed = ledger.failed_ids()
         try:
-            stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check, had_failed)
+            # The dispatcher acts on a stop itself (a grace period, then the summary); its storage calls are
+            # bounded by the storage deadline.
+            with stop.interrupting(False) if stop is not None else contextlib.nullcontext():
+                stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check, had_failed)
         except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
             error, stopped = str(e), True
         finally:

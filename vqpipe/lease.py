@@ -4,9 +4,15 @@
 when the lease expires. It is taken with a conditional write (local: an exclusive lock around
 check-and-replace; S3: `If-None-Match`/`If-Match`), renewed by a heartbeat thread on the driver, and removed
 when the run ends. A second run finds it and waits (`run.wait_for_lease_s`) or refuses with the holder named.
-A lease whose holder is provably gone is taken over: its heartbeat stopped for longer than `run.lease_ttl_s`,
-or its process no longer exists on this host. A holder that finds its lease taken (it stalled past expiry)
-stops its run: the new holder has cleaned up what it was writing.
+A lease whose holder is provably gone is taken over: its heartbeat is older than the reader's own
+`run.lease_ttl_s` (whatever expiry the record claims), the file stayed unchanged that long while the reader
+waited (a holder whose clock runs ahead), or its process no longer exists on this host. A record that is no lease
+(unparsable, a time that is not finite, a heartbeat a day or more ahead of this host's clock) is taken over
+with a warning naming the file. A holder that finds its lease taken (it stalled past expiry) stops its run: the
+new holder has cleaned up what it was writing.
+
+One module although over 300 lines: the record, its checks and the take/renew/release protocol are one piece of
+reasoning about who may write OUT, and are read together.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -27,6 +34,19 @@ from .errors import LeaseError
 from .out.layout import Layout, detect
 
 logger = logging.getLogger(__name__)
+
+# A holder renews every TTL/4 but at least this often, so that a reader with a shorter TTL than the holder's
+# (it judges the heartbeat's age by its own TTL) does not take a live lease for gone: any TTL above twice this
+# is safe whatever TTL the holder runs with.
+MAX_HEARTBEAT_INTERVAL_S = 30.0
+# How long a driver that was stopped by a signal tries to remove its lease before it exits.
+QUICK_RELEASE_S = 5.0
+# A heartbeat this far ahead of the reader's clock is no lease (a hand-edited file, or a clock off by a day).
+MAX_CLOCK_AHEAD_S = 86400.0
+
+
+class InvalidLease(ValueError):
+    """lease.json holds something that is not a usable lease record; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +63,12 @@ class LeaseRecord:
         return (json.dumps(asdict(self), sort_keys=True, indent=2) + "\n").encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> LeaseRecord | None:
-        """None for anything that is not a lease record (damaged by hand, or another program's file)."""
+    def parse(cls, data: bytes, now: float | None = None) -> LeaseRecord:
+        """The record in `data`; InvalidLease saying what is wrong for anything that is not a usable lease
+        (damaged by hand, another program's file, times that are not finite or lie a day ahead of `now`)."""
         try:
             d = json.loads(data)
-            return cls(
+            record = cls(
                 run_id=str(d["run_id"]),
                 host=str(d["host"]),
                 pid=int(d["pid"]),
@@ -56,16 +77,42 @@ class LeaseRecord:
                 heartbeat=float(d["heartbeat"]),
                 expires=float(d["expires"]),
             )
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise InvalidLease(f"not a lease record ({type(e).__name__}: {e})") from None
+        times = {"started": record.started, "heartbeat": record.heartbeat, "expires": record.expires}
+        for name, value in times.items():
+            if not math.isfinite(value) or value < 0:
+                raise InvalidLease(f"{name} is {value}, not a time")
+        if record.expires < record.heartbeat:
+            raise InvalidLease(
+                f"it expires {record.heartbeat - record.expires:.0f}s before its own heartbeat"
+            )
+        now = time.time() if now is None else now
+        if record.heartbeat - now > MAX_CLOCK_AHEAD_S:
+            raise InvalidLease(f"its heartbeat is {record.heartbeat - now:.0f}s ahead of this host's clock")
+        return record
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LeaseRecord | None:
+        """None for anything that is not a usable lease record (see `parse`)."""
+        try:
+            return cls.parse(data)
+        except InvalidLease:
             return None
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
         left = self.expires - now
         expiry = f"expires in {left:.0f}s" if left >= 0 else f"expired {-left:.0f}s ago (that run is gone)"
+        age = now - self.heartbeat
+        heartbeat = (
+            f"last heartbeat {age:.0f}s ago"
+            if age >= 0
+            else f"heartbeat {-age:.0f}s ahead of this host's clock"
+        )
         return (
             f"run {self.run_id} on host {self.host} (pid {self.pid}), started {now - self.started:.0f}s ago, "
-            f"last heartbeat {now - self.heartbeat:.0f}s ago, {expiry}"
+            f"{heartbeat}, {expiry}"
         )
 
 
@@ -144,19 +191,27 @@ class Lease:
         deadline = time.monotonic() + wait_s
         poll_s = poll_s if poll_s is not None else min(5.0, max(0.05, self.ttl_s / 10))
         said_waiting = False
+        seen: tuple[str, float] | None = (
+            None  # the holder's version, and since when (monotonic) it is unchanged
+        )
         while True:
             current = storage.read_versioned(self.url, self.storage_options)
-            holder = LeaseRecord.from_bytes(current[0]) if current else None
+            holder, invalid = self._parse(current)
             if current is not None and holder is not None and holder.run_id == self.run_id:
                 # Our own write went through but its answer was lost (a reset), and the client's retry then
                 # failed its precondition: the lease is ours already.
                 self.record, self._version = holder, current[1]
                 break
-            if current is not None and holder is not None and not self._gone(holder):
+            if current is not None and (seen is None or seen[0] != current[1]):
+                seen = (current[1], time.monotonic())
+            unchanged_s = time.monotonic() - seen[1] if seen is not None else 0.0
+            gone = self._gone(holder, unchanged_s) if holder is not None else None
+            if current is not None and holder is not None and gone is None:
                 if time.monotonic() >= deadline:
                     raise LeaseError(
                         f"{storage.redact(self.output)} is in use by {holder.describe()}. Wait for it, rerun with "
-                        f"--wait-for-lease SECONDS, or, if that run is gone, rerun after the lease expires "
+                        f"--wait-for-lease SECONDS (a lease left unchanged for longer than the lease TTL, "
+                        f"{self.ttl_s:.0f}s, is taken over), or, if that run is gone, rerun after the lease expires "
                         f"(or delete {storage.redact(self.url)})"
                     )
                 if not said_waiting:
@@ -176,7 +231,11 @@ class Lease:
                 continue  # another run took or renewed it between our read and write: look again
             self.record = record
             if current is not None:
-                why = "unreadable lease file" if holder is None else holder.describe()
+                why = (
+                    f"{storage.redact(self.url)}: {invalid}"
+                    if holder is None
+                    else f"{holder.describe()}: {gone}"
+                )
                 logger.warning("took over the lease of %s: %s", storage.redact(self.output), why)
             break
         logger.info("holding %s as run %s", storage.redact(self.url), self.run_id)
@@ -184,11 +243,32 @@ class Lease:
         self._thread.start()
 
     @staticmethod
-    def _gone(holder: LeaseRecord) -> bool:
-        return time.time() > holder.expires or _process_gone(holder)
+    def _parse(current: tuple[bytes, str] | None) -> tuple[LeaseRecord | None, str | None]:
+        """The holder's record, or why the file there is no lease."""
+        if current is None:
+            return None, None
+        try:
+            return LeaseRecord.parse(current[0]), None
+        except InvalidLease as e:
+            return None, f"not a valid lease, {e}"
+
+    def _gone(self, holder: LeaseRecord, unchanged_s: float) -> str | None:
+        """Why `holder` is provably gone, or None while it may be alive. Its own expiry is believed only
+        when it says expired: a heartbeat older than this run's TTL, or a record this run saw unchanged for
+        that long, is gone whatever expiry it claims (a clock running ahead, a hand-edited file)."""
+        now = time.time()
+        if now - holder.heartbeat > self.ttl_s:
+            return f"its heartbeat is older than this run's lease TTL ({self.ttl_s:.0f}s)"
+        if unchanged_s > self.ttl_s:
+            return f"it stayed unchanged for {unchanged_s:.0f}s, longer than this run's lease TTL ({self.ttl_s:g}s)"
+        if now > holder.expires:
+            return "it expired"
+        if _process_gone(holder):
+            return "its process no longer exists on this host"
+        return None
 
     def _heartbeat(self) -> None:
-        interval = self.ttl_s / 4
+        interval = min(self.ttl_s / 4, MAX_HEARTBEAT_INTERVAL_S)
         while not self._stop.wait(interval):
             try:
                 self.renew()
@@ -235,16 +315,20 @@ class Lease:
     def held(self) -> bool:
         return self.record is not None and not self._lost
 
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lease, unless another run holds it by now."""
+    def release(self, within_s: float | None = None) -> None:
+        """Stop the heartbeat and remove the lease, unless another run holds it by now. `within_s`: give up
+        after that long (a stopped driver must not wait out a silent store; the lease then expires)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(within_s)
         # A record always comes with its version.
         if self.record is None or self._version is None or self._lost:
             return
+        options = self.storage_options
+        if within_s is not None:
+            options = {**(options or {}), storage.DEADLINE_OPTION: within_s}
         try:
-            storage.remove_if(self.url, self.storage_options, if_version=self._version)
+            storage.remove_if(self.url, options, if_version=self._version)
         except storage.WriteConflict:
             logger.warning("%s: lease changed hands before release; left as it is", storage.redact(self.url))
         except storage.StorageError as e:
@@ -254,5 +338,8 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # After a stop signal (stop.Interrupted, KeyboardInterrupt: not Exceptions) the release gets a few
+        # seconds; a lease left behind is taken over at once by the next run on this host (its pid is gone).
+        stopped = exc_type is not None and not issubclass(exc_type, Exception)
+        self.release(QUICK_RELEASE_S if stopped else None)

@@ -128,7 +128,8 @@ def markdown() -> str:
         lines.append(f"| `{o.key}` | `{flag}` | {values} | {default} | {o.help} |")
     lines.append(
         "| `storage_options` | — (config file only) | table | `{}` | passed to fsspec for every URL "
-        "(credentials normally come from the environment) |"
+        "(credentials normally come from the environment), except vqpipe's own `vqpipe_deadline_s` (default "
+        "120): the most seconds one storage call may take (docs/object-storage.md) |"
     )
     undescribed = {f.name for f in dataclasses.fields(JobConfig)} - {
         "inputs",

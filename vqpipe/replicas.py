@@ -22,7 +22,7 @@ from ray.util import metrics
 
 from .config import CPU_ALLOCATOR_ENV, JobConfig
 from .dispatch_policy import MAX_IN_FLIGHT
-from .errors import CheckpointError, ShardError
+from .errors import STORAGE_ERROR, CheckpointError, ShardError, StorageError
 from .plan import Shard
 from .records import DoneRecord
 
@@ -141,6 +141,9 @@ class EncoderActor:
             record = worker.process(shard, attempt, on_progress=self._count, look_first=speculative)
         except ShardError as e:
             return ShardOutcome(shard.shard_id, reason=e.reason, detail=e.detail)
+        except StorageError as e:  # the store failed, not this code: one line saying what happened, retried
+            logger.warning("%s: storage error: %s", shard.shard_id, e)
+            return ShardOutcome(shard.shard_id, reason=STORAGE_ERROR, detail=f"{shard.shard_id}: {e}")
         except Exception as e:  # anything else is a bug or infrastructure: keep the type, name the shard
             logger.exception("%s: worker error", shard.shard_id)
             detail = f"{shard.shard_id}: {type(e).__name__}: {e}"

@@ -5,11 +5,14 @@ Three promises the rest of the job relies on:
   request per shard, and the listing's metadata doubles as each shard's version (size, mtime or ETag).
 - Reads stream (block read-ahead, nothing downloaded whole) and survive a dropped connection mid-shard.
 - Writes commit atomically: a name appears only when its `atomic_write` block exits normally.
+- Every call ends by a deadline (`vqpipe_deadline_s` in storage_options, default DEFAULT_DEADLINE_S), client
+  retries included, and its error says what happened in a line (timed out, connection lost, throttled, ...).
 
 No message built here carries a credential: every StorageError and log line goes through `redact`.
 This package is the only part of vqpipe that imports fsspec (`redaction` does not: it is pure text).
 
-One module per concern: `redaction`, `urls`, `retries`, `listing`, `reads`, `writes`, `conditional`.
+One module per concern: `redaction`, `failures` (what went wrong, in a word), `deadlines`, `s3session` (the
+deadline on each S3 request), `urls`, `retries`, `listing`, `reads`, `writes`, `conditional`.
 Everything public is re-exported here, so callers write `from vqpipe import storage; storage.open_input(...)`.
 Tunables live in their module: patch `storage.retries.RETRY_BACKOFF_S`, `storage.reads.READ_BLOCK_SIZE`,
 `storage.writes.WRITE_BLOCK_SIZE` (the names re-exported here are copies of the values).
@@ -17,6 +20,9 @@ Tunables live in their module: patch `storage.retries.RETRY_BACKOFF_S`, `storage
 
 from ..errors import StorageError
 from .conditional import WriteConflict, _warned_unconditional, read_versioned, remove_if, write_if
+from .deadlines import DEFAULT_DEADLINE_S
+from .deadlines import OPTION as DEADLINE_OPTION
+from .failures import Failure, classify
 from .listing import (
     TAR_SUFFIXES,
     exists,
@@ -51,6 +57,10 @@ from .writes import (
 )
 
 __all__ = [
+    "DEADLINE_OPTION",
+    "DEFAULT_DEADLINE_S",
+    "Failure",
+    "classify",
     "READ_BLOCK_SIZE",
     "RETRY_ATTEMPTS",
     "RETRY_BACKOFF_S",

@@ -15,9 +15,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StorageError
+from .deadlines import bounded
 from .listing import remove
-from .redaction import _describe, _error, redact
-from .retries import _info, _retrying
+from .redaction import _error, redact
+from .retries import _info, _retrying, _why
 from .urls import _fs, _is_s3, _protocols
 from .writes import write_bytes_atomic
 
@@ -32,6 +33,7 @@ _LOCK_STALE_S = 30.0  # a local lock file older than this was left by a process 
 _warned_unconditional: set[str] = set()
 
 
+@bounded
 def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, str] | None:
     """`url`'s content and a version token for `write_if`/`remove_if` (S3: the ETag; elsewhere: a hash of
     the content), or None when absent."""
@@ -50,6 +52,7 @@ def read_versioned(url: str, storage_options: dict[str, Any] | None = None) -> t
     return data, _content_version(data)
 
 
+@bounded
 def write_if(
     url: str, data: bytes, storage_options: dict[str, Any] | None = None, *, if_version: str | None
 ) -> str:
@@ -68,7 +71,7 @@ def write_if(
         except Exception as e:
             if _condition_failed(e):
                 raise WriteConflict(redact(f"{url}: changed meanwhile (conditional write refused)")) from None
-            raise _error(f"{url}: cannot write ({_describe(e)})") from None
+            raise _error(f"{url}: cannot write ({_why(e)})") from None
         finally:
             fs.invalidate_cache(path)
         return str(out.get("ETag", "")).strip('"')
@@ -78,6 +81,7 @@ def write_if(
     return _content_version(data)
 
 
+@bounded
 def remove_if(url: str, storage_options: dict[str, Any] | None = None, *, if_version: str) -> None:
     """Delete `url` only if it is still at version `if_version`; WriteConflict otherwise (S3: `If-Match`
     on the delete; stores that ignore it delete unconditionally after the check)."""
@@ -92,7 +96,7 @@ def remove_if(url: str, storage_options: dict[str, Any] | None = None, *, if_ver
                 raise WriteConflict(
                     redact(f"{url}: changed meanwhile (conditional delete refused)")
                 ) from None
-            raise _error(f"{url}: cannot remove ({_describe(e)})") from None
+            raise _error(f"{url}: cannot remove ({_why(e)})") from None
         finally:
             fs.invalidate_cache(path)
         return
@@ -152,7 +156,7 @@ def _exclusive(url: str, fs: fsspec.AbstractFileSystem, path: str) -> Iterator[N
                 ) from None
             time.sleep(0.005)
         except OSError as e:
-            raise _error(f"{url}: cannot lock ({_describe(e)})") from None
+            raise _error(f"{url}: cannot lock ({_why(e)})") from None
     try:
         yield
     finally:

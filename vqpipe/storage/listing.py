@@ -19,6 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StorageError
 from ..gcpause import without_cyclic_gc
+from . import deadlines
+from .deadlines import bounded
 from .redaction import _error, redact
 from .retries import _info, _ls, _retrying
 from .urls import _basename, _fs, _is_s3, _key, _url
@@ -63,6 +65,8 @@ def _input_version(info: dict[str, Any]) -> dict[str, Any]:
 
 def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[str, dict[str, Any]]]:
     fs, path = _fs(inp, storage_options)
+    # One deadline per request-sized step: a brace pattern over many directories is many listings.
+    retrying = functools.partial(_retrying, deadline_s=deadlines.seconds_of(storage_options))
 
     if _BRACE.search(path):
         import braceexpand  # ships with webdataset
@@ -79,7 +83,7 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
         found: dict[str, dict[str, Any]] = {}
         for parent in by_parent:
             try:
-                entries = _retrying(inp, "list " + parent, functools.partial(_ls, fs, parent))
+                entries = retrying(inp, "list " + parent, functools.partial(_ls, fs, parent))
             except FileNotFoundError:
                 entries = []
             found.update({_key(fs, e["name"]): e for e in entries if e.get("type") == "file"})
@@ -101,11 +105,11 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
 
     if _GLOB_MAGIC.search(path):
         fs.invalidate_cache()  # glob may read any cached listing below its root: make them all fresh
-        matches = _retrying(inp, "list", lambda: fs.glob(path, detail=True))
+        matches = retrying(inp, "list", lambda: fs.glob(path, detail=True))
         files = [(name, info) for name, info in matches.items() if info.get("type") == "file"]
         if not files:
             with contextlib.suppress(FileNotFoundError, StorageError):  # a name with "[" in it, not a glob
-                files = [(path, _retrying(inp, "stat", lambda: _info(fs, path)))]
+                files = [(path, retrying(inp, "stat", lambda: _info(fs, path)))]
         if not files or files[0][1].get("type") != "file":
             raise _error(f"{inp}: matches no files")
         files = _tars_only(inp, files)
@@ -114,13 +118,13 @@ def _expand_one(inp: str, storage_options: dict[str, Any] | None) -> Iterator[tu
         return
 
     try:
-        info = _retrying(inp, "stat", lambda: _info(fs, path))
+        info = retrying(inp, "stat", lambda: _info(fs, path))
     except FileNotFoundError:
         raise _error(f"{inp}: no such file or directory") from None
     if info.get("type") != "directory":
         yield _url(fs, path), _input_version(info)
         return
-    entries = _retrying(inp, "list", lambda: _ls(fs, path))
+    entries = retrying(inp, "list", lambda: _ls(fs, path))
     files = [(e["name"], e) for e in entries if e.get("type") == "file"]
     for name, info in _tars_only(inp, files):
         yield _url(fs, _key(fs, name)), _input_version(info)
@@ -201,6 +205,7 @@ def expand_inputs(inputs: Sequence[str], storage_options: dict[str, Any] | None 
     return [url for url, _ in expand_inputs_with_info(inputs, storage_options)]
 
 
+@bounded
 def input_version(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Size and mtime (local) or ETag, size and last-modified (objects) of `url`: changes when the file does.
     Equal to the version `expand_inputs_with_info` reports for the same unchanged file. (In done records this
@@ -212,6 +217,7 @@ def input_version(url: str, storage_options: dict[str, Any] | None = None) -> di
         raise _error(f"{url}: no such file") from None
 
 
+@bounded
 def list_files(dir_url: str, suffix: str = "", storage_options: dict[str, Any] | None = None) -> list[str]:
     """Sorted basenames of the files directly in `dir_url` ending with `suffix` (one listing); [] if the
     directory does not exist."""
@@ -243,7 +249,8 @@ def iter_files_info(
             yield from _scan_local(path, lambda name: name.endswith(suffix))
         return
     try:
-        entries = _retrying(dir_url, "list", lambda: _ls(fs, path))
+        listing = functools.partial(_ls, fs, path)
+        entries = _retrying(dir_url, "list", listing, deadline_s=deadlines.seconds_of(storage_options))
     except FileNotFoundError:
         return
     for e in entries:
@@ -252,6 +259,7 @@ def iter_files_info(
             yield name, _input_version(e)
 
 
+@bounded
 def file_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a file (not a directory) exists at `url`: one HEAD on S3, where `exists` follows a miss with a
     listing (to find a directory of that name)."""
@@ -270,6 +278,7 @@ def file_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool
     return _retrying(url, "check existence of", head)
 
 
+@bounded
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a file or directory exists at `url` (asked fresh, not from a listing cache)."""
     fs, path = _fs(url, storage_options)
@@ -281,6 +290,7 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     return _retrying(url, "check existence of", check)
 
 
+@bounded
 def remove(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Delete the file at `url`; nothing happens if it is already gone."""
     fs, path = _fs(url, storage_options)

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
@@ -16,10 +15,18 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import StorageError
-from . import retries
+from . import deadlines, retries
+from .deadlines import bounded
 from .listing import _input_version, input_version
 from .redaction import _describe, _error, redact
-from .retries import _backoff, _is_transient, _retrying
+from .retries import (
+    _backoff,
+    _describe_timeout,
+    _is_transient,
+    _retrying,
+    _sleep_within_deadline,
+    out_of_time,
+)
 from .urls import _fs
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,9 @@ READ_BLOCK_SIZE = 8 * 2**20
 class RetryingReader(io.RawIOBase):
     """Sequential reads over `fs.open(path)` that survive transient errors: the file is re-opened at the
     current offset, with bounded attempts and doubling backoff. Refuses to continue if the object changed
-    (size or ETag) between the first open and a re-open, since the bytes would be a mix of two versions."""
+    (size or ETag) between the first open and a re-open, since the bytes would be a mix of two versions.
+    Each open, read or seek ends within `deadline_s` (default: `deadlines.DEFAULT_DEADLINE_S`), retries
+    included."""
 
     def __init__(
         self,
@@ -44,9 +53,11 @@ class RetryingReader(io.RawIOBase):
         open_kwargs: dict[str, Any] | None = None,
         attempts: int | None = None,
         backoff_s: float | None = None,
+        deadline_s: float | None = None,
     ):
         super().__init__()
         self._fs, self._path, self.name = fs, path, url
+        self._deadline_s = deadlines.DEFAULT_DEADLINE_S if deadline_s is None else deadline_s
         self._open_kwargs = dict(open_kwargs or {})
         self._attempts = retries.RETRY_ATTEMPTS if attempts is None else attempts
         self._backoff_s = retries.RETRY_BACKOFF_S if backoff_s is None else backoff_s
@@ -79,6 +90,10 @@ class RetryingReader(io.RawIOBase):
                 f.close()
 
     def _with_retries(self, action: str, fn: Callable[[], T]) -> T:
+        with deadlines.deadline(self._deadline_s):
+            return self._retrying(action, fn)
+
+    def _retrying(self, action: str, fn: Callable[[], T]) -> T:
         for attempt in range(1, self._attempts + 1):
             try:
                 if self._f is None:
@@ -89,6 +104,10 @@ class RetryingReader(io.RawIOBase):
             except StorageError:
                 raise
             except Exception as e:
+                if out_of_time(e):
+                    raise _error(
+                        f"{self.name}: {action} failed at byte {self._pos} ({_describe_timeout(e)})"
+                    ) from None
                 if not _is_transient(e) or attempt >= self._attempts:
                     raise _error(
                         f"{self.name}: {action} failed at byte {self._pos} after {attempt} attempt(s) "
@@ -101,7 +120,7 @@ class RetryingReader(io.RawIOBase):
                     )
                 )
                 self._drop()
-                time.sleep(_backoff(attempt, self._backoff_s))
+                _sleep_within_deadline(_backoff(attempt, self._backoff_s))
         raise AssertionError("unreachable")
 
     def readable(self) -> bool:
@@ -139,12 +158,15 @@ def open_input(
 ) -> IO[bytes]:
     """Open `url` for streaming binary reads: remote objects are fetched in READ_BLOCK_SIZE range requests
     with read-ahead, never downloaded whole, and a dropped connection re-opens at the current offset
-    (`attempts`, `backoff_s` default to RETRY_ATTEMPTS, RETRY_BACKOFF_S). Missing -> StorageError."""
+    (`attempts`, `backoff_s` default to RETRY_ATTEMPTS, RETRY_BACKOFF_S). Each read ends within the storage
+    deadline (`vqpipe_deadline_s` in `storage_options`). Missing -> StorageError."""
     fs, path = _fs(url, storage_options)
     open_kwargs = (
         {} if isinstance(fs, LocalFileSystem) else {"block_size": READ_BLOCK_SIZE, "cache_type": "readahead"}
     )
-    raw = RetryingReader(fs, path, url, open_kwargs, attempts, backoff_s)
+    raw = RetryingReader(
+        fs, path, url, open_kwargs, attempts, backoff_s, deadlines.seconds_of(storage_options)
+    )
     return io.BufferedReader(raw, buffer_size=2**20)
 
 
@@ -165,6 +187,7 @@ def open_input_with_version(
         raise
 
 
+@bounded
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The whole content of `url` (one request for objects). Missing -> StorageError."""
     fs, path = _fs(url, storage_options)

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from ..errors import StorageError
+from .failures import describe
 
 # Option and parameter names that hold credentials: any name containing one of the long words (client_secret,
 # aws_secret_access_key, X-Amz-Security-Token, AccountKey, ...), or exactly one of the short ones.
@@ -26,17 +27,21 @@ _SECRET_WORDS = (
 _SECRET_SHORT = ("sig", "pwd", "sas", "pass", "connection_string")
 _SECRET_NAME = (
     r"(?![\w.-]*(?:error|exception|warning)\b)"  # "KeyError: 'x'" is an exception, not a key
+    r"(?!(?:bad|duplicate)_key\b)"  # vqpipe's sample error reasons: `{'bad_key': 2}` counts samples
     r"(?:[\w.-]*(?:" + "|".join(_SECRET_WORDS) + r")[\w.-]*|(?:" + "|".join(_SECRET_SHORT) + r")\b)"
 )
-_REDACTIONS = (
+_REDACTIONS: tuple[tuple[re.Pattern[str], Any], ...] = (
     (re.compile(r"(?i)\bbearer\s+[\w.~+/-]+=*"), "Bearer ***"),
-    # name=value, name: value, 'name': 'value', "name": "value" (query strings, dict reprs, JSON, configs);
-    # a quoted value is masked up to its closing quote.
+    # name=value, name: value, 'name': 'value', "name": "value" (query strings, dict reprs, JSON, configs):
+    # only the value is masked, a quoted one up to its closing quote, a bare one up to the first space or
+    # separator, so that what follows (the reason of an error, the next key of a dict) stays readable. The
+    # opening quote is an optional *group*, not an optional character in a group: a group that matched the
+    # empty string counts as matched for `(?(2)...)`, which then masked a bare value up to the next quote.
     (
         re.compile(
-            r"""(?i)(["']?\b""" + _SECRET_NAME + r"""["']?\s*[=:]\s*)(["']?)(?(2)[^"'\n]*|[^\s"'&,;)}\]]+)"""
+            r"""(?i)(["']?\b""" + _SECRET_NAME + r"""["']?\s*[=:]\s*)(["'])?(?(2)[^"'\n]*|[^\s"'&,;)}\]]+)"""
         ),
-        r"\1\2***",
+        lambda m: f"{m[1]}{m[2] or ''}***",
     ),
     # user:password@ in URLs
     (re.compile(r"(://[^/\s:@]+):[^/\s@]+@"), r"\1:***@"),
@@ -79,4 +84,5 @@ def _error(message: str) -> StorageError:
 
 
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    """What happened, in one line (failures.describe): `timed out: ReadTimeoutError: ...`."""
+    return describe(e)

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import fsspec
 
 from ..errors import StorageError
+from . import deadlines
+from .failures import Failure, _chain, classify
 from .redaction import _describe, _error, redact
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,9 @@ def _is_instance_of_any(e: BaseException, classes: tuple[tuple[str, tuple[str, .
 
 def _is_transient(e: BaseException) -> bool:
     """A dropped connection or timeout that vqpipe retries (see above), as opposed to an error answer the
-    client already retried, or a missing, forbidden or malformed request."""
+    client already retried, or a missing, forbidden or malformed request. Judged on the error in `e`'s chain
+    that says what happened (s3fs reports a timed-out body read as an IndexError raised while handling it)."""
+    _, e = classify(e)
     if _is_instance_of_any(e, _OPTIONAL_NOT_TRANSIENT):
         return False
     if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
@@ -78,8 +82,15 @@ def _retrying(
     fn: Callable[[], T],
     attempts: int | None = None,
     backoff_s: float | None = None,
+    *,
+    deadline_s: float | None = None,
 ) -> T:
-    """fn() with transient errors retried; FileNotFoundError passes through, other failures -> StorageError."""
+    """fn() with transient errors retried, within the current operation's deadline (`deadlines`), or within
+    `deadline_s` of its own (a step of a long operation, such as one listing of many); FileNotFoundError passes
+    through, other failures -> StorageError."""
+    if deadline_s is not None:
+        with deadlines.deadline(deadline_s):
+            return _retrying(url, action, fn, attempts, backoff_s)
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(1, attempts + 1):
@@ -88,11 +99,37 @@ def _retrying(
         except (FileNotFoundError, StorageError):
             raise
         except Exception as e:
+            if out_of_time(e):
+                raise _error(f"{url}: cannot {action} ({_describe_timeout(e)})") from None
             if not _is_transient(e) or attempt >= attempts:
                 raise _error(f"{url}: cannot {action} ({_describe(e)})") from None
             logger.warning(redact(f"{url}: {action} failed ({_describe(e)}), retry {attempt}/{attempts - 1}"))
-            time.sleep(_backoff(attempt, backoff_s))
+            _sleep_within_deadline(_backoff(attempt, backoff_s))
     raise AssertionError("unreachable")
+
+
+def out_of_time(e: BaseException) -> bool:
+    """Whether `e` ended an operation because its deadline passed (no retry can help within it)."""
+    return deadlines.passed() or any(isinstance(x, deadlines.DeadlineExceeded) for x in _chain(e))
+
+
+def _why(e: BaseException) -> str:
+    """What happened, for a message: the storage deadline when it ended the operation, else `e` in a line."""
+    return _describe_timeout(e) if out_of_time(e) else _describe(e)
+
+
+def _describe_timeout(e: BaseException) -> str:
+    ran_out = next((x for x in _chain(e) if isinstance(x, deadlines.DeadlineExceeded)), None)
+    seconds = ran_out.seconds if ran_out is not None else deadlines.length() or 0.0
+    said = (
+        f"{Failure.TIMEOUT.value}: no answer within {seconds:g}s, the storage deadline ({deadlines.OPTION})"
+    )
+    return said if ran_out is not None else f"{said}; last error: {_describe(e)}"
+
+
+def _sleep_within_deadline(seconds: float) -> None:
+    left = deadlines.remaining()
+    time.sleep(seconds if left is None else max(0.0, min(seconds, left)))
 
 
 def _ls(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:

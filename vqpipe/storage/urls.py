@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import deadlines
 from .redaction import _describe, _error
 
 
@@ -36,8 +38,14 @@ def join(base: str, *parts: str) -> str:
 
 
 def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    options = deadlines.fsspec_options(storage_options)
+    if protocol(url) in ("s3", "s3a"):
+        with contextlib.suppress(ImportError):  # without s3fs, url_to_fs says what to install
+            from .s3session import with_deadline_session
+
+            options = with_deadline_session(options)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError, TypeError) as e:
         raise _error(f"{url}: cannot access this location ({_describe(e)})") from None
     if isinstance(fs, LocalFileSystem):
