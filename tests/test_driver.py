@@ -107,7 +107,7 @@ def test_a_full_disk_at_the_start_is_one_clear_error(one_shard, tiny_disk, drive
 
 @pytest.mark.slow
 def test_a_full_disk_mid_run_ends_with_the_error_and_the_summary(ray_session, tmp_path, driver_log):
-    """The driver records a failed shard in OUT/failed/, which is a full filesystem of its own."""
+    """The driver records a failed shard in OUT/_vqpipe/failed/, which is a full filesystem of its own."""
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
     write_good_shard(shard_dir / "good-0000.tar", 3)
@@ -141,7 +141,7 @@ def test_a_full_disk_mid_run_ends_with_the_error_and_the_summary(ray_session, tm
     log = [r.getMessage() for r in driver_log]
     assert any(m.startswith("summary: ") and "/2 shards done" in m for m in log), log
     want = (
-        f"the driver cannot write the output: {out}/failed/{shard_id(str(shard_dir / 'bad-0000.tar'))}.json: "
+        f"the driver cannot write the output: {out}/_vqpipe/failed/{shard_id(str(shard_dir / 'bad-0000.tar'))}.json: "
         "cannot write "
         "(OSError: [Errno 28] No space left on device); rerun to resume"
     )

@@ -214,7 +214,7 @@ def test_job_on_gcs_exactly_once_under_faults_without_leaking_the_token(
     ids = sorted(s.shard_id for s in summary.plan.all)
     assert [i.split("-")[:2] for i in ids] == [["part", f"{i:06d}"] for i in range(2)]
     assert {k for k in out if "/data/" in k} == {f"{prefix}/out/data/{s}.parquet" for s in ids}
-    assert {k for k in out if "/done/" in k} == {f"{prefix}/out/done/{s}.json" for s in ids}
+    assert {k for k in out if "/done/" in k} == {f"{prefix}/out/_vqpipe/done/{s}.json" for s in ids}
     assert not [k for k in out if os.path.basename(k).startswith(storage.TMP_PREFIX)]
     assert gcs.resumable_sessions() == []
     rows = []

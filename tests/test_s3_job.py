@@ -89,8 +89,8 @@ def test_shards_checkpoint_and_output_on_s3_exactly_once_without_leaking_credent
     assert {n for n in names if n.startswith("out/data/")} == {
         f"out/data/{sid(s3, bucket, i)}.parquet" for i in range(3)
     }
-    assert {n for n in names if n.startswith("out/done/")} == {
-        f"out/done/{sid(s3, bucket, i)}.json" for i in range(3)
+    assert {n for n in names if n.startswith("out/_vqpipe/done/")} == {
+        f"out/_vqpipe/done/{sid(s3, bucket, i)}.json" for i in range(3)
     }
     assert "out/_vqpipe/lease.json" not in names  # released at the end
     keys = read_keys(s3, bucket)
@@ -151,7 +151,7 @@ def test_rerun_processes_only_new_shards_and_reports_changed_ones(ray_session, s
     assert again.ok
     assert [s.shard_id for s in again.plan.todo] == [sid(s3, bucket, 3)]
     after = {n: o["ETag"] for n, o in objects(s3, bucket).items() if n.startswith("out/")}
-    untouched = {n for n in before if n.startswith(("out/data/", "out/errors/", "out/done/"))}
+    untouched = {n for n in before if n.startswith(("out/data/", "out/_vqpipe/errors/", "out/_vqpipe/done/"))}
     assert {n: after[n] for n in untouched} == {n: before[n] for n in untouched}
     assert f"out/data/{sid(s3, bucket, 3)}.parquet" in after
 
