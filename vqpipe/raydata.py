@@ -5,7 +5,8 @@ for `Dataset.map_batches`, and `read_tokens`, the committed rows of an OUT as a 
 job's own per-sample code on them: `reader.sample_of` (the reader's member rules and reasons), the exact PIL
 preprocessing of `preprocess.preprocess_views`, and the replica's `encode.Encoder`. What it gives up against the
 job (one shard = one commit, resume, per-shard accounting, the lease) is in docs/ray.md. Ray is imported here and
-in the job's distribution layer only.
+in the job's distribution layer only. Somewhat over 300 lines: both directions of the Ray side live in this one
+module so that Ray Data and Ray Train users import one place (a package split comes with the layout rework).
 """
 
 from __future__ import annotations
