@@ -10,6 +10,7 @@ shards, model, precision, batch size and thread count:
   vqpipe         the real job (`vqpipe.job.tokenize`, 1 replica with every CPU) on the local Ray
   Ray Data       read_webdataset(decoder=None) -> map_batches(preprocess) -> map_batches(encoder actor) -> Parquet,
                  with the preprocessing in CPU tasks and (CPU only) fused into the actor, Ray's default there
+  Tokenize       read_webdataset(decoder=None) -> map_batches(vqpipe.raydata.Tokenize actor) -> good rows -> Parquet
   memory         (once, before the rounds) the job on one shard of N images, then on one of 10N (fresh actors):
                  the actor's peak RSS from the done markers
 Then every output is checked row by row against the naive loop's (codes and var_input), and a Markdown table is
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpus", type=int, default=len(os.sched_getaffinity(0)), help="CPUs for Ray and the replica"
     )
     p.add_argument("--repeat", type=int, default=1, help="rounds of the throughput runs; each keeps its best")
-    p.add_argument("--skip", action="append", default=[], choices=("naive", "memory", "raydata"))
+    p.add_argument("--skip", action="append", default=[], choices=("naive", "memory", "raydata", "tokenize"))
     p.add_argument("--quick", action="store_true", help="32 images in 2 shards, N=batch size: a smoke run")
     p.add_argument("--out", help="write all results to this JSON file")
     p.add_argument("--workdir", help="keep shards and outputs here (default: a temporary directory, removed)")
@@ -110,9 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.images, args.shards, args.mem_images = 32, 2, args.batch_size
     if args.images % args.shards:
         p.error("--images must be a multiple of --shards")
-    if "raydata" not in args.skip and args.cpus < 2:
+    if not {"raydata", "tokenize"} <= set(args.skip) and args.cpus < 2:
         # The recipe's encoder actor holds one CPU; its preprocessing tasks need another, or they never run.
-        p.error("the Ray Data recipe needs --cpus 2 or more (or --skip raydata)")
+        p.error("the Ray Data recipe needs --cpus 2 or more (or --skip raydata --skip tokenize)")
     if (
         "memory" not in args.skip and args.mem_images < args.batch_size
     ):  # a shard smaller than a batch runs smaller batches: less memory
@@ -203,6 +204,12 @@ def one_round(
 
             r[name] = ray_data(args, cfg, paths, work / name, resolution, fused)
             r[name]["_outputs"] = read_outputs(work / name)
+    if "tokenize" not in args.skip:
+        step("Ray Data with vqpipe.raydata.Tokenize")
+        from pipelines.raydata import ray_tokenize
+
+        r["raydata_tokenize"] = ray_tokenize(args, cfg, paths, work / "raydata_tokenize")
+        r["raydata_tokenize"]["_outputs"] = read_outputs(work / "raydata_tokenize")
     return r
 
 

@@ -70,6 +70,17 @@ def load_last_good(path: Path) -> dict | None:
     return None
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch, builder, device) -> torch.Tensor:
+    """One step on a token batch (TokenDataset's, or Ray's iter_torch_batches of read_tokens): its loss."""
+    b = var_batch(batch, builder, device)
+    logits = model(b["label_B"], b["x_BLCv_wo_first_l"])
+    loss = F.cross_entropy(logits.flatten(0, 1), b["gt_BL"].flatten())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", help="a vqpipe OUT (local path or fsspec URL)")
@@ -127,12 +138,7 @@ def main() -> None:
     while epoch < args.epochs and step < args.steps:
         dataset.set_epoch(epoch)  # keeps a loaded state for this epoch
         for batch in loader:
-            b = var_batch(batch, builder, device)
-            logits = model(b["label_B"], b["x_BLCv_wo_first_l"])
-            loss = F.cross_entropy(logits.flatten(0, 1), b["gt_BL"].flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = train_step(model, opt, batch, builder, device)
             step += 1
             if args.log_keys:
                 with open(Path(args.ckpt) / f"keys-rank{rank}.txt", "a") as f:

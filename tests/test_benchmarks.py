@@ -47,7 +47,14 @@ def test_bench_runs_every_pipeline_and_they_agree(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results["output_check"]) == {"encoder_only", "naive", "vqpipe", "raydata", "raydata_fused"}
+    assert set(results["output_check"]) == {
+        "encoder_only",
+        "naive",
+        "vqpipe",
+        "raydata",
+        "raydata_fused",
+        "raydata_tokenize",
+    }
     for name, check in results["output_check"].items():
         assert check["same_keys"] and check["codes_equal"] == check["var_input_equal"] == check["rows"], name
     # --allocator same (the default): the script restarted itself so every pipeline shares vqpipe's allocator

@@ -210,12 +210,15 @@ def test_a_lease_with_times_that_are_not_times_is_taken_over_naming_the_file(
     record = claimed(heartbeat_age_s=1, expires_in_s=60, **fields)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "_vqpipe").mkdir(parents=True)
-    (tmp_path / "out" / "_vqpipe" / "lease.json").write_bytes(record.to_bytes())  # json writes NaN and Infinity
+    (tmp_path / "out" / "_vqpipe" / "lease.json").write_bytes(
+        record.to_bytes()
+    )  # json writes NaN and Infinity
     with Lease(output, ttl_s=120, run_id="new") as lease:
         lease.acquire()
         assert read_lease(output).run_id == "new"
     assert re.search(
-        f"{re.escape(str(tmp_path / 'out' / '_vqpipe' / 'lease.json'))}: not a valid lease, {problem}", caplog.text
+        f"{re.escape(str(tmp_path / 'out' / '_vqpipe' / 'lease.json'))}: not a valid lease, {problem}",
+        caplog.text,
     )
     assert "nans ago" not in caplog.text
 

@@ -5,7 +5,7 @@ ones are exact where is docs/format.md's table ("Readers"); this test holds the 
 States are made by vqpipe's own writer, ledger and compaction (tests/tokens.py), with the leftovers a kill leaves
 as out/snapshot.py and the job tests prove them: a data file whose marker was lost, an error file and a temporary
 of a shard whose data file never completed, a failed shard's record, an interrupted compaction. The Ray readers
-(Ray Data `read_parquet`, `vqpipe.raydata.read_tokens`) are in tests/test_raydata.py."""
+(Ray Data `read_parquet`, `vqpipe.raydata.read_tokens`) are the slow test at the end."""
 
 import os
 import shutil
@@ -164,3 +164,38 @@ def test_the_card_lets_datasets_read_the_columns_as_training_wants(tmp_path, hf_
     row = ds[0]
     assert row["codes"].shape == (30,) and row["var_input"].shape == (29, 8)
     assert sorted(ds["key"]) == sorted(expected)
+
+
+RAY_READERS = {
+    "ray.data.read_parquet(OUT)": lambda d: Counter(
+        r["key"] for r in __import__("ray").data.read_parquet(str(d), columns=["key"]).take_all()
+    ),
+    "vqpipe.raydata.read_tokens(OUT)": lambda d: Counter(
+        k
+        for b in _read_tokens()(str(d), columns=("key", "codes")).iter_batches(batch_size=8)
+        for k in b["key"]
+    ),
+}
+
+
+def _read_tokens():
+    from vqpipe.raydata import read_tokens
+
+    return read_tokens
+
+
+@pytest.mark.slow
+def test_ray_readers_get_every_committed_row_once_or_raise(ray_session, tmp_path):
+    """The Ray column of the matrix, every state in one Ray session (the matrix's own states, rebuilt here)."""
+    for make in STATES:
+        d = tmp_path / make.__name__ / "out"
+        want = Counter(list(make(d)))
+        for reader, read in RAY_READERS.items():
+            try:
+                got = read(d)
+            except Exception as e:  # noqa: BLE001 - loud where the docs say so
+                assert make.__name__ not in AT_REST and "read_tokens" not in reader, f"{reader}: {e}"
+                continue
+            assert got == want, f"{reader} on {make.__name__}: {sum(got.values())} rows for {len(want)}"
+            if make.__name__ not in AT_REST:
+                assert "read_tokens" in reader, f"{reader} read {make.__name__} without failing"

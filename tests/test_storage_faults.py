@@ -404,10 +404,16 @@ def test_a_store_that_reads_a_put_and_never_answers_fails_each_write_within_the_
     opts = via(s3, proxy, **QUICK)
     out = s3.url(f"{prefix}/out")
     # The client is set up (botocore loads its models: seconds on a loaded machine) before the clock runs.
-    assert storage.read_versioned(storage.join(out, "_vqpipe", "lease.json"), {**opts, "vqpipe_deadline_s": 60}) is None
+    assert (
+        storage.read_versioned(storage.join(out, "_vqpipe", "lease.json"), {**opts, "vqpipe_deadline_s": 60})
+        is None
+    )
     proxy.down, proxy.down_as, proxy.down_methods = True, "silent", ("PUT",)
     writes = {
-        "the lease": (storage.join(out, "_vqpipe", "lease.json"), lambda: Lease(out, opts, ttl_s=30).acquire()),
+        "the lease": (
+            storage.join(out, "_vqpipe", "lease.json"),
+            lambda: Lease(out, opts, ttl_s=30).acquire(),
+        ),
         "a data file": (
             s3.url(f"{prefix}/out/data/part-0.parquet"),
             lambda: storage.write_bytes_atomic(

@@ -17,7 +17,7 @@ import posixpath
 import re
 import tarfile
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -116,6 +116,16 @@ def iter_samples(
             compressed.read_to_end(stream)  # a compressed tar's trailer and checksums come after its end
     except (EOFError, tarfile.TarError) as e:
         raise ShardError("truncated_tar", f"{shard_name}: {e}") from None
+
+
+def sample_of(key: str, members: Iterable[tuple[str, bytes]]) -> RawSample:
+    """One sample from members another reader grouped (suffix as stored, bytes), by this reader's rules: suffixes
+    compared lower-cased, the image by `IMAGE_EXTENSIONS` priority, `.cls`/`.json`/`.txt` parsed, and every problem
+    a `SampleError` with the job's reason, never an exception (vqpipe.raydata over Ray's `read_webdataset`)."""
+    group = _Group(key)
+    for suffix, data in members:
+        group.add(suffix.lower(), data, f"{key}.{suffix}")
+    return group.finish()
 
 
 def _not_in_a_sample(name: str) -> str | None:

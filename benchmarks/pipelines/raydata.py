@@ -97,3 +97,35 @@ def ray_data(
     seconds = time.perf_counter() - t
     images = pq.ParquetDataset(str(out)).read(columns=["key"]).num_rows
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "fused": fused}
+
+
+def ray_tokenize(args: argparse.Namespace, cfg: dict[str, Any], paths: list[str], out: Path) -> dict:
+    """vqpipe.raydata.Tokenize in the same Ray Data pipeline: raw members -> one actor that decodes and encodes with
+    the job's code, a batch at a time -> the rows without an error -> Parquet.
+
+    Like the recipe's actor it holds one Ray CPU (the read tasks need the other) and runs --cpus torch threads
+    (OMP_NUM_THREADS, which Ray otherwise sets to the actor's num_cpus); like the job's replica it decodes a
+    batch's images on --cpus threads."""
+    import ray.data
+    from ray.data.expressions import col
+
+    from vqpipe.raydata import Tokenize
+
+    model = cfg["model"]
+    settings = {k: model[k] for k in ("precision", "channels_last", "compile")}
+    settings.update(model=model["preset"], checkpoint=model.get("checkpoint"))
+    settings.update(random_weights=model.get("random_weights", False), decode_threads=args.cpus)
+    t = time.perf_counter()
+    ds = ray.data.read_webdataset(paths, decoder=None).map_batches(
+        Tokenize,
+        fn_constructor_kwargs=settings,
+        batch_size=args.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+        num_gpus=1 if cfg["run"]["gpus_per_replica"] > 0 else 0,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.cpus)}},
+    )
+    ds.filter(expr=col("error").is_null()).write_parquet(str(out))
+    seconds = time.perf_counter() - t
+    images = pq.ParquetDataset(str(out)).read(columns=["key"]).num_rows
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}

@@ -35,6 +35,7 @@ def report(r: dict[str, Any]) -> str:
         ("vqpipe actors (done markers: first start to last commit)", _span(r.get("vqpipe"))),
         ("Ray Data recipe, decode in CPU tasks (wall, incl. actor start + model load)", r.get("raydata")),
         ("Ray Data recipe, decode fused into the actor (Ray's default on CPU)", r.get("raydata_fused")),
+        ("Ray Data + vqpipe.raydata.Tokenize (decode and encode in the actor)", r.get("raydata_tokenize")),
         ("naive single-process loop", r.get("naive")),
     ]
     for name, x in rows:
@@ -48,6 +49,7 @@ def report(r: dict[str, Any]) -> str:
         ("end-to-end / encoder-only", _ratio(r, "vqpipe", "encoder_only")),
         ("vqpipe / Ray Data (CPU tasks)", _ratio(r, "vqpipe", "raydata")),
         ("vqpipe / Ray Data (fused)", _ratio(r, "vqpipe", "raydata_fused")),
+        ("vqpipe / Ray Data + Tokenize", _ratio(r, "vqpipe", "raydata_tokenize")),
         ("vqpipe / naive", _ratio(r, "vqpipe", "naive")),
     ]
     lines.append("Ratios (images/s): " + "; ".join(f"{n} **{v:.2f}x**" for n, v in ratios if v is not None))

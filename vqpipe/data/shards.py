@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import StorageError
+from ..manifest import Source
 from .epoch import EpochPlan, row_group_order
 from .rows import RowBlock, to_block
 from .views import check_file_views, check_picked
@@ -123,16 +124,11 @@ class ShardReader:
         self.close()
         ds = self.ds
         src = ds.sources[index]
-        self.file, self.source = open_parquet(src.url, ds.storage_options)
+        self.file, self.source = open_source(src, ds.storage_options, ds.read_columns)
         meta = self.file.metadata
-        want = src.rows if src.file_rows is None else src.file_rows
-        if meta.num_rows != want:
-            said = "its done marker says" if src.file_rows is None else "the compaction manifest says"
-            raise StorageError(f"{src.url}: {meta.num_rows} rows, but {said} {want}")
-        check_file(self.file.schema_arrow, src.url, ds.read_columns)
         check_file_views(self.file.schema_arrow, ds.choice, src.url)
         self.group_rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        self.segments = _segments(self.group_rows, src.ranges)
+        self.segments = row_segments(self.group_rows, src.ranges)
         sizes = [hi - lo for _, lo, hi in self.segments]
         self.seg_rows = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         bounds = self.seg_rows  # segment j: rows, or images, [bounds[j], bounds[j + 1])
@@ -158,7 +154,9 @@ class ShardReader:
         self.picks = self.picked = None
 
 
-def _segments(group_rows: list[int], ranges: Sequence[tuple[int, int]] | None) -> list[tuple[int, int, int]]:
+def row_segments(
+    group_rows: list[int], ranges: Sequence[tuple[int, int]] | None
+) -> list[tuple[int, int, int]]:
     """(row group, lo, hi) pieces of the file rows that count, in file order: every row group whole when all rows
     count (a data file: the same order and seeds as before compaction existed)."""
     out = []
@@ -170,6 +168,26 @@ def _segments(group_rows: list[int], ranges: Sequence[tuple[int, int]] | None) -
                 out.append((g, lo - start, hi - start))
         start += n
     return out
+
+
+def open_source(
+    src: Source, storage_options: dict[str, Any] | None, columns: Sequence[str]
+) -> tuple[pq.ParquetFile, Any]:
+    """`open_parquet` of a source's file, checked: it holds the rows its done marker (or the compaction manifest)
+    says, and `columns`."""
+    file, stream = open_parquet(src.url, storage_options)
+    try:
+        want = src.rows if src.file_rows is None else src.file_rows
+        if file.metadata.num_rows != want:
+            said = "its done marker says" if src.file_rows is None else "the compaction manifest says"
+            raise StorageError(f"{src.url}: {file.metadata.num_rows} rows, but {said} {want}")
+        check_file(file.schema_arrow, src.url, columns)
+    except BaseException:
+        for f in (file, stream):
+            if f is not None:
+                f.close()
+        raise
+    return file, stream
 
 
 def open_parquet(url: str, storage_options: dict[str, Any] | None) -> tuple[pq.ParquetFile, Any]:

@@ -116,8 +116,9 @@ class VarInputBuilder(nn.Module):
 def var_batch(
     batch: Mapping[str, Any], builder: VarInputBuilder | None = None, device: Any = None
 ) -> dict[str, torch.Tensor]:
-    """A TokenDataset batch under the names of VAR's trainer: label_B (B,) int64, gt_BL (B, L) int64 and
-    x_BLCv_wo_first_l (B, L - pn0², Cvae) float32 (stored var_input, or built from the codes by `builder`)."""
+    """A TokenDataset batch, or an `iter_torch_batches` batch of `vqpipe.raydata.read_tokens`, under the names of
+    VAR's trainer: label_B (B,) int64, gt_BL (B, L) int64 and x_BLCv_wo_first_l (B, L - pn0², Cvae) float32
+    (stored var_input, or built from the codes by `builder`)."""
     gt_BL = batch["codes"].to(device=device, dtype=torch.int64, non_blocking=True)
     out = {"gt_BL": gt_BL}
     if "label" in batch:
