@@ -66,7 +66,7 @@ def repack(big: list[str], out: Path, per_shard: int) -> list[str]:
 def median_in_flight(output: str) -> float:
     """Shards running on the actor at each shard's start, median over shards (from the done markers)."""
     spans = []
-    for path in Path(output, "done").glob("*.json"):
+    for path in Path(output, "_vqpipe", "done").glob("*.json"):
         r = json.loads(path.read_text())
         spans.append((r["started"], r["started"] + r["wall_seconds"]))
     return statistics.median(sum(1 for a, b in spans if a <= start < b) for start, _ in spans)

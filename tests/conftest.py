@@ -77,6 +77,21 @@ def _unit_tests_start_no_ray(request):
         )
 
 
+@pytest.fixture(autouse=True)
+def _vqpipe_logger_restored():
+    """A test that runs `vqpipe.cli.main` gets a stderr handler bound to its own captured stderr
+    (logs.setup_logging); left in place, a later test's log lines would go to that closed stream ("--- Logging
+    error ---" and a traceback on stderr). Each test starts with the `vqpipe` logger as it was."""
+    import logging
+
+    logger = logging.getLogger("vqpipe")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
 @pytest.fixture(scope="session")
 def _ray_shutdown_at_end():
     yield

@@ -56,6 +56,7 @@ def out(tmp_path_factory, one_torch_thread):
         }
     )
     ledger = Ledger(cfg.output)
+    ledger.start_run({"fingerprint": "test", "output_settings": {"preset": "tiny"}}, allow_change=False)
     ledger.write_plan({url_shard_id(url): url, "$gone$-0": "/nowhere/$gone$.tar"})
     ledger.mark_failed("$gone$-0", {"shard_id": "$gone$-0", "reason": "not_a_tar", "detail": "$^$"})
     worker = ShardWorker.from_config(cfg)

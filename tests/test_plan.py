@@ -230,11 +230,11 @@ def test_nightly_rerun_over_a_second_same_named_shard_duplicates_nothing(ray_ses
     assert tokenize(job_config([pattern], out)).ok
     for sub, ext in (
         ("data", "parquet"),
-        ("errors", "parquet"),
-        ("done", "json"),
-    ):  # as format 1.0 named them
+        ("_vqpipe/errors", "pq"),
+        ("_vqpipe/done", "json"),
+    ):  # as format 1.0 named them (by plain stem)
         (out / sub / f"{shard_id(str(day1))}.{ext}").rename(out / sub / f"part-000000.{ext}")
-    committed = (out / "done/part-000000.json").stat().st_mtime_ns
+    committed = (out / "_vqpipe/done/part-000000.json").stat().st_mtime_ns
 
     write(day2, 2, 200)
     night2 = tokenize(job_config([pattern], out))
@@ -242,7 +242,7 @@ def test_nightly_rerun_over_a_second_same_named_shard_duplicates_nothing(ray_ses
     assert [s.url for s in night2.plan.todo] == [str(day2)] and [s.shard_id for s in night2.plan.done] == [
         "part-000000"
     ]
-    assert (out / "done/part-000000.json").stat().st_mtime_ns == committed  # not redone
+    assert (out / "_vqpipe/done/part-000000.json").stat().st_mtime_ns == committed  # not redone
     keys = [
         k
         for p in sorted((out / "data").glob("*.parquet"))

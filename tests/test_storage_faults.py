@@ -557,7 +557,9 @@ def test_job_completes_exactly_once_with_a_tenth_of_requests_failing(
     shard_ids = sorted(s.shard_id for s in summary.plan.all)
     assert [i.split("-")[:2] for i in shard_ids] == [["part", f"{i:06d}"] for i in range(3)]
     assert [k for k in out if "/out/data/" in k] == [f"{prefix}/out/data/{s}.parquet" for s in shard_ids]
-    assert [k for k in out if "/out/done/" in k] == [f"{prefix}/out/done/{s}.json" for s in shard_ids]
+    assert [k for k in out if "/out/_vqpipe/done/" in k] == [
+        f"{prefix}/out/_vqpipe/done/{s}.json" for s in shard_ids
+    ]
     assert not [k for k in out if os.path.basename(k).startswith(storage.TMP_PREFIX)]
     assert uploads(s3, prefix) == []
     client = s3.boto3_client()
@@ -622,7 +624,7 @@ def test_store_going_down_mid_job_fails_it_and_a_rerun_completes_exactly_once(
         assert not summary.ok and summary.failed, summary
     assert proxy.stats.requests > 30 and proxy.stats.faults["slowdown"] > 0
     out = keys(s3, f"{prefix}/out/")
-    done = {os.path.basename(k)[: -len(".json")] for k in out if "/out/done/" in k}
+    done = {os.path.basename(k)[: -len(".json")] for k in out if "/out/_vqpipe/done/" in k}
     data = {os.path.basename(k)[: -len(".parquet")] for k in out if "/out/data/" in k}
     assert done <= data and len(done) < 3, out  # a done marker only ever follows its data
     print(f"committed before the outage: {sorted(done)}; unfinished uploads: {uploads(s3, prefix)}")
@@ -631,7 +633,7 @@ def test_store_going_down_mid_job_fails_it_and_a_rerun_completes_exactly_once(
     summary = tokenize(build_config(settings))
     assert summary.ok, summary.failed
     out = keys(s3, f"{prefix}/out/")
-    assert len([k for k in out if "/out/done/" in k]) == 3
+    assert len([k for k in out if "/out/_vqpipe/done/" in k]) == 3
     assert not [k for k in out if os.path.basename(k).startswith(storage.TMP_PREFIX)]
     assert uploads(s3, prefix) == []  # uploads the outage kept from being aborted are cleaned up
     rows = data_keys(s3, out)

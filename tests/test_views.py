@@ -263,7 +263,7 @@ def test_job_with_crops10(ray_session, tmp_path):
     assert summary.ok
     done = Ledger(cfg.output).read_done(shard_id(str(tmp_path / "part-000000.tar"))).to_json()
     assert (done["samples"], done["images"], done["rows"], done["errors"]) == (4, 3, 30, 1)
-    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    run = json.loads((tmp_path / "out" / "_vqpipe" / "run.json").read_text())
     assert (
         run["output_settings"]["views"] == list(parse_views("crops10")) and run["config"]["encode"]["views"]
     )

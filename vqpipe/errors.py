@@ -19,6 +19,11 @@ class StorageError(VqpipeError):
     """An input or output location cannot be listed, read or written."""
 
 
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """A file or object that is not there: a StorageError (named, redacted) that `except FileNotFoundError`
+    also catches, as it catches a missing local file."""
+
+
 class _ReasonError(VqpipeError):
     """An error with a stable reason code and a human detail; picklable so it crosses Ray process boundaries."""
 

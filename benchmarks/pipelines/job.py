@@ -42,7 +42,9 @@ def vqpipe_job(cfg: JobConfig) -> dict[str, Any]:
     wall, ended = time.perf_counter() - t, time.time()
     if not summary.ok:
         raise RuntimeError(f"vqpipe job did not finish every shard: {summary.failed}")
-    records = [json.loads(Path(p).read_text()) for p in sorted(glob.glob(f"{cfg.output}/done/*.json"))]
+    records = [
+        json.loads(Path(p).read_text()) for p in sorted(glob.glob(f"{cfg.output}/_vqpipe/done/*.json"))
+    ]
     images = sum(r["rows"] for r in records)
     first, last = min(r["started"] for r in records), max(r["started"] + r["wall_seconds"] for r in records)
     span = last - first

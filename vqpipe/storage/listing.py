@@ -21,7 +21,7 @@ from ..errors import StorageError
 from ..gcpause import without_cyclic_gc
 from . import deadlines
 from .deadlines import bounded
-from .redaction import _error, redact
+from .redaction import _error, _not_found, redact
 from .retries import _info, _ls, _retrying
 from .urls import _basename, _fs, _is_s3, _key, _url
 
@@ -214,7 +214,7 @@ def input_version(url: str, storage_options: dict[str, Any] | None = None) -> di
     try:
         return _input_version(_retrying(url, "stat", lambda: _info(fs, path)))
     except FileNotFoundError:
-        raise _error(f"{url}: no such file") from None
+        raise _not_found(url) from None
 
 
 @bounded

@@ -18,7 +18,7 @@ from ..errors import StorageError
 from . import deadlines, retries
 from .deadlines import bounded
 from .listing import _input_version, input_version
-from .redaction import _describe, _error, redact
+from .redaction import _describe, _error, _not_found, redact
 from .retries import (
     _backoff,
     _describe_timeout,
@@ -100,7 +100,7 @@ class RetryingReader(io.RawIOBase):
                     self._reopen()
                 return fn()
             except FileNotFoundError:
-                raise _error(f"{self.name}: no such file") from None
+                raise _not_found(self.name) from None
             except StorageError:
                 raise
             except Exception as e:
@@ -194,7 +194,7 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
     try:
         return _retrying(url, "read", lambda: fs.cat_file(path))
     except FileNotFoundError:
-        raise _error(f"{url}: no such file") from None
+        raise _not_found(url) from None
 
 
 def sha256_of(url: str, storage_options: dict[str, Any] | None = None, keep: IO[bytes] | None = None) -> str:

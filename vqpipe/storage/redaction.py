@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import StorageError
+from ..errors import StorageError, StorageNotFoundError
 from .failures import describe
 
 # Option and parameter names that hold credentials: any name containing one of the long words (client_secret,
@@ -81,6 +81,10 @@ def public_storage_options(opts: dict[str, Any] | None) -> dict[str, Any]:
 
 def _error(message: str) -> StorageError:
     return StorageError(redact(message))
+
+
+def _not_found(url: str) -> StorageError:
+    return StorageNotFoundError(redact(f"{url}: no such file"))
 
 
 def _describe(e: BaseException) -> str:
