@@ -257,7 +257,7 @@ def test_read_tokens_gives_every_committed_row_once_as_torch_batches(ray4, token
     assert sorted((r["key"], r["view"]) for r in rows) == sorted(views)
     with pytest.raises(StorageError, match="no column.*nope"):
         read_tokens(str(d), columns=("codes", "nope"))
-    with pytest.raises(StorageError, match="no committed rows"):
+    with pytest.raises(StorageError, match="not a vqpipe output"):
         read_tokens(str(d.parent / "nothing"))
 
 

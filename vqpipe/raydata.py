@@ -55,7 +55,7 @@ _RAW_ONLY = (
 class Tokenize:
     """`ds.map_batches(Tokenize, fn_constructor_kwargs={...}, compute=ActorPoolStrategy(size=N), num_gpus=1, ...)`.
 
-    One model per actor, built in `__init__` on the GPU Ray assigned (`ray.get_gpu_ids()`), else on the CPU. The
+    One model per actor, built in `__init__` on the GPU Ray assigned (the runtime context's accelerator ids), else on the CPU. The
     settings are the job's (`vqpipe tokenize` flags, validated by the same config code): `model` is the preset.
     Each call returns a `pyarrow.Table` with one row per sample (one per sample and view with `views`), in input
     order: `key`, `view` (with views), `label`, `meta`, `codes` and `var_input` typed exactly as the job's data
@@ -79,7 +79,9 @@ class Tokenize:
         decode_threads: int = 0,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        gpu = ray.is_initialized() and bool(ray.get_gpu_ids())  # CUDA_VISIBLE_DEVICES is then Ray's choice
+        # The GPUs Ray assigned to this actor (CUDA_VISIBLE_DEVICES is then Ray's choice); none in a driver or
+        # without Ray (ray.get_gpu_ids() would assert in a driver process).
+        gpu = ray.is_initialized() and bool(ray.get_runtime_context().get_accelerator_ids().get("GPU"))
         cfg = build_config(
             {
                 "inputs": [_NO_PATH],
@@ -178,8 +180,8 @@ class Tokenize:
 
 
 def _assigned_cpus() -> int:
-    """The CPUs Ray reserved for this actor (1 outside Ray)."""
-    if not ray.is_initialized():
+    """The CPUs Ray reserved for this actor (1 outside Ray, and in a driver, which has no reservation)."""
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return 1
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
