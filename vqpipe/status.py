@@ -13,7 +13,7 @@ from .gcpause import without_cyclic_gc
 from .index import Committed
 from .lease import read_lease
 from .ledger import Ledger
-from .records import FailedRecord
+from .records import FailedRecord, RunEnd
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Status:
     done_outside_plan: list[str] = field(default_factory=list)
     failed_outside_plan: dict[str, str] = field(default_factory=dict)  # id -> reason
     lease: dict[str, Any] | None = None  # the run writing into OUT now, if any
+    last_run: RunEnd | None = None  # how the latest run ended (run.json), unless it is running or was killed
 
     @property
     def complete(self) -> bool:
@@ -59,6 +60,7 @@ class Status:
                 "failed_shards": dict(sorted(self.failed_outside_plan.items())),
             },
             "active_run": self.lease,
+            "last_run": self.last_run.to_json() if self.last_run else None,
         }
 
 
@@ -96,4 +98,6 @@ def read_status(
     holder = read_lease(ledger.output, ledger.storage_options)
     if holder is not None:
         st.lease = {**asdict(holder), "description": holder.describe()}
+    run = ledger.read_run_record()
+    st.last_run = run.ended if run is not None else None
     return st
