@@ -171,9 +171,14 @@ class RunConfig:
         "input is unchanged since (default: they stay failed and are not retried)",
     )
     max_failed_shards: int | None = option(
-        None, "exit 0 if at most N planned shards failed (listed)", metavar="N"
+        None,
+        "exit 0 when at most N planned shards failed (still listed in the summary and status)",
+        metavar="N",
     )
-    max_failed_fraction: float | None = option(None, "exit 0 if at most this fraction failed (with N: both)")
+    max_failed_fraction: float | None = option(
+        None,
+        "exit 0 when at most this fraction of the planned shards failed (with max_failed_shards: both hold)",
+    )
     limit_shards: int | None = option(None, "process only the first N shards (by shard id)", metavar="N")
     reprocess_changed: bool = option(
         False, "redo done shards whose input changed (size/mtime/ETag) since they were committed"
