@@ -83,6 +83,14 @@ def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
     return done
 
 
+def done_records(out: Path) -> list[dict]:
+    records = []
+    for p in (out / "done").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):  # a marker being replaced, or gone
+            records.append(json.loads(p.read_text()))
+    return records
+
+
 def done_mtimes(out: Path) -> dict[str, int]:
     return {
         p.stem: p.stat().st_mtime_ns
@@ -137,6 +145,13 @@ def process_tree(root: int) -> dict[int, str]:
             tree[pid] = starts[pid]
             todo.extend(children.get(pid, []))
     return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def kill_tree(tree: dict[int, str]) -> None:
@@ -340,8 +355,31 @@ def submit(head: Head, submission_id: str, args: list[str], wait: bool = True) -
         time.sleep(2)
 
 
+def scrape(head: Head) -> dict[str, list[float]] | None:
+    """The head's Prometheus endpoint: the values of each vqpipe series by name (as Prometheus shows it)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    series: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_vqpipe_"):
+            series.setdefault(line.split("{")[0], []).append(float(line.rsplit(" ", 1)[1]))
+    return series
+
+
+DRIVER_METRICS = {
+    "ray_vqpipe_shards_done_total", "ray_vqpipe_shards_failed_total", "ray_vqpipe_shard_retries_total",
+    "ray_vqpipe_shards_pending", "ray_vqpipe_shards_in_flight", "ray_vqpipe_replicas_live",
+    "ray_vqpipe_replicas_pending", "ray_vqpipe_images_per_second",
+}  # fmt: skip
+
+
 class TestRayJob:
     def test_ray_job_submit_end_to_end(self, head, tmp_path):
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
         # The head's agent cannot have its default port: another cluster has it.
         assert listening(RAY_AGENT_PORT)
         shard_dir = tmp_path / "shards"
@@ -350,11 +388,24 @@ class TestRayJob:
         write_good_shard(shard_dir / "a-0001.tar", 7)
         write_shard(shard_dir / "d-0000.tar", defect_samples(seed=40)[0])
         out = tmp_path / "out"
+        client = JobSubmissionClient(head.url)
 
-        res = submit(head, "e2e", job_args(shard_dir, out))
-        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-        assert "summary: 3/3 shards done" in res.stdout + res.stderr
-        assert " failed (" not in res.stdout + res.stderr
+        assert submit(head, "e2e", job_args(shard_dir, out), wait=False).returncode == 0
+
+        def driver_metrics_while_running():  # the driver's, from its start (failures and retries at 0)
+            series = scrape(head) or {}
+            running = client.get_job_status("e2e") == JobStatus.RUNNING
+            return series if running and set(series) >= DRIVER_METRICS else None
+
+        series = wait_for(
+            driver_metrics_while_running, 180, "the driver's metrics while the job runs", interval=1
+        )
+        assert series["ray_vqpipe_shards_failed_total"] == series["ray_vqpipe_shard_retries_total"] == [0.0]
+        assert wait_for(lambda: client.get_job_status("e2e").is_terminal(), 180, "the job to end")
+        logs = client.get_job_logs("e2e")
+        assert client.get_job_status("e2e") == JobStatus.SUCCEEDED, logs[-4000:]
+        assert "summary: 3/3 shards done" in logs
+        assert " failed (" not in logs
         done = check_exactly_once(out, shard_dir)
         assert {r["attempt"] for r in done.values()} == {1}
         assert sum(r["rows"] for r in done.values()) == 10 + 7 + 14
@@ -366,22 +417,17 @@ class TestRayJob:
             assert not (pkg / ".venv").exists() and not (pkg / ".git").exists()
 
     def test_actor_metrics_are_exported(self, head):
-        """The actors' Counter/Histogram reach the head's Prometheus endpoint (after the job above)."""
+        """The actors' Counter/Histogram reach the head's Prometheus endpoint (after the job above), under the
+        names docs/operations.md gives."""
 
-        def scrape():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics", timeout=5) as r:
-                    text = r.read().decode()
-            except OSError:
-                return None
-            lines = [line for line in text.splitlines() if "vqpipe_" in line and not line.startswith("#")]
-            names = {line.split("{")[0] for line in lines}
-            images = sum(float(line.rsplit(" ", 1)[1]) for line in lines if "vqpipe_images" in line)
-            return (names, images) if images and any("vqpipe_shard_seconds" in n for n in names) else None
+        def actor_metrics():
+            series = scrape(head) or {}
+            return series if sum(series.get("ray_vqpipe_images_total", [])) == 10 + 7 + 14 else None
 
-        names, images = wait_for(scrape, 60, "vqpipe metrics on the metrics port", interval=1)
-        assert images == 10 + 7 + 14, names
-        assert any("vqpipe_sample_errors" in n for n in names)
+        series = wait_for(actor_metrics, 60, "vqpipe metrics on the metrics port", interval=1)
+        bad = sum(reason is not None for reason in defect_samples(seed=40)[1].values())  # d-0000's
+        assert sum(series["ray_vqpipe_sample_errors_total"]) == bad
+        assert sum(series["ray_vqpipe_shard_seconds_count"]) == 3
 
     def test_killed_driver_resubmitted_finishes_without_redoing_committed_shards(self, head, tmp_path):
         from ray.job_submission import JobStatus, JobSubmissionClient
@@ -428,6 +474,12 @@ class TestRayJob:
         assert {r["attempt"] for r in done.values()} == {1}  # attempts count per run; no run retried a shard
         mtimes = done_mtimes(out)
         assert {s: mtimes[s] for s in committed} == committed
+        # These jobs had no sample error: their replicas export the error counter at 0 (an alert reads 0, not
+        # "no data"); it used to appear only with the first error.
+        errors = wait_for(
+            lambda: 0.0 in (scrape(head) or {}).get("ray_vqpipe_sample_errors_total", []), 60, "errors at 0"
+        )
+        assert errors
 
     def test_a_local_cluster_starts_beside_other_clusters(self, head):
         """vqpipe's own local cluster (no --address: `cluster.connect`'s `ray.init(address="local")`) starts
@@ -447,7 +499,7 @@ class TestRayJob:
 # -- a simulated multi-node cluster: node loss, actor crash, speculation, retries ------------------------------
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def cluster():
     import ray
     from ray.cluster_utils import Cluster
@@ -493,11 +545,12 @@ def replicas(shard_dir: Path, out: Path, encode: dict | None = None, **run):
 
 
 class TestFailures:
-    @pytest.mark.parametrize("failure", ["node_lost", "actor_killed"])
+    @pytest.mark.parametrize("failure", ["node_lost", "actor_killed", "raylet_killed"])
     def test_job_survives_losing_a_replica_mid_shard(self, two_workers, tmp_path, driver_log, failure):
         shard_dir = good_shards(tmp_path / "shards", 6, 32)
         out = tmp_path / "out"
-        job = JobThread(replicas(shard_dir, out))
+        # a hung replica's shards would be copied by speculation before its node is declared dead: not here
+        job = JobThread(replicas(shard_dir, out, speculative=failure != "raylet_killed"))
         job.start()
 
         # Each replica starts two shards at once. Take the replica writing the first shard that shows up; the shards
@@ -507,16 +560,36 @@ class TestFailures:
         )
         pid = writing[min(writing)]
         lost = {s for s, p in writing.items() if p == pid}
+        node = next(n for n in two_workers.worker_nodes if n.node_id == encoder_actors()[pid])
         if failure == "node_lost":
-            node_id = encoder_actors()[pid]
-            node = next(n for n in two_workers.worker_nodes if n.node_id == node_id)
             two_workers.remove_node(node, allow_graceful=False)
+        elif failure == "raylet_killed":
+            # Only the raylet dies: its workers live on, orphaned. This one is also hung (stopped), so it cannot
+            # notice by itself: the driver must kill it once it learns that the node is dead.
+            os.kill(pid, signal.SIGSTOP)
+            os.kill(node.all_processes["raylet"][0].process.pid, signal.SIGKILL)
         else:
             os.kill(pid, signal.SIGKILL)
 
-        summary = job.result(timeout=180)
+        try:
+            summary = job.result(timeout=180)
+        finally:
+            if failure == "raylet_killed":
+                orphan_alive = alive(pid)
+                if orphan_alive:
+                    os.kill(pid, signal.SIGKILL)
+                two_workers.remove_node(node, allow_graceful=False)  # the rest of the dead node's processes
         assert summary.ok and not summary.failed
         done = check_exactly_once(out, shard_dir)
+        if failure == "raylet_killed":
+            assert not orphan_alive, "the orphaned replica outlived the job"
+            assert any(
+                f"killed its process {pid}, left running on dead node" in m for m in messages(driver_log)
+            )
+            # its shards were finished elsewhere: retried once the node was declared dead, or copied by
+            # speculation while it hung (whichever came first)
+            assert all(done[s]["pid"] != pid for s in lost), (lost, done)
+            return
         # The lost shards were retried by another process; only they were, and only because the replica died.
         retried = {s for s, r in done.items() if r["attempt"] > 1}
         assert retried & lost and all(done[s]["pid"] != pid for s in retried), (lost, done)
@@ -605,8 +678,8 @@ class TestFailures:
         copies = [m for m in log if m.startswith(f"{big}: slow") and "speculative copy" in m]
         assert len(copies) == 1, log  # one copy per shard, never one of a committed shard
 
-    def test_shard_that_keeps_failing_is_retried_with_backoff_then_reported(
-        self, two_workers, tmp_path, driver_log
+    def test_shard_that_keeps_failing_is_retried_with_backoff_then_reported_and_not_retried_the_next_night(
+        self, two_workers, tmp_path, driver_log, capsys
     ):
         shard_dir = tmp_path / "shards"
         shard_dir.mkdir()
@@ -623,10 +696,11 @@ class TestFailures:
         config.write_text("[run]\nretry_backoff_s = 1.0\n")
         out = tmp_path / "out"
         cpu = time.process_time()
-        rc = main([
+        args = [
             "tokenize", str(shard_dir), "--output", str(out), "--config", str(config), "--model", "tiny",
             "--random-weights", "--max-attempts", "3",
-        ])  # fmt: skip
+        ]  # fmt: skip
+        rc = main(args)
         cpu = time.process_time() - cpu
         assert rc == 1
         log = messages(driver_log)
@@ -645,22 +719,155 @@ class TestFailures:
         # Nothing runs during the 3 s of backoff: the driver sleeps through it (it used to spin a core on
         # ray.wait([]), which returns at once).
         assert cpu < 1.0
+        assert (
+            failed["kind"] == "input"
+            and failed["fingerprint"]["size"] == (shard_dir / "bad-0000.tar").stat().st_size
+        )
+
+        # The next night, over the same (unchanged) input: the truncated tar is not retried (it used to be, 3
+        # times, every night), stays failed and listed, and the run still exits 1...
+        driver_log.clear()
+        assert main(args) == 1
+        assert not failed_attempts(driver_log)
+        log = messages(driver_log)
+        assert any("input is unchanged: not retried" in m and f"{bad} (truncated_tar)" in m for m in log), log
+        assert any(m.startswith(f"failed shard {bad}: truncated_tar") and "not retried" in m for m in log), (
+            log
+        )
+        assert json.loads((out / "failed" / f"{bad}.json").read_text()) == failed
+        # ... unless that failure is allowed: exit 0, the shard still listed, in the summary and in status
+        driver_log.clear()
+        assert main([*args, "--max-failed-shards", "1"]) == 0
+        assert f"1 shard(s) failed, within the 1 allowed: {bad}" in messages(driver_log)
+        assert main(["status", str(out), "--json"]) == 1
+        status = json.loads(capsys.readouterr().out)
+        assert status["failed_shards"] == {bad: "truncated_tar"}
+        assert status["last_run"]["result"] == "within_allowance" and status["last_run"]["exit_code"] == 0
 
 
-@pytest.mark.parametrize(
-    "nodes, gpus, replicas, want",
-    [
-        ([{"CPU": 96, "GPU": 8}], 1, 8, 12),  # each GPU's replica gets its share of the node's CPUs
-        # the smallest share, so that every replica fits
-        ([{"CPU": 96, "GPU": 8}, {"CPU": 16, "GPU": 4}], 1, 12, 4),
-        ([{"CPU": 4}, {"CPU": 16, "GPU": 2}], 2, 1, 16),  # CPU-only nodes don't count for GPU replicas
-        ([{"CPU": 8}], 1, 1, 1),  # GPU nodes not up yet (autoscaler): the old default
-        ([{"CPU": 2}], 0, 1, 2),  # CPU-only, one replica: every CPU
-        ([{"CPU": 8}, {"CPU": 4}], 0, 4, 3),  # the cluster's CPUs shared by the replicas
-        ([{"CPU": 8}, {"CPU": 4}], 0, 1, 8),  # ... but never more than one node has
-    ],
-)
-def test_cpus_per_replica_default_follows_the_cluster(nodes, gpus, replicas, want):
-    from vqpipe.replicas import replica_cpus
+# -- replicas that follow the cluster ------------------------------------------------------------------------------
 
-    assert replica_cpus(nodes, gpus, replicas) == want
+
+@pytest.fixture
+def add_node(two_workers):
+    """Add a node to the two one-CPU workers for one test; removed after it (the failure tests count on two)."""
+    added = []
+
+    def add(**resources):
+        added.append(two_workers.add_node(**resources))
+        two_workers.wait_for_nodes()
+        return added[-1]
+
+    yield add
+    for node in added:
+        two_workers.remove_node(node, allow_graceful=False)
+    two_workers.wait_for_nodes()
+
+
+def started_replicas(records: list[logging.LogRecord]) -> dict[str, tuple[str, int]]:
+    """replica name -> (node id prefix, pid), from the pool's "replica-N started on node ..." lines."""
+    out = {}
+    for m in messages(records):
+        if " started on node " in m:
+            name, rest = m.split(" started on node ", 1)
+            out[name] = (rest.split(" ", 1)[0], int(rest.split(", pid ", 1)[1].split(",", 1)[0]))
+    return out
+
+
+class TestElastic:
+    def test_a_cpu_node_that_joins_mid_run_gets_a_replica_that_commits_shards(
+        self, two_workers, add_node, tmp_path, driver_log
+    ):
+        shard_dir = good_shards(tmp_path / "shards", 24, 8)
+        out = tmp_path / "out"
+        job = JobThread(job_config([shard_dir], out))  # replicas: auto, one per 1-CPU node
+        job.start()
+        wait_for(lambda: done_mtimes(out), 120, "a first commit")
+        # Hold the two replicas (as a slow machine would) so that the job is not over before a replica on the
+        # new node is up, 5-15 s later: the shards left wait for it.
+        first = wait_for(lambda: len(a := encoder_actors()) == 2 and a, 60, "both replicas")
+        for pid in first:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            node = add_node(num_cpus=1)
+            new = wait_for(
+                lambda: {p for p, n in encoder_actors().items() if n == node.node_id},
+                60,
+                "a replica on the new node",
+            )
+            wait_for(lambda: {r["pid"] for r in done_records(out)} & new, 60, "a commit by the new replica")
+        finally:
+            for pid in first:
+                os.kill(pid, signal.SIGCONT)
+
+        summary = job.result(timeout=120)
+        assert summary.ok
+        check_exactly_once(out, shard_dir)
+        started = started_replicas(driver_log)  # each change logged
+        assert node.node_id.startswith(started["replica-2"][0]) and started["replica-2"][1] in new, started
+        log = " ".join(messages(driver_log))
+        assert "requesting 1 replica(s) of 1 CPU + 0 GPU (the cluster can host 3;" in log
+
+    def test_with_room_for_one_of_two_gpu_replicas_only_the_placed_one_gets_shards(
+        self, two_workers, add_node, tmp_path, driver_log
+    ):
+        """Ray counts a GPU that the node declares (none is there: the replica encodes on the CPU). The replica
+        that cannot be placed used to be handed shards, which waited there until speculation copied them."""
+        add_node(num_cpus=1, num_gpus=1)
+        shard_dir = good_shards(tmp_path / "shards", 6, 8)
+        out = tmp_path / "out"
+        run = {"replicas": 2, "gpus_per_replica": 1, "cpus_per_replica": 1}
+        summary = tokenize(job_config([shard_dir], out, model={"device": "cpu"}, run=run))
+
+        assert summary.ok
+        done = check_exactly_once(out, shard_dir)
+        log = messages(driver_log)
+        assert not [m for m in log if "speculative copy" in m], log
+        assert len({r["pid"] for r in done.values()}) == 1 and {r["attempt"] for r in done.values()} == {1}
+        assert len(started_replicas(driver_log)) == 1  # the other never started, and got no shard
+        assert (
+            "2 replicas of 1 CPU + 1 GPU wanted; the cluster can host 1 now: the others wait to be placed"
+            in (" ".join(log))
+        )
+
+    def test_no_room_for_any_replica_exits_with_the_capacity_code_and_status_says_so(
+        self, two_workers, tmp_path, driver_log, capsys
+    ):
+        shard_dir = good_shards(tmp_path / "shards", 1, 2)
+        out = tmp_path / "out"
+        (tmp_path / "c.toml").write_text("[run]\nplacement_timeout_s = 2\n")
+        args = ["tokenize", str(shard_dir), "-o", str(out), "--model", "tiny", "--random-weights"]
+        assert main([*args, "--gpus-per-replica", "1", "--config", str(tmp_path / "c.toml")]) == 75
+        log = " ".join(messages(driver_log))
+        assert "replica-0 given up: not placed in 2s; it needs 1 CPU + 1 GPU, the cluster has {" in log
+        assert "no encoder replica could be placed in 2s: each needs 1 CPU + 1 GPU; the cluster has {" in log
+        assert main(["status", str(out), "--json"]) == 1
+        last = json.loads(capsys.readouterr().out)["last_run"]
+        assert last["result"] == "no_capacity" and last["exit_code"] == 75
+        assert last["detail"].startswith("no encoder replica could be placed in 2s")
+
+
+def test_a_replica_exits_when_its_raylet_dies(tmp_path):
+    """A stand-in raylet (the replica's parent, named by RAY_RAYLET_PID as Ray names it to its workers) is
+    killed: the replica process notices and exits by itself, wherever it runs (the driver can only reach
+    processes on its own host)."""
+    child = (
+        "import os, time; os.environ['RAY_RAYLET_PID'] = str(os.getppid()); "
+        "from vqpipe.replicas import _exit_with_raylet; _exit_with_raylet('replica-0'); "
+        "print(os.getpid(), flush=True); time.sleep(60)"
+    )
+    parent = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
+    )
+    raylet = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    replica = 0
+    try:
+        replica = int(raylet.stdout.readline())
+        assert alive(replica)
+        raylet.kill()
+        raylet.wait()
+        wait_for(lambda: not alive(replica), 10, "the orphaned replica to exit")
+    finally:
+        raylet.kill()
+        if replica and alive(replica):
+            os.kill(replica, signal.SIGKILL)

@@ -85,6 +85,17 @@ def test_storage_options_are_taken_whole_not_merged(tmp_path):
         (minimal(run={"replicas": -1}), "run.replicas: must be >= 0, got -1"),
         (minimal(run={"min_errors_to_fail": 0}), "run.min_errors_to_fail: must be > 0, got 0"),
         (minimal(run={"limit_shards": 0}), "run.limit_shards: must be > 0, got 0"),
+        (
+            minimal(run={"replicas": 2, "max_replicas": 4}),
+            "run.min_replicas/max_replicas: bound replicas = 0",
+        ),
+        (minimal(run={"min_replicas": 0}), "run.min_replicas: must be >= 1, got 0"),
+        (minimal(run={"min_replicas": 3, "max_replicas": 2}), "run.max_replicas: must be >= 3, got 2"),
+        (minimal(run={"max_failed_shards": -1}), "run.max_failed_shards: must be >= 0, got -1"),
+        (
+            minimal(run={"max_failed_fraction": 2}),
+            "run.max_failed_fraction: must be between 0 and 1, got 2.0",
+        ),
         (minimal(model={}), "model.checkpoint: preset 'var256' needs weights"),
         (minimal(model={"random_weights": True, "checkpoint": "x.pth"}), "model.random_weights: conflicts"),
         (minimal(model="tiny"), "model: expected a table of settings, got str"),

@@ -303,7 +303,7 @@ def test_job_config_is_valid_and_fits_the_workers(label):
     group = worker_group(job)
     limits = container_limits(group)
     assert cfg.run.cpus_per_replica <= cpu_cores(limits["cpu"]), "a replica's CPUs do not fit a worker pod"
-    # Workers scale from zero, so the job must ask for its replicas (0 means "one per GPU present now").
+    # Workers scale from zero, so the job must ask for its replicas (0 means "as many as the cluster hosts now").
     assert 1 <= cfg.run.replicas <= group["maxReplicas"]
     assert cfg.run.gpus_per_replica == limits["nvidia.com/gpu"]
 

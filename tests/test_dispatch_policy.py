@@ -16,7 +16,11 @@ from vqpipe.dispatch_policy import (
     Running,
     RunningMedian,
     ShardQueue,
+    failure_allowance,
+    failure_kind,
+    keep_failed,
 )
+from vqpipe.records import FailedRecord
 
 
 def policy(**kw) -> DispatchPolicy:
@@ -111,6 +115,47 @@ def test_a_permanent_reason_is_not_retried():
     assert p.failed("s", "not_a_tar", twin_running=False) == GiveUp(1)
     p.next_attempt("t")
     assert p.failed("t", "worker_error", twin_running=False) == Retry(2.0)
+
+
+LOCAL = {"size": 1000, "mtime": 17.5}
+
+
+def failed_before(reason, fingerprint=LOCAL, kind=None):
+    return FailedRecord("s", "/in/s.tar", reason, "", 3, kind or failure_kind(reason), dict(fingerprint))
+
+
+def test_an_input_that_failed_for_what_it_holds_and_is_unchanged_is_not_retried_by_the_next_run():
+    """A truncated tar was retried 3 times on every nightly rerun and kept the job at exit 1 for ever."""
+    for reason in ("truncated_tar", "not_a_tar", "bad_tar"):
+        assert failure_kind(reason) == "input"
+        assert keep_failed(failed_before(reason), dict(LOCAL))
+        assert not keep_failed(failed_before(reason), dict(LOCAL), retry_failed=True)  # asked to
+        assert not keep_failed(failed_before(reason), {**LOCAL, "size": 2000})  # a copy that grew
+        assert not keep_failed(failed_before(reason), {**LOCAL, "mtime": 18.0})  # rewritten
+    s3 = {"size": 10, "etag": '"abc"'}
+    assert keep_failed(failed_before("bad_tar", s3), {"size": 10, "etag": '"abc"', "mtime": 3.0})
+    assert not keep_failed(failed_before("bad_tar", s3), {"size": 10, "etag": '"abd"'})
+
+
+@pytest.mark.parametrize("reason", ["worker_error", "actor_died", "input_changed", "too_many_errors"])
+def test_any_other_failure_is_retried_by_the_next_run(reason):
+    assert failure_kind(reason) == "transient"
+    assert not keep_failed(failed_before(reason), dict(LOCAL))
+
+
+def test_a_record_that_lacks_the_kind_or_the_inputs_version_is_retried():
+    """Written by a vqpipe from before: nothing says the input is the one that failed."""
+    assert not keep_failed(FailedRecord.from_json({"reason": "truncated_tar"}), dict(LOCAL))
+    assert not keep_failed(failed_before("truncated_tar", fingerprint={}), dict(LOCAL))
+
+
+def test_the_failure_allowance_is_the_smaller_of_the_limits_given():
+    assert failure_allowance(100, None, None) == 0
+    assert failure_allowance(100, 3, None) == 3
+    assert failure_allowance(100, None, 0.05) == 5
+    assert failure_allowance(99, None, 0.05) == 4  # rounded down: at most 5 % of the shards
+    assert failure_allowance(100, 3, 0.05) == 3 and failure_allowance(20, 3, 0.05) == 1
+    assert failure_allowance(10, None, 0.3) == 3  # 0.3 * 10 is 2.999... in floating point
 
 
 @pytest.mark.parametrize("n", [10, 100_000])

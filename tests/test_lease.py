@@ -1,6 +1,7 @@
 """The run lease on OUT: one holder at a time, on a local disk and on S3 (moto); no Ray needed."""
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -346,3 +347,22 @@ def test_conditional_writes_on_a_store_without_them_are_checked_and_said_to_be_b
     assert "memory:// has no conditional writes here: the run lease is best effort" in caplog.text or (
         "memory" in storage._warned_unconditional  # said once per process, maybe by an earlier test
     )
+
+
+def test_the_holder_reports_its_replicas_live_and_pending_for_status(tmp_path, capsys):
+    """`vqpipe status` shows a run's pending replicas (not placed yet) apart from the live ones; it reads
+    them from the lease, which the driver renews with what it last reported."""
+    from vqpipe.cli import main
+
+    out = str(tmp_path / "out")
+    with Lease(out, ttl_s=30, run_id="night") as lease:
+        lease.acquire()
+        assert read_lease(out).replicas_live is None  # nothing reported yet: nothing shown
+        lease.report(live=1, pending=1)
+        lease.renew()
+        assert main(["status", out, "--json"]) == 1
+        active = json.loads(capsys.readouterr().out)["active_run"]
+        assert (active["replicas_live"], active["replicas_pending"]) == (1, 1)
+        assert active["description"].endswith(", 1 replicas live, 1 pending")
+    older = stale_record().to_bytes().replace(b'  "replicas_live": null,\n', b"")
+    assert LeaseRecord.from_bytes(older).replicas_live is None  # written before the keys existed

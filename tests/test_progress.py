@@ -14,17 +14,21 @@ import termios
 import pytest
 from shards import good_image_bytes, write_shard
 
-from vqpipe.progress import Progress, progress_bar
+from vqpipe.progress import Progress, Tick, progress_bar
 from vqpipe.records import DoneRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def terminal():
-    """A pseudo-terminal of 24 rows × 160 columns (a fresh one reports 0 × 0): (master fd, slave fd)."""
+def terminal(rows=24, columns=160):
+    """A pseudo-terminal of `rows` × `columns` (a fresh one reports 0 × 0): (master fd, slave fd)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     return master, slave
+
+
+def replicas(live, pending=0):
+    return Tick(replicas_live=live, replicas_pending=pending, shards_queued=0, shards_running=0, retries=0)
 
 
 def read_all(fd, timeout=0.5):
@@ -47,17 +51,17 @@ def test_a_terminal_gets_a_live_bar_with_shards_rate_errors_and_eta():
         assert bar is not None
         progress = Progress(total=4, interval_s=10.0, renderer=bar)
         progress.record(DoneRecord(rows=30, images=30, errors=2))
-        progress.tick(replicas=2)
+        progress.tick(replicas(2))
         progress.record(DoneRecord(rows=10, errors=0))
         progress.failed += 1
-        progress.tick(replicas=1)
+        progress.tick(replicas(1, pending=1))
         bar.close()
         shown = read_all(master)
     os.close(master)
     last = shown.replace("\r\n", "\n").split("\r")[-1]  # the bar redraws in place
     assert "3/4 shards [" in last and "<" in last  # done + failed of total, elapsed<ETA
     assert "40 images (" in last and "/s)" in last and "2 errors" in last
-    assert "1 shards failed" in last and "1 replicas" in last
+    assert "1 shards failed" in last and "1 replicas (1 pending)" in last
     assert "\r" in shown
 
 
@@ -71,8 +75,24 @@ def test_no_bar_off_a_terminal_or_when_asked_and_progress_is_logged(caplog, monk
     progress = Progress(total=2, interval_s=0.0)
     progress.record(DoneRecord(rows=5, images=5, errors=1))
     with caplog.at_level(logging.INFO, logger="vqpipe"):
-        progress.tick(replicas=1)
+        progress.tick(replicas(1, pending=2))
     assert "progress: shards 1/2 done, 5 images" in caplog.text and "1 sample errors" in caplog.text
+    assert caplog.text.rstrip().endswith("1 replicas (2 pending)")  # a replica not placed yet is not live
+
+
+def test_a_terminal_that_reports_no_width_gets_log_lines(caplog):
+    """A bar 0 columns wide shows nothing (tqdm draws an empty line), and it replaced the log lines: such a
+    terminal (a fresh pty, some CI runners and container consoles) saw no progress at all."""
+    for rows, columns in ((0, 0), (24, 0)):
+        master, slave = terminal(rows, columns)
+        with os.fdopen(slave, "w") as tty:
+            assert progress_bar(4, tty) is None
+        os.close(master)
+    progress = Progress(total=4, interval_s=0.0, renderer=None)
+    progress.record(DoneRecord(rows=3, images=3))
+    with caplog.at_level(logging.INFO, logger="vqpipe"):
+        progress.tick(replicas(1))
+    assert "progress: shards 1/4 done" in caplog.text
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vqpipe.records import RECORD_VERSION, DoneRecord, FailedRecord, InputRef, RunRecord
+from vqpipe.records import RECORD_VERSION, DoneRecord, FailedRecord, InputRef, RunEnd, RunRecord
 
 # A marker as vqpipe 1.1 wrote it before records were typed (keys as the README lists them).
 MARKER_1_1 = {
@@ -84,6 +84,9 @@ def test_failed_and_run_records_round_trip():
     failed = {"shard_id": "a-1", "url": "/in/a.tar", "reason": "not_a_tar", "detail": "x", "attempts": 3}
     assert FailedRecord.from_json(failed).to_json() == {**failed, "record_version": 0}
     assert FailedRecord.from_json({"reason": "not_a_tar"}).attempts == 0  # hand-made or partial records read
+    # since the next run decides on them: the failure's kind and the version of the input that failed
+    new = {**failed, "kind": "input", "fingerprint": {"size": 10, "mtime": 2.5}, "record_version": 1}
+    assert FailedRecord.from_json(new).to_json() == new and FailedRecord.from_json(new).kind == "input"
     run = {
         "fingerprint": "f",
         "output_settings": {"preset": "tiny"},
@@ -96,6 +99,9 @@ def test_failed_and_run_records_round_trip():
     assert "previous_fingerprints" not in old.to_json()
     old.previous_fingerprints = ["e"]
     assert RunRecord.from_json(old.to_json()) == old
+    assert "ended" not in old.to_json()  # a run that has not ended (or was killed) says nothing
+    old.ended = RunEnd("no_capacity", 75, 0, 0, "no encoder replica could be placed in 2s", 3.0)
+    assert RunRecord.from_json(json.loads(json.dumps(old.to_json()))) == old
 
 
 @pytest.mark.parametrize(

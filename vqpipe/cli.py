@@ -1,8 +1,8 @@
 """`vqpipe tokenize | status | compact | inspect | decode | sample | finetune`: the command line.
 
-Exit codes: 0 done, 1 incomplete run (failed shards, or the driver could not write OUT), 2 bad usage/config/input
-(nothing was written), 3 OUT in use by another run, 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun
-to resume).
+Exit codes: 0 done (or failed shards within --max-failed-shards), 1 incomplete run (failed shards, or the driver
+could not write OUT), 2 bad usage/config/input (nothing was written), 3 OUT in use by another run, 75 no replica
+could be placed in time (retry later), 130 / 143 stopped by SIGINT / SIGTERM (summary written; rerun to resume).
 
 One module although over ~300 lines: one thin `run_*` per command (arguments in, exit code out) over the module
 that does the work, and the one parser that lists them all."""
@@ -15,14 +15,20 @@ import logging
 import os
 import sys
 
-from .errors import ConfigError, IncompleteRunError, LeaseError, VqpipeError
+from .errors import (
+    EXIT_BUSY,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    IncompleteRunError,
+    LeaseError,
+    VqpipeError,
+)
 from .logs import setup_logging
 from .options import add_arguments, overrides
 
 logger = logging.getLogger("vqpipe.cli")
-
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
-EXIT_BUSY = 3  # another run holds OUT's lease (or this run lost it): try again later
 
 
 def tokenize_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,17 +74,36 @@ def run_tokenize(args: argparse.Namespace) -> int:
         dict(st.errors_by_reason),
         summary.seconds,
     )
+    kept = {i: {"reason": r.reason, "detail": r.detail} for i, r in summary.kept_failed.items()}
+    failures = {**summary.failed, **kept}
     if summary.ok:
+        if failures:
+            logger.warning(
+                "%d shard(s) failed, within the %d allowed: %s",
+                len(failures),
+                summary.allowed_failures,
+                ", ".join(sorted(failures)),
+            )
         return EXIT_OK
-    for shard_id, info in sorted(summary.failed.items()):
-        logger.error("failed shard %s: %s: %s", shard_id, info["reason"], info["detail"])
+    for shard_id, info in sorted(failures.items()):
+        again = " (not retried: its input is unchanged)" if shard_id in kept else ""
+        logger.error("failed shard %s: %s: %s%s", shard_id, info["reason"], info["detail"], again)
     if summary.error:
         raise IncompleteRunError(f"the driver cannot write the output: {summary.error}; rerun to resume")
+    if summary.no_capacity:  # the job logged what a replica needs and what was free
+        logger.error(
+            "no replica could be placed; exit %d: try again once the cluster has room", summary.exit_code
+        )
+        return summary.exit_code
     if summary.interrupted:
         logger.error("%s: interrupted; rerun to resume", stop.name)
         return stop.exit_code
+    allowed = f" ({summary.allowed_failures} allowed)" if summary.allowed_failures else ""
+    advice = "rerun to retry only those"
+    if kept:
+        advice += " (those whose input is unchanged only with --retry-failed)"
     raise IncompleteRunError(
-        f"{len(summary.failed)} shard(s) failed: {', '.join(sorted(summary.failed))}; rerun to retry only those"
+        f"{len(failures)} shard(s) failed{allowed}: {', '.join(sorted(failures))}; {advice}"
     )
 
 
@@ -123,6 +148,10 @@ def run_status(args: argparse.Namespace) -> int:
             print("unfinished compaction: readers of data/ fail until `vqpipe compact` finishes it")
         if d["layout_version"] < 2:
             print("format 1.x layout: `vqpipe migrate OUT` moves it to format 2 (docs/format.md)")
+        if d["last_run"]:
+            end = d["last_run"]
+            detail = f": {end['detail']}" if end["detail"] else ""
+            print(f"last run: {end['result']} (exit {end['exit_code']}){detail}")
     return EXIT_OK if st.complete else EXIT_INCOMPLETE
 
 

@@ -1,12 +1,14 @@
-"""Ray: joining the cluster, and the dispatch loop that hands shards to the encoder replicas (replicas.py) and
-collects their outcomes: retries, speculation, progress. Ray is imported here and in replicas.py only.
+"""Ray: joining the cluster, and the dispatch loop that hands shards to the live encoder replicas (pool.py) and
+collects their outcomes: retries, speculation, progress. Ray is imported here, in pool.py, replicas.py and
+driver_metrics.py only.
 
-The driver keeps a few shards in flight per actor (so the next one streams while one encodes; small shards go
-several per call, see dispatch_policy.InFlight), retries a shard on another actor when a task or an actor fails
-(backoff, attempt limit), re-issues slow tail shards to idle actors (first commit wins: a worker never commits a
-shard that already has a done marker), and adds actors when the cluster grows. The decisions (retry or give up,
-backoff, which copy commits, what to speculate) are dispatch_policy's; this module carries them out on Ray. All
-state that matters lives in OUT, so a killed driver resumes from OUT alone.
+The driver keeps a few shards in flight per live actor (so the next one streams while one encodes; small shards
+go several per call, see dispatch_policy.InFlight), retries a shard on another actor when a task or an actor
+fails (backoff, attempt limit), re-issues slow tail shards to idle actors (first commit wins: a worker never
+commits a shard that already has a done marker), and lets the pool follow the cluster every few seconds. The
+decisions (retry or give up, backoff, which copy commits, what to speculate; how many replicas) are
+dispatch_policy's and replica_policy's; this module carries them out on Ray. All state that matters lives in
+OUT, so a killed driver resumes from OUT alone.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from .config import JobConfig
 from .dispatch_policy import DispatchPolicy, GiveUp, InFlight, Retry, Running, ShardQueue
-from .errors import STORAGE_ERROR, ShardError, StorageError
+from .errors import STORAGE_ERROR, CapacityError, ShardError, StorageError
 from .plan import Shard
+from .pool import ReplicaPool
+from .progress import Tick
 from .records import DoneRecord
-from .replicas import ReplicaPool, ShardOutcome
+from .replicas import ShardOutcome
 from .stop import StopRequest
 
 logger = logging.getLogger(__name__)
 
 _WAIT_S = 1.0
-_RESCALE_EVERY_S = 30.0
+_RESCALE_EVERY_S = 5.0  # how often the pool looks at the cluster (a GCS call): nodes joined or left, timeouts
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -69,19 +73,20 @@ class Dispatcher:
         model_sha256: str,
         on_done: Callable[[Shard, DoneRecord], None],
         on_failed: Callable[[Shard, dict[str, Any]], None],
-        progress: Callable[[int], None],
+        progress: Callable[[Tick], None],
         stop: StopRequest | None = None,
     ):
         self.config = config
         self.on_done, self.on_failed, self.progress = on_done, on_failed, progress
         self.stop = stop
-        self.pool = ReplicaPool(config, model_sha256, self._stopping)
+        self.pool = ReplicaPool(config, model_sha256)
         self.last_actor: dict[str, int] = {}
         self.running: dict[ObjectRef[list[ShardOutcome]], _Task] = {}
         run = config.run
         self.policy = DispatchPolicy(run.max_attempts, run.retry_backoff_s, run.speculative)
         self.in_flight = InFlight(run.in_flight_per_replica, config.encode.batch_size)
         self.abandoned: list[str] = []  # shards still running when a stop's grace period ended
+        self.retries = 0
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -91,26 +96,27 @@ class Dispatcher:
         finally:
             self.pool.kill_all()
 
-    def _stopping(self) -> bool:
-        return self.stop is not None and self.stop.requested
-
     def _loop(self, shards: list[Shard]) -> None:
         queue: ShardQueue[Shard] = ShardQueue(shards)
-        self.pool.scale()
         last_scale = time.monotonic()
+        self.pool.scale(last_scale)
         while queue or self._waiting():
             if self.stop is not None and self.stop.requested:
                 self._drain(queue, self.stop)
                 return
             now = time.monotonic()
             if now - last_scale > _RESCALE_EVERY_S:
-                self.pool.scale()
+                self.pool.scale(now)
                 last_scale = now
-            self.pool.check_recovering()
+            self.pool.check(now)
+            if (why := self.pool.exhausted()) is not None:
+                raise CapacityError(why)
             self._assign(queue, now)
             self._speculate(queue, now)
             self._wait(queue)
-            self.progress(len(self.pool.in_service()))
+            running = sum(len(t.shards) for t in self.running.values())
+            live = len(self.pool.live())
+            self.progress(Tick(live, self.pool.pending(), len(queue), running, self.retries))
 
     def _drain(self, queue: ShardQueue[Shard], stop: StopRequest) -> None:
         """After a stop request: start nothing, give running shards run.stop_grace_s to commit (a second signal
@@ -159,19 +165,19 @@ class Dispatcher:
         elif (due := queue.next_retry_in(now)) is not None:
             limits.append(due)
         timeout = max(0.0, min(limits))
-        refs = [*self.running, *self.pool.recovering]
+        refs = [*self.running, *self.pool.calls()]
         if not refs:
             time.sleep(timeout)
             return
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         for ref in ready:
-            if ref in self.running:  # a recovering actor's answer is taken by pool.check_recovering
+            if ref in self.running:  # a replica's ping or setup answer is taken by pool.check
                 self._collect(ref, queue)
 
     def _free_actor(self, avoid: int | None = None) -> tuple[int, int] | None:
-        """The least loaded actor in service with room for another shard (not `avoid` when another has room),
-        and how many more shards it may take."""
-        load = dict.fromkeys(self.pool.in_service(), 0)
+        """The least loaded live actor with room for another shard (not `avoid` when another has room), and how
+        many more shards it may take."""
+        load = dict.fromkeys(self.pool.live(), 0)
         for t in self.running.values():
             if t.actor in load:
                 load[t.actor] += len(t.shards)
@@ -195,7 +201,7 @@ class Dispatcher:
 
     def _submit(self, shards: list[Shard], actor: int, speculative: bool = False) -> None:
         attempts = [self.policy.next_attempt(s.shard_id, speculative) for s in shards]
-        ref = self.pool.actors[actor].process.remote(shards, attempts, self.in_flight.limit, speculative)
+        ref = self.pool.actor(actor).process.remote(shards, attempts, self.in_flight.limit, speculative)
         self.running[ref] = _Task(shards, attempts, actor, time.monotonic())
         for s in shards:
             self.last_actor[s.shard_id] = actor
@@ -224,7 +230,7 @@ class Dispatcher:
             outcomes = ray.get(ref)
         except (RayActorError, RayTaskError) as e:  # the whole bundle failed with its actor (or a bug)
             reason, detail = _failure(e)
-            if isinstance(e, RayActorError) and self.pool.lost(task.actor):
+            if isinstance(e, RayActorError) and self.pool.lost(task.actor, time.monotonic()):
                 ids = ", ".join(s.shard_id for s in task.shards)
                 logger.warning("%s: replica-%d died (%s); retrying elsewhere", ids, task.actor, detail)
             outcomes = [ShardOutcome(s.shard_id, reason=reason, detail=detail) for s in task.shards]
@@ -242,6 +248,7 @@ class Dispatcher:
             info = {"reason": outcome.reason, "detail": outcome.detail, "attempts": decision.attempts}
             self.on_failed(shard, info)
         elif isinstance(decision, Retry):
+            self.retries += 1
             logger.warning(
                 "%s: attempt %d failed (%s: %s); retry in %.1fs",
                 sid,

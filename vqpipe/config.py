@@ -133,12 +133,24 @@ class RunConfig:
     address: str | None = option(
         None, "Ray cluster address (default: RAY_ADDRESS, a Ray job's cluster, else a local cluster)"
     )
-    replicas: int = option(0, "encoder actors (0: one per GPU in the cluster, or one without GPUs)")
+    replicas: int = option(
+        0,
+        "encoder actors, exactly this many; 0 (auto): as many as the cluster can host (its GPUs / "
+        "gpus_per_replica, or without GPUs its CPUs / cpus_per_replica), re-evaluated while the job runs",
+    )
+    min_replicas: int | None = option(
+        None,
+        "auto: request at least N, placed or not (an autoscaler adds nodes for them); default 1",
+        metavar="N",
+    )
+    max_replicas: int | None = option(None, "auto: at most N replicas (default: no limit)", metavar="N")
+    spread_replicas: bool = option(True, "replicas on different nodes where there is a choice (CPUs, NICs)")
     cpus_per_replica: float | None = option(
         None,
         "CPUs reserved per actor; also its decode and torch threads (default: a GPU node's CPUs divided among "
-        "its GPUs' replicas, the smallest share in the cluster; without GPUs, the cluster's CPUs divided among "
-        "the replicas, at most one node's). Set it on clusters that autoscale GPU nodes from zero",
+        "its GPUs' replicas, the smallest share in the cluster; without GPUs, auto: the smallest node's CPUs, "
+        "replicas = N: the cluster's CPUs divided among them, at most one node's). Set it on clusters that "
+        "autoscale GPU nodes from zero",
     )
     gpus_per_replica: float | None = option(
         None,
@@ -161,6 +173,20 @@ class RunConfig:
         "max_error_rate fails a shard only once it has at least this many bad samples: one bad image of a "
         "4-sample shard is 25 %, noise rather than a bug (1: the rate alone)",
         metavar="N",
+    )
+    retry_failed: bool = option(
+        False,
+        "retry shards that failed for what their input holds (not_a_tar, bad_tar, truncated_tar) although the "
+        "input is unchanged since (default: they stay failed and are not retried)",
+    )
+    max_failed_shards: int | None = option(
+        None,
+        "exit 0 when at most N planned shards failed (still listed in the summary and status)",
+        metavar="N",
+    )
+    max_failed_fraction: float | None = option(
+        None,
+        "exit 0 when at most this fraction of the planned shards failed (with max_failed_shards: both hold)",
     )
     limit_shards: int | None = option(None, "process only the first N shards (by shard id)", metavar="N")
     reprocess_changed: bool = option(
@@ -189,7 +215,9 @@ class RunConfig:
         metavar="SECONDS",
     )
     placement_timeout_s: float = option(
-        900.0, "give up when no replica can be placed this long (autoscaling may take minutes)"
+        900.0,
+        "a replica not placed this long is given up, with a warning; when none can be placed the run exits 75 "
+        "(autoscaling may take minutes)",
     )
     stop_grace_s: float = option(20.0, "after SIGTERM/SIGINT: how long running shards may take to commit")
     tune_cpu_allocator: bool = option(
@@ -351,6 +379,14 @@ def _validate(cfg: JobConfig) -> None:
     _positive("encode.rows_per_group", e.rows_per_group)
     _at_least("encode.decode_threads", e.decode_threads, 0)
     _at_least("run.replicas", r.replicas, 0)
+    if r.replicas and (r.min_replicas, r.max_replicas) != (None, None):
+        raise ConfigError(
+            f"run.min_replicas/max_replicas: bound replicas = 0 (auto), not replicas = {r.replicas}"
+        )
+    for key, low in (("min_replicas", 1), ("max_replicas", r.min_replicas or 1), ("max_failed_shards", 0)):
+        if (value := getattr(r, key)) is not None:
+            _at_least(f"run.{key}", value, low)
+    _fraction("run.max_failed_fraction", r.max_failed_fraction)
     if r.cpus_per_replica is not None:
         _positive("run.cpus_per_replica", r.cpus_per_replica)
     if r.gpus_per_replica is not None:
@@ -364,10 +400,14 @@ def _validate(cfg: JobConfig) -> None:
     _positive("run.lease_ttl_s", r.lease_ttl_s)
     _at_least("run.wait_for_lease_s", r.wait_for_lease_s, 0)
     _positive("run.min_errors_to_fail", r.min_errors_to_fail)
-    if not 0.0 <= r.max_error_rate <= 1.0:
-        raise ConfigError(f"run.max_error_rate: must be between 0 and 1, got {r.max_error_rate}")
+    _fraction("run.max_error_rate", r.max_error_rate)
     if r.limit_shards is not None:
         _positive("run.limit_shards", r.limit_shards)
+
+
+def _fraction(key: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: must be between 0 and 1, got {value}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

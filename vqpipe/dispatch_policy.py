@@ -1,6 +1,7 @@
 """The dispatcher's decisions, without Ray: the queue of waiting shards, which attempt a submission is, whether a failure is retried (and
 after what backoff) or final, which finished copy commits a shard, and which running shards get a speculative
-copy. cluster.py owns the actors and asks this module what to do; every decision is testable in-process.
+copy; across runs, which failed shards the next run leaves alone and how many failures still let a run pass.
+cluster.py owns the actors and asks this module what to do; every decision is testable in-process.
 
 Each event costs O(log N) at most: shard durations feed a running median (two heaps) instead of being sorted
 on every loop of the tail, and retries in backoff wait in a heap instead of being scanned on every loop.
@@ -12,11 +13,12 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from . import errors
+from .records import FailedRecord, FailureKind
 
 T = TypeVar("T")
 
@@ -171,6 +173,33 @@ class DispatchPolicy:
     def waiting_on(self, running: list[Running]) -> bool:
         """True while a running copy may still commit a shard; losing copies are not waited for."""
         return any(r.shard_id not in self.committed for r in running)
+
+
+def keep_failed(record: FailedRecord, fingerprint: Mapping[str, Any], retry_failed: bool = False) -> bool:
+    """Whether a shard that failed in an earlier run stays failed without a retry: it failed for what its input
+    holds (kind "input": not a tar, bad or truncated tar) and the input is the version that failed (its size,
+    mtime or ETag as recorded). Retrying it would fail the same way, every night. A changed input, any other
+    reason, and a record from before vqpipe kept the input's version are retried; so is all of it with
+    `retry_failed` (e.g. after --allow-unterminated-tar)."""
+    if retry_failed or record.kind != "input":
+        return False
+    before = record.fingerprint
+    keys = [k for k in ("size", "etag", "mtime") if k in before and k in fingerprint]
+    return bool(keys) and all(before[k] == fingerprint[k] for k in keys)
+
+
+def failure_kind(reason: str) -> FailureKind:
+    """The kind of a shard failure reason, as a failure record keeps it (records.FailureKind)."""
+    return "input" if reason in errors.INPUT_SHARD_REASONS else "transient"
+
+
+def failure_allowance(planned: int, max_shards: int | None, max_fraction: float | None) -> int:
+    """How many failed shards still let a run exit 0: the smaller of the limits given (run.max_failed_shards,
+    run.max_failed_fraction of the planned shards, rounded down); 0 when neither is given."""
+    limits = [max_shards] if max_shards is not None else []
+    if max_fraction is not None:
+        limits.append(math.floor(max_fraction * planned + 1e-9))
+    return min(limits, default=0)
 
 
 MAX_IN_FLIGHT = 32  # shards one actor may hold at once when they are small

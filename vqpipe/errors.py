@@ -62,7 +62,23 @@ class LeaseError(VqpipeError):
 # missing or forbidden object: the detail says which). Retried like any reason not listed below.
 STORAGE_ERROR = "storage_error"
 
+
+class CapacityError(VqpipeError):
+    """No encoder replica could be placed within run.placement_timeout_s: the cluster lacks the resources one
+    needs (for now: an autoscaler may add them). Not the user's mistake, so not exit 2: a scheduler retries."""
+
+
+# Exit codes of `vqpipe tokenize` (README, "Exit codes"); `job.Summary.exit_code` decides which one a run gets.
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_BUSY = 3  # another run holds OUT's lease (or this run lost it): try again later
+EXIT_NO_CAPACITY = 75  # sysexits.h's EX_TEMPFAIL ("try again later"): no replica could be placed in time
+
+
 # Shard failure reasons that no retry can change: the bytes are not a tar, or the tar is malformed. The driver
 # fails such a shard at its first attempt (dispatch_policy.DispatchPolicy.failed). `truncated_tar` is left out on purpose: an input still being
 # copied, or a read that ended early, can succeed when tried again.
 PERMANENT_SHARD_REASONS: frozenset[str] = frozenset({"not_a_tar", "bad_tar"})
+# Shard failure reasons that the input's bytes alone decide: the same bytes fail the same way. A shard that failed
+# with one of these, and whose input has not changed since (size, mtime or ETag), is not retried by the next run
+# (unless --retry-failed). `truncated_tar` is in: a copy still in progress changes size or mtime when it grows.
+INPUT_SHARD_REASONS: frozenset[str] = PERMANENT_SHARD_REASONS | {"truncated_tar"}

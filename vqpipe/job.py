@@ -1,6 +1,8 @@
 """The tokenize job on the driver: list inputs, check OUT, plan, dispatch to the cluster, summarise.
 
-Returns a summary; the entry points turn it into an exit code (0 only when every planned shard is done).
+Returns a summary, which decides the exit code (0 only when every planned shard is done, or failed within the
+allowance) and is recorded in run.json. One module although over 300 lines: the driver's steps in their order,
+each a short function, and the summary they end in.
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, storage
 from .config import JobConfig, fingerprint, output_settings, random_weights_id
-from .errors import CheckpointError, ConfigError, StorageError
+from .dispatch_policy import failure_allowance, failure_kind, keep_failed
+from .errors import (
+    EXIT_INCOMPLETE,
+    EXIT_NO_CAPACITY,
+    EXIT_OK,
+    CapacityError,
+    CheckpointError,
+    ConfigError,
+    StorageError,
+)
 from .lease import Lease
 from .ledger import Ledger
 from .out import card
@@ -25,7 +35,7 @@ from .out.layout import detect
 from .out.snapshot import Snapshot
 from .out.verify import forget_damaged, verify
 from .plan import Plan, Shard, legacy_stem, make_plan
-from .records import DoneRecord, FailedRecord, RunRecord
+from .records import DoneRecord, FailedRecord, RunEnd, RunRecord, RunResult
 from .status import Status, read_status
 from .stop import StopRequest
 
@@ -93,18 +103,52 @@ def _versions() -> dict[str, str]:
 class Summary:
     plan: Plan
     status: Status
-    failed: dict[str, dict[str, Any]]
+    failed: dict[str, dict[str, Any]]  # failed in this run
     seconds: float
     stop: StopRequest | None = None  # set when a signal ended the run early
     error: str | None = None  # a driver-side storage failure that ended the run (e.g. a full disk)
+    kept_failed: dict[str, FailedRecord] = field(default_factory=dict)  # failed before, not retried
+    no_capacity: str | None = None  # no replica could be placed in time: what they need, what was free
+    allowed_failures: int = 0  # run.max_failed_shards / run.max_failed_fraction, as a number of shards
 
     @property
     def interrupted(self) -> bool:
         return self.stop is not None and self.stop.requested
 
     @property
+    def unfinished(self) -> set[str]:
+        """Planned shards that are not done."""
+        return self.plan.ids - set(self.status.done)
+
+    @property
     def ok(self) -> bool:
-        return not self.failed and not self.error and self.plan.ids <= set(self.status.done)
+        """Every planned shard is done, or failed (none pending) and no more failed than allowed."""
+        if self.error or self.no_capacity:
+            return False
+        unfinished = self.unfinished
+        return unfinished <= {*self.failed, *self.kept_failed} and len(unfinished) <= self.allowed_failures
+
+    @property
+    def result(self) -> RunResult:
+        if self.error:
+            return "error"
+        if self.no_capacity:
+            return "no_capacity"
+        if self.ok:
+            return "within_allowance" if self.unfinished else "complete"
+        return "interrupted" if self.interrupted else "failed"
+
+    @property
+    def exit_code(self) -> int:
+        """0 when ok; 75 when no replica could be placed; 130/143 after SIGINT/SIGTERM; 1 otherwise (README)."""
+        result = self.result
+        if result in ("complete", "within_allowance"):
+            return EXIT_OK
+        if result == "no_capacity":
+            return EXIT_NO_CAPACITY
+        if result == "interrupted" and self.stop is not None:
+            return self.stop.exit_code
+        return EXIT_INCOMPLETE
 
 
 def tokenize(cfg: JobConfig, stop: StopRequest | None = None) -> Summary:
@@ -193,7 +237,17 @@ def _tokenize_holding(
             )
         for shard in plan.changed:
             ledger.unmark_done(shard.shard_id)
-    logger.info("%d shards: %d already done, %d to run", len(plan), len(plan.done), len(plan.todo))
+    # Failure records of shards about to run: the driver removes one when its shard commits (a worker removing
+    # "its" record would cost every shard a DELETE of a key that is nearly never there).
+    had_failed = ledger.failed_ids() if plan.todo else set()
+    kept = _keep_failed(plan, ledger, had_failed, cfg.run.retry_failed)
+    logger.info(
+        "%d shards: %d already done, %d to run%s",
+        len(plan),
+        len(plan.done),
+        len(plan.todo),
+        f", {len(kept)} failed before and not retried" if kept else "",
+    )
 
     failed: dict[str, dict[str, Any]] = {}
     for refused in plan.refused:  # each fails alone, before anything runs
@@ -201,18 +255,18 @@ def _tokenize_holding(
         logger.error("%s: not run: %s: %s", refused.shard_id, refused.reason, refused.detail)
         failure = FailedRecord(refused.shard_id, refused.url, refused.reason, refused.detail, attempts=0)
         ledger.mark_failed(refused.shard_id, failure)
-    error = None
+    error = no_capacity = None
     if plan.todo and not (stop and stop.requested):
-        # Failure records of shards about to run: the driver removes one when its shard commits (a worker
-        # removing "its" record would cost every shard a DELETE of a key that is nearly never there).
-        had_failed = ledger.failed_ids()
         try:
             # The dispatcher acts on a stop itself (a grace period, then the summary); its storage calls are
             # bounded by the storage deadline.
             with stop.interrupting(False) if stop is not None else contextlib.nullcontext():
-                stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease.check, had_failed)
+                stopped = _dispatch(cfg, sha, ledger, plan.todo, stop, failed, lease, had_failed)
         except StorageError as e:  # the driver cannot write OUT (a full disk, lost permissions): end the run
             error, stopped = str(e), True
+        except CapacityError as e:  # not one replica could be placed: a scheduler may try again later
+            logger.error("%s", e)
+            no_capacity, stopped = str(e), True
         finally:
             _flush_index(ledger)
         lease.check()  # a run that lost its lease leaves OUT to the new holder
@@ -223,8 +277,47 @@ def _tokenize_holding(
             ledger.remove_temporaries()
         snapshot = Snapshot.open(ledger=ledger)  # a fresh listing: also commits never reported
     status = read_status(snapshot, set(planned))
+    allowed = failure_allowance(len(plan), cfg.run.max_failed_shards, cfg.run.max_failed_fraction)
+    summary = Summary(plan, status, failed, time.monotonic() - t0, stop, error, kept, no_capacity, allowed)
+    record.ended = RunEnd(
+        summary.result,
+        summary.exit_code,
+        len(summary.unfinished & {*failed, *kept}),
+        allowed,
+        no_capacity or error or "",
+        time.time(),
+    )
+    try:
+        ledger.end_run(record)
+    except StorageError as e:
+        logger.warning("cannot record how the run ended in run.json (%s)", e)
     card.write_quietly(snapshot, len(status.failed) + len(status.failed_outside_plan))
-    return Summary(plan, status, failed, time.monotonic() - t0, stop, error)
+    return summary
+
+
+def _keep_failed(
+    plan: Plan, ledger: Ledger, had_failed: set[str], retry_failed: bool
+) -> dict[str, FailedRecord]:
+    """Take the shards that failed before for what their input holds, the input unchanged since, out of
+    `plan.todo` into `plan.kept_failed` (dispatch_policy.keep_failed): they stay failed and listed, not retried."""
+    kept: dict[str, FailedRecord] = {}
+    for shard in [s for s in plan.todo if s.shard_id in had_failed and not retry_failed]:
+        try:
+            record = ledger.read_failed(shard.shard_id)
+        except (StorageError, OSError, ValueError, TypeError):  # unreadable: it is retried, as before
+            continue
+        if keep_failed(record, shard.fingerprint):
+            kept[shard.shard_id] = record
+    if kept:
+        plan.kept_failed = [s for s in plan.todo if s.shard_id in kept]
+        plan.todo = [s for s in plan.todo if s.shard_id not in kept]
+        logger.warning(
+            "%d shard(s) failed before for what their input holds, and the input is unchanged: not retried "
+            "(--retry-failed retries them): %s",
+            len(kept),
+            ", ".join(f"{i} ({r.reason})" for i, r in sorted(kept.items())),
+        )
+    return kept
 
 
 def _flush_index(ledger: Ledger) -> None:
@@ -241,13 +334,13 @@ def _dispatch(
     todo: list[Shard],
     stop: StopRequest | None,
     failed: dict[str, dict[str, Any]],
-    check_lease: Callable[[], None] = lambda: None,
+    lease: Lease | None = None,
     had_failed: set[str] | frozenset[str] = frozenset(),
 ) -> bool:
     """Run `todo` on the cluster, adding the shards that fail to `failed` (kept when a driver write ends the run
-    early); returns whether a stop left shards running."""
+    early); returns whether a stop left shards running. Raises CapacityError when no replica can be placed."""
     from . import cluster
-    from .progress import Progress, progress_bar
+    from .progress import Progress, Tick, progress_bar
 
     progress = Progress(
         total=len(todo), interval_s=cfg.run.progress_interval_s, renderer=progress_bar(len(todo))
@@ -269,28 +362,37 @@ def _dispatch(
             info["reason"],
             info["detail"],
         )
-        ledger.mark_failed(
-            shard.shard_id,
-            FailedRecord(
-                shard.shard_id, storage.redact(shard.url), info["reason"], info["detail"], info["attempts"]
-            ),
+        record = FailedRecord(
+            shard.shard_id, storage.redact(shard.url), info["reason"], info["detail"], info["attempts"]
         )
+        record.kind, record.fingerprint = failure_kind(record.reason), dict(shard.fingerprint)
+        ledger.mark_failed(shard.shard_id, record)
 
     cluster.connect(cfg.run.address)
+    from .driver_metrics import DriverMetrics  # imports Ray: after it is connected
+
+    metrics = DriverMetrics(storage.redact(cfg.output))
+    last = Tick(0, 0, len(todo), 0, 0)
     try:
         if stop is not None:
             stop.install()  # again: ray.init replaced the SIGTERM handler with one that exits at once
             if stop.requested:  # it came while Ray was starting
                 return False
 
-        def tick(replicas: int) -> None:
-            check_lease()  # raises once the lease is lost: the dispatcher stops and kills its actors
-            progress.tick(replicas)
+        def tick(t: Tick) -> None:
+            nonlocal last
+            last = t
+            if lease is not None:
+                lease.check()  # raises once the lease is lost: the dispatcher stops and kills its actors
+                lease.report(t.replicas_live, t.replicas_pending)
+            progress.tick(t)
+            metrics.update(progress, t)
 
         dispatcher = cluster.Dispatcher(cfg, sha, on_done, on_failed, tick, stop)
         dispatcher.run(todo)
     finally:
         if progress.renderer is not None:
             progress.renderer.close()
+        metrics.update(progress, last, force=True)
     logger.info("progress: %s", progress.line())
     return bool(dispatcher.abandoned)

@@ -58,6 +58,9 @@ class LeaseRecord:
     started: float  # wall-clock seconds (time.time), as all times here: compared across hosts
     heartbeat: float
     expires: float
+    # What the run reported at its last heartbeat (for `vqpipe status`); None before it has replicas.
+    replicas_live: int | None = None
+    replicas_pending: int | None = None
 
     def to_bytes(self) -> bytes:
         return (json.dumps(asdict(self), sort_keys=True, indent=2) + "\n").encode()
@@ -76,6 +79,8 @@ class LeaseRecord:
                 started=float(d["started"]),
                 heartbeat=float(d["heartbeat"]),
                 expires=float(d["expires"]),
+                replicas_live=_count(d.get("replicas_live")),
+                replicas_pending=_count(d.get("replicas_pending")),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InvalidLease(f"not a lease record ({type(e).__name__}: {e})") from None
@@ -110,10 +115,17 @@ class LeaseRecord:
             if age >= 0
             else f"heartbeat {-age:.0f}s ahead of this host's clock"
         )
+        replicas = ""
+        if self.replicas_live is not None:
+            replicas = f", {self.replicas_live} replicas live, {self.replicas_pending or 0} pending"
         return (
             f"run {self.run_id} on host {self.host} (pid {self.pid}), started {now - self.started:.0f}s ago, "
-            f"{heartbeat}, {expiry}"
+            f"{heartbeat}, {expiry}{replicas}"
         )
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _pid_namespace() -> str | None:
@@ -172,9 +184,15 @@ class Lease:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._replicas: tuple[int, int] | None = None
+
+    def report(self, live: int, pending: int) -> None:
+        """The run's replicas, written with the next heartbeat (read by `vqpipe status`)."""
+        self._replicas = (live, pending)
 
     def _new_record(self) -> LeaseRecord:
         now = time.time()
+        live, pending = self._replicas or (None, None)
         return LeaseRecord(
             self.run_id,
             socket.gethostname(),
@@ -183,6 +201,8 @@ class Lease:
             self.started,
             now,
             now + self.ttl_s,
+            live,
+            pending,
         )
 
     def acquire(self, wait_s: float = 0.0, poll_s: float | None = None) -> None:

@@ -58,19 +58,22 @@ class Plan:
     done: list[DoneShard]
     changed: list[Shard]  # done, but the input changed since (reported; redone only if asked)
     refused: list[Refused] = field(default_factory=list)  # not counted in len() or ids
+    # failed before for what their unchanged input holds: planned, not run (dispatch_policy.keep_failed)
+    kept_failed: list[Shard] = field(default_factory=list)
 
     def __len__(self) -> int:
         """Planned shards, each once (a changed shard to redo is in `todo` only)."""
-        return len(self.todo) + len(self.done)
+        return len(self.todo) + len(self.done) + len(self.kept_failed)
 
     @property
     def all(self) -> list[Shard | DoneShard]:
-        return sorted([*self.todo, *self.done], key=attrgetter("shard_id"))
+        return sorted([*self.todo, *self.done, *self.kept_failed], key=attrgetter("shard_id"))
 
     @property
     def ids(self) -> set[str]:
         """The ids of every planned shard."""
-        return {s.shard_id for s in self.todo}.union([s.shard_id for s in self.done])
+        ids = {s.shard_id for s in self.todo}.union([s.shard_id for s in self.done])
+        return ids.union(s.shard_id for s in self.kept_failed)
 
 
 def shard_id(url: str) -> str:

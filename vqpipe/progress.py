@@ -1,7 +1,7 @@
 """What the driver tells people while a run goes: `Progress` counts, and a live bar on an interactive terminal (tqdm).
 
-Anywhere else (Ray job logs, CI, a pipe) `Progress` writes plain log lines instead: a bar's carriage
-returns would make a log file unreadable. While the bar is shown, vqpipe's log lines are printed above it
+Anywhere else (Ray job logs, CI, a pipe, a terminal that reports no width) `Progress` writes plain log lines
+instead: a bar's carriage returns would make a log file unreadable, and a bar zero columns wide shows nothing. While the bar is shown, vqpipe's log lines are printed above it
 (tqdm's logging redirect) instead of through it; lines that Ray's log monitor prints for the actors
 are not log records and can still cross it.
 """
@@ -24,8 +24,19 @@ _FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} shards [{elapsed}<{rema
 _LOGGERS = ("vqpipe", "ray")  # whose console lines are printed above the bar instead of through it
 
 
+@dataclass(frozen=True)
+class Tick:
+    """What the dispatcher reports on each turn of its loop (progress, driver metrics, the lease's record)."""
+
+    replicas_live: int
+    replicas_pending: int  # asked for, not live: not placed yet, loading, or restarting
+    shards_queued: int  # waiting for a replica, retries in backoff included
+    shards_running: int  # copies running on replicas
+    retries: int  # failed attempts retried so far
+
+
 class TerminalBar:
-    """Shards done/total with ETA, then images, images/s, sample errors, failed shards and live replicas."""
+    """Shards done/total with ETA, then images, images/s, sample errors, failed shards and replicas."""
 
     def __init__(self, total: int, stream: IO[str]):
         from tqdm import tqdm
@@ -38,14 +49,14 @@ class TerminalBar:
             logging_redirect_tqdm([logging.getLogger(n) for n in _LOGGERS], tqdm_class=tqdm)
         )
 
-    def update(self, progress: Any, replicas: int | None = None) -> None:
+    def update(self, progress: Any, tick: Tick | None = None) -> None:
         """Redraw from a `Progress` (tqdm limits redraws to ten a second)."""
         elapsed = max(time.monotonic() - progress.started, 1e-9)
         parts = [f"{progress.images} images ({progress.images / elapsed:.1f}/s)", f"{progress.errors} errors"]
         if progress.failed:
             parts.append(f"{progress.failed} shards failed")
-        if replicas is not None:
-            parts.append(f"{replicas} replicas")
+        if tick is not None:
+            parts.append(replicas(tick))
         self._bar.set_postfix_str(", ".join(parts), refresh=False)
         self._bar.update(progress.done + progress.failed - self._bar.n)  # redraws (throttled)
 
@@ -53,11 +64,17 @@ class TerminalBar:
         self._stack.close()
 
 
+def replicas(tick: Tick) -> str:
+    pending = f" ({tick.replicas_pending} pending)" if tick.replicas_pending else ""
+    return f"{tick.replicas_live} replicas{pending}"
+
+
 def progress_bar(total: int, stream: IO[str] | None = None) -> TerminalBar | None:
-    """A bar on an interactive terminal; None (log lines) otherwise, or when VQPIPE_PROGRESS=lines."""
+    """A bar on an interactive terminal that reports its width; None (log lines) otherwise, or when
+    VQPIPE_PROGRESS=lines."""
     stream = stream or sys.stderr
     interactive = hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
-    if not interactive or os.environ.get("VQPIPE_PROGRESS") == "lines":
+    if not interactive or os.environ.get("VQPIPE_PROGRESS") == "lines" or not _columns(stream):
         return None
     try:
         return TerminalBar(total, stream)
@@ -66,9 +83,18 @@ def progress_bar(total: int, stream: IO[str] | None = None) -> TerminalBar | Non
         return None
 
 
+def _columns(stream: IO[str]) -> int:
+    """The terminal's width; 0 when it reports none (a fresh pseudo-terminal, some CI runners): tqdm then draws
+    an empty line, and the bar replaces the log lines, so nothing at all would be shown."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # no fileno, or not a terminal after all
+        return 0
+
+
 @dataclass
 class Progress:
-    """Driver-side progress lines: shards done/total, images/s, errors, ETA, live replicas."""
+    """Driver-side progress lines: shards done/total, images/s, errors, ETA, live and pending replicas."""
 
     total: int
     interval_s: float
@@ -85,7 +111,12 @@ class Progress:
         self.images += rec.images if rec.images is not None else rec.rows  # markers before views: rows
         self.errors += rec.errors
 
-    def line(self, replicas: int | None = None) -> str:
+    @property
+    def rate(self) -> float:
+        """Images per second since the run started."""
+        return self.images / max(time.monotonic() - self.started, 1e-9)
+
+    def line(self, tick: Tick | None = None) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = self.images / elapsed
         finished = self.done + self.failed
@@ -96,18 +127,18 @@ class Progress:
             f"{self.images} images ({rate:.1f}/s)",
             f"{self.errors} sample errors",
             f"ETA {_duration(eta)}" if finished < self.total else None,
-            f"{replicas} replicas" if replicas is not None else None,
+            replicas(tick) if tick is not None else None,
         ]
         return ", ".join(p for p in parts if p)
 
-    def tick(self, replicas: int) -> None:
+    def tick(self, tick: Tick) -> None:
         if self.renderer is not None:
-            self.renderer.update(self, replicas)
+            self.renderer.update(self, tick)
             return
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
-            logger.info("progress: %s", self.line(replicas))
+            logger.info("progress: %s", self.line(tick))
 
 
 def _duration(s: float) -> str:

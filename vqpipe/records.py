@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 # 1: the first versioned record (vqpipe 1.1). Markers without the key were written by earlier versions; they
 # have the same keys minus `members`/`ignored_*` (format 1.0) and read as version 0.
@@ -224,20 +224,29 @@ SUMMARY_KEYS = (
 )
 
 
+# Why a shard failed, as the next run needs it: "input" when the input's bytes alone decide (the same bytes fail
+# the same way: errors.INPUT_SHARD_REASONS), "transient" when a retry may succeed; None in older records.
+FailureKind = Literal["input", "transient"]
+
+
 @dataclass
 class FailedRecord:
-    """`failed/<shard_id>.json`: why a shard failed in the latest run that tried it."""
+    """`failed/<shard_id>.json`: why a shard failed in the latest run that tried it, and the version of its input
+    that failed (a rerun leaves an input failure of an unchanged input alone: dispatch_policy.keep_failed)."""
 
     shard_id: str = ""
     url: str = ""
     reason: str = "?"
     detail: str = ""
     attempts: int = 0
+    kind: FailureKind | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the input's size, mtime or ETag when planned
     record_version: int = RECORD_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return _as_json(self)
+        # an older record read back is written as it was: without the keys it lacked
+        return _as_json(self, skip=() if self.kind else ("kind", "fingerprint"))
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FailedRecord:
@@ -250,6 +259,30 @@ _FAILED_CHECKS: dict[str, _Check] = {
     **dict.fromkeys(("shard_id", "url", "reason", "detail"), _text),
     **dict.fromkeys(("attempts", "record_version"), _count),
 }
+
+
+RunResult = Literal["complete", "within_allowance", "failed", "no_capacity", "interrupted", "error"]
+
+
+@dataclass
+class RunEnd:
+    """How the run that wrote run.json ended (its `ended` key), for `vqpipe status`: the result, the exit code
+    it gave, the failed shards and how many were allowed, and what ended it (no capacity, a storage error)."""
+
+    result: RunResult = "complete"
+    exit_code: int = 0
+    failed_shards: int = 0
+    allowed_failures: int = 0
+    detail: str = ""
+    at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunEnd:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -265,6 +298,7 @@ class RunRecord:
     # True when the OUT was begun by a version that named shards by plain stem (sticky; see plan.py).
     legacy_stem_ids: bool = False
     previous_fingerprints: list[str] = field(default_factory=list)
+    ended: RunEnd | None = None  # written when the run ends; None while it runs (or if it was killed)
     record_version: int = RECORD_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -272,11 +306,13 @@ class RunRecord:
         out = _as_json(self)
         if not self.previous_fingerprints:  # written only after a --allow-config-change, as before
             del out["previous_fingerprints"]
+        if self.ended is None:
+            del out["ended"]
         return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
-        kwargs = _split(cls, d)
+        kwargs = _split(cls, d, {"ended": lambda e: RunEnd.from_json(e) if e else None})
         # Before vqpipe 1.1 run.json had no such key, and every such OUT may hold plain-stem ids.
         kwargs.setdefault("legacy_stem_ids", True)
         return cls(**kwargs)

@@ -1,28 +1,27 @@
-"""Ray: the encoder replicas. `EncoderActor` wraps one ShardWorker (one model replica); `ReplicaPool` starts them up
-to the wanted count, sizes and places them, and takes a crashed one out of service until Ray has restarted it.
-
-Ray is imported here and in cluster.py (the dispatch loop) only. Which shard goes where is the dispatcher's business.
+"""Ray: one encoder replica. `EncoderActor` wraps one ShardWorker (one model replica): where it runs, loading
+the model, a bundle of shards per call with one outcome per shard, its metrics, and its exit when its node's
+raylet dies. How many run, and where, is the pool's business (pool.py); which shard goes where, the dispatcher's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ray
-from ray import ObjectRef
-from ray.exceptions import RayActorError, RayTaskError
 from ray.util import metrics
 
-from .config import CPU_ALLOCATOR_ENV, JobConfig
+from .config import JobConfig
 from .dispatch_policy import MAX_IN_FLIGHT
-from .errors import STORAGE_ERROR, CheckpointError, ShardError, StorageError
+from .errors import STORAGE_ERROR, ShardError, StorageError
+from .lease import _pid_namespace  # a process is "on this host" only if host name and pid namespace agree
 from .plan import Shard
 from .records import DoneRecord
 
@@ -31,29 +30,74 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_WAIT_S = 1.0
-_PLACEMENT_LOG_S = 30.0
+_ORPHAN_CHECK_S = 1.0  # how often a replica looks whether its node's raylet is still its parent
 
 
-def cluster_gpus() -> int:
-    return int(ray.cluster_resources().get("GPU", 0))
+def publish_zero(counter: metrics.Counter, tags: dict[str, str]) -> None:
+    """Export `counter` at 0 for `tags` now, not at its first increment: an alert on it then reads 0 instead of
+    "no data". Ray's `Counter.inc` refuses 0; `_record`, which `inc` calls, takes it (Ray 2.60; a scrape in
+    tests/test_cluster.py would see the series missing if that changed)."""
+    counter._record(0, tags=tags)
 
 
-def replica_cpus(nodes: list[dict[str, float]], gpus_per_replica: float, replicas: int) -> int:
-    """CPUs per replica when run.cpus_per_replica is not set. With GPUs: a GPU node's CPUs shared by the replicas
-    its GPUs hold (the smallest such share in the cluster), so that decoding keeps each GPU fed. Without: the
-    cluster's CPUs shared by the replicas, at most one node's worth. 1 when nothing fits (e.g. GPU nodes that an
-    autoscaler has not started yet: set run.cpus_per_replica there)."""
-    if gpus_per_replica > 0:
-        shares = [
-            n.get("CPU", 0) * gpus_per_replica / n["GPU"]
-            for n in nodes
-            if n.get("GPU", 0) >= gpus_per_replica
-        ]
-    else:
-        biggest = max((n.get("CPU", 0) for n in nodes), default=0)
-        shares = [min(biggest, sum(n.get("CPU", 0) for n in nodes) / max(1, replicas))]
-    return max(1, int(min(shares, default=1)))
+@dataclass(frozen=True)
+class Placement:
+    """Where a replica's process runs: for the log line, and to find the process again if its node dies."""
+
+    node_id: str
+    node_ip: str
+    host: str
+    pid: int
+    start_ticks: str  # the process's start time (/proc/<pid>/stat): a pid reused later has another
+    pid_namespace: str | None
+
+    @staticmethod
+    def here() -> Placement:
+        ctx = ray.get_runtime_context()
+        return Placement(
+            ctx.get_node_id(), ray.util.get_node_ip_address(), socket.gethostname(), os.getpid(), _start_ticks(),
+            _pid_namespace(),
+        )  # fmt: skip
+
+
+def _start_ticks(pid: int | str = "self") -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def kill_orphan(p: Placement) -> bool:
+    """SIGKILL the process `p` names if this host can reach it (same host and pid namespace) and it is still that
+    process (same start time); True if it was killed."""
+    if p.host != socket.gethostname() or p.pid_namespace is None or p.pid_namespace != _pid_namespace():
+        return False
+    if not p.start_ticks or _start_ticks(p.pid) != p.start_ticks:
+        return False
+    try:
+        os.kill(p.pid, signal.SIGKILL)
+    except OSError:
+        return False
+    return True
+
+
+def _exit_with_raylet(replica: str) -> None:
+    """A Ray worker is a child of its node's raylet. When only the raylet dies (SIGKILL, the OOM killer), Ray
+    declares the node dead and restarts the actor elsewhere, but this process lives on as an orphan: it went on
+    committing shards that were being retried elsewhere, and outlived the job. It exits once its parent is gone
+    (a worker that was not started by the raylet itself has nothing to watch)."""
+    parent = os.getppid()
+    if os.environ.get("RAY_RAYLET_PID") != str(parent):
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_ORPHAN_CHECK_S)
+        logger.error("%s: its node's raylet (pid %d) is gone; exiting", replica, parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="raylet-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -74,6 +118,7 @@ class EncoderActor:
         from .logs import setup_logging
 
         setup_logging()
+        _exit_with_raylet(replica)
         self.config, self.model_sha256, self.replica, self.threads = config, model_sha256, replica, threads
         # shards the driver sends at once; it says so when it changes (dispatch_policy.InFlight)
         self.slots = config.run.in_flight_per_replica
@@ -90,6 +135,7 @@ class EncoderActor:
             boundaries=[1, 5, 15, 60, 300, 900, 3600],
             tag_keys=("replica",),
         )
+        publish_zero(self.errors, {"replica": replica})
 
     def _loaded(self) -> ShardWorker:
         """The worker, its model loaded once per actor life."""
@@ -105,10 +151,14 @@ class EncoderActor:
                 )
             return self.worker
 
-    def setup(self) -> dict[str, Any]:
-        """Load the model (once per actor life). Raises CheckpointError, which the driver reports as fatal."""
-        worker = self._loaded()
-        return {"replica": self.replica, "device": str(worker.encoder.device), "pid": os.getpid()}
+    def ping(self) -> Placement:
+        """Answers as soon as the actor is placed and its process runs (setup may still be loading the model)."""
+        return Placement.here()
+
+    def setup(self) -> str:
+        """Load the model (once per actor life); its device. Raises CheckpointError, which the driver reports as
+        fatal."""
+        return str(self._loaded().encoder.device)
 
     def process(
         self,
@@ -161,132 +211,4 @@ class EncoderActor:
 
 # ray.remote called, not used as a class decorator: mypy cannot see a decorator change a class into Ray's
 # ActorClass. The Ray actor keeps the class's name, EncoderActor.
-_EncoderActorClass = ray.remote(max_restarts=-1, max_task_retries=0)(EncoderActor)
-
-
-class ReplicaPool:
-    """The run's encoder actors, by index: started up to the wanted count (more when the cluster grows), and
-    out of service from their crash (a node lost, a process killed) until they answer again after Ray restarts
-    them."""
-
-    def __init__(self, config: JobConfig, model_sha256: str, stopping: Callable[[], bool]):
-        self.config, self.model_sha256, self.stopping = config, model_sha256, stopping
-        # EncoderActor handles. Ray types actor methods only when declared with @ray.method, so calls such as
-        # `actor.process.remote(...)` are unchecked.
-        self.actors: list[Any] = []
-        # setup() ObjectRef -> index of an actor that died and is restarting
-        self.recovering: dict[ObjectRef[Any], int] = {}
-        self._auto_cpus: int | None = None
-
-    def in_service(self) -> list[int]:
-        """Indices of the actors that are not restarting."""
-        down = set(self.recovering.values())
-        return [i for i in range(len(self.actors)) if i not in down]
-
-    def wanted_replicas(self) -> int:
-        if self.config.run.replicas:
-            return self.config.run.replicas
-        return max(1, cluster_gpus() // max(1, int(self._gpus())))
-
-    def _gpus(self) -> float:
-        g = self.config.run.gpus_per_replica
-        return (1.0 if cluster_gpus() else 0.0) if g is None else g
-
-    def scale(self) -> None:
-        """Start actors up to the wanted count; the first time, wait for one and surface fatal setup errors."""
-        first = not self.actors
-        run = self.config.run
-        while len(self.actors) < self.wanted_replicas():
-            idx = len(self.actors)
-            actor = _EncoderActorClass.options(
-                num_cpus=self._cpus(),
-                num_gpus=self._gpus(),
-                max_concurrency=max(run.in_flight_per_replica, MAX_IN_FLIGHT),
-                runtime_env=self._runtime_env(),
-                name=None,
-            ).remote(self.config, self.model_sha256, f"replica-{idx}", max(1, int(self._cpus())))
-            self.actors.append(actor)
-        if first:
-            try:
-                info = self._first_ready(self.actors[0].setup.remote())
-            except RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                if isinstance(cause, CheckpointError | RuntimeError):
-                    raise CheckpointError(str(cause).splitlines()[-1]) from None
-                raise
-            if info is not None:
-                logger.info("%d replica(s) requested; first ready on %s", len(self.actors), info["device"])
-
-    def _cpus(self) -> float:
-        """run.cpus_per_replica, or (not set) the share decided from the cluster as it is at the first scale."""
-        if self.config.run.cpus_per_replica is not None:
-            return self.config.run.cpus_per_replica
-        if self._auto_cpus is None:
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            self._auto_cpus = replica_cpus(nodes, self._gpus(), self.wanted_replicas())
-            logger.info(
-                "%d CPUs per replica (decode threads; set run.cpus_per_replica to choose)", self._auto_cpus
-            )
-        return self._auto_cpus
-
-    def _runtime_env(self) -> dict[str, Any] | None:
-        """Environment of the actor process, set before it starts (glibc reads MALLOC_* once, at start)."""
-        cpu_only = self._gpus() == 0 or self.config.model.device == "cpu"
-        if not (cpu_only and self.config.run.tune_cpu_allocator):
-            return None
-        return {"env_vars": CPU_ALLOCATOR_ENV}
-
-    def _first_ready(self, ref: ObjectRef[dict[str, Any]]) -> dict[str, Any] | None:
-        """Wait for the first replica, saying why while it cannot be placed (e.g. GPUs asked, none in the
-        cluster, no autoscaler); give up after run.placement_timeout_s with the numbers. None on a stop request
-        (checked every _WAIT_S: loading a big checkpoint or placing a replica may take minutes)."""
-        run, started = self.config.run, time.monotonic()
-        last_log = started
-        while True:
-            left = run.placement_timeout_s - (time.monotonic() - started)
-            ready, _ = ray.wait([ref], timeout=max(0.1, min(_WAIT_S, left)))
-            if ready:
-                return ray.get(ref)
-            if self.stopping():
-                return None
-            now = time.monotonic()
-            waited = now - started
-            if waited < run.placement_timeout_s and now - last_log < _PLACEMENT_LOG_S:
-                continue
-            last_log = now
-            need = f"{self._cpus():g} CPU + {self._gpus():g} GPU per replica"
-            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-            if waited >= run.placement_timeout_s:
-                raise ShardError(
-                    "no_replica",
-                    f"no encoder replica could start in {waited:.0f}s: needs {need}; cluster has {have} free",
-                )
-            logger.warning(
-                "waiting %.0fs for a replica to be placed: needs %s; cluster has %s free", waited, need, have
-            )
-
-    def lost(self, idx: int) -> bool:
-        """Take actor `idx`, which died, out of service until it answers after its restart; False when it is
-        out already (several of its shards fail with it)."""
-        if idx in self.recovering.values():
-            return False
-        self.recovering[self.actors[idx].setup.remote()] = idx
-        return True
-
-    def check_recovering(self) -> None:
-        """An actor that died is used again once it answers a setup call after its restart."""
-        if not self.recovering:
-            return
-        ready, _ = ray.wait(list(self.recovering), num_returns=len(self.recovering), timeout=0)
-        for ref in ready:
-            idx = self.recovering.pop(ref)
-            try:
-                ray.get(ref)
-                logger.info("replica-%d is back", idx)
-            except (RayActorError, RayTaskError):
-                self.recovering[self.actors[idx].setup.remote()] = idx
-
-    def kill_all(self) -> None:
-        """The actors hold GPUs; a shared or long-lived cluster gets them back as soon as the run is done."""
-        for actor in self.actors:
-            ray.kill(actor)
+RemoteEncoderActor = ray.remote(max_restarts=-1, max_task_retries=0)(EncoderActor)

@@ -13,7 +13,7 @@ from typing import Any
 from .gcpause import without_cyclic_gc
 from .lease import read_lease
 from .out.snapshot import Snapshot
-from .records import FailedRecord
+from .records import FailedRecord, RunEnd
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Status:
     # A compaction moving rows is unfinished: readers of data/ fail until `vqpipe compact` finishes it.
     incomplete: bool = False
     format_version: int = 2  # of the OUT's layout (1: format 1.x, read as it is; `vqpipe migrate` moves it)
+    last_run: RunEnd | None = None  # how the latest run ended (run.json), unless it is running or was killed
 
     @property
     def complete(self) -> bool:
@@ -73,6 +74,7 @@ class Status:
             "damaged": list(self.damaged),
             "incomplete_compaction": self.incomplete,
             "layout_version": self.format_version,
+            "last_run": self.last_run.to_json() if self.last_run else None,
         }
 
 
@@ -109,4 +111,5 @@ def read_status(snapshot: Snapshot, planned: set[str] | None = None) -> Status:
     st.damaged = [d.describe() for d in snapshot.missing()]
     st.incomplete = snapshot.incomplete
     st.format_version = ledger.layout.version
+    st.last_run = snapshot.run.ended if snapshot.run is not None else None
     return st
