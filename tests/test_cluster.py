@@ -85,7 +85,7 @@ def check_exactly_once(out: Path, shard_dir: Path) -> dict[str, dict]:
 
 def done_records(out: Path) -> list[dict]:
     records = []
-    for p in (out / "done").glob("*.json"):
+    for p in (out / "_vqpipe" / "done").glob("*.json"):
         with contextlib.suppress(OSError, ValueError):  # a marker being replaced, or gone
             records.append(json.loads(p.read_text()))
     return records
@@ -549,8 +549,9 @@ class TestFailures:
     def test_job_survives_losing_a_replica_mid_shard(self, two_workers, tmp_path, driver_log, failure):
         shard_dir = good_shards(tmp_path / "shards", 6, 32)
         out = tmp_path / "out"
-        # a hung replica's shards would be copied by speculation before its node is declared dead: not here
-        job = JobThread(replicas(shard_dir, out, speculative=failure != "raylet_killed"))
+        # Speculation would copy the lost shards before the death is noticed (a hung replica's in particular,
+        # before its node is declared dead), and then nothing would be retried: not here.
+        job = JobThread(replicas(shard_dir, out, speculative=False))
         job.start()
 
         # Each replica starts two shards at once. Take the replica writing the first shard that shows up; the shards
@@ -583,9 +584,7 @@ class TestFailures:
         done = check_exactly_once(out, shard_dir)
         if failure == "raylet_killed":
             assert not orphan_alive, "the orphaned replica outlived the job"
-            assert any(
-                f"killed its process {pid}, left running on dead node" in m for m in messages(driver_log)
-            )
+            assert any(f"killed its process {pid}, left running on" in m for m in messages(driver_log))
             # its shards were finished elsewhere: retried once the node was declared dead, or copied by
             # speculation while it hung (whichever came first)
             assert all(done[s]["pid"] != pid for s in lost), (lost, done)
@@ -623,7 +622,9 @@ class TestFailures:
     ):
         shard_dir = good_shards(tmp_path / "shards", 60, 2)
         out = tmp_path / "out"
-        job = JobThread(replicas(shard_dir, out, encode={"batch_size": 8}))  # 4 two-image shards per call
+        # 4 two-image shards per call; no speculation: its copies of the killed replica's shards (slow after 1 s
+        # beside a median of 0 s) may commit before the death is noticed, and then nothing is retried
+        job = JobThread(replicas(shard_dir, out, encode={"batch_size": 8}, speculative=False))
         job.start()
 
         def bundling_and_mid_shard():  # bundles begin once a shard has finished
@@ -734,7 +735,7 @@ class TestFailures:
         assert any(m.startswith(f"failed shard {bad}: truncated_tar") and "not retried" in m for m in log), (
             log
         )
-        assert json.loads((out / "failed" / f"{bad}.json").read_text()) == failed
+        assert json.loads((out / "_vqpipe" / "failed" / f"{bad}.json").read_text()) == failed
         # ... unless that failure is allowed: exit 0, the shard still listed, in the summary and in status
         driver_log.clear()
         assert main([*args, "--max-failed-shards", "1"]) == 0

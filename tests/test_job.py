@@ -82,6 +82,9 @@ def test_good_shards_land_and_damaged_shards_fail_with_reason(first_run, shard_d
     assert sorted(p.stem for p in (out / "data").iterdir()) == [sid(d, f"part-00000{i}") for i in range(3)]
     assert sorted(p.stem for p in (out / "_vqpipe" / "failed").iterdir()) == [bad, cut]
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    # The OUT a real run leaves is a dataset: rows under data/, everything else hidden from readers of OUT
+    assert sorted(p.name for p in out.iterdir()) == [".huggingface.yaml", "_vqpipe", "data"]
+    assert pq.read_table(out).num_rows == summary.status.rows
 
 
 def test_every_sample_is_a_row_or_an_error_with_its_reason(first_run, shard_dir):

@@ -230,7 +230,9 @@ class Dispatcher:
             outcomes = ray.get(ref)
         except (RayActorError, RayTaskError) as e:  # the whole bundle failed with its actor (or a bug)
             reason, detail = _failure(e)
-            if isinstance(e, RayActorError) and self.pool.lost(task.actor, time.monotonic()):
+            if isinstance(e, RayActorError):
+                # Said for each call it took down, whether the pool's own check noticed the death first or not.
+                self.pool.lost(task.actor, time.monotonic())
                 ids = ", ".join(s.shard_id for s in task.shards)
                 logger.warning("%s: replica-%d died (%s); retrying elsewhere", ids, task.actor, detail)
             outcomes = [ShardOutcome(s.shard_id, reason=reason, detail=detail) for s in task.shards]

@@ -117,8 +117,8 @@ class Summary:
 
     @property
     def unfinished(self) -> set[str]:
-        """Planned shards that are not done."""
-        return self.plan.ids - set(self.status.done)
+        """Planned shards that are not done, and inputs refused before they could run (a non-UTF-8 name)."""
+        return (self.plan.ids | {r.shard_id for r in self.plan.refused}) - set(self.status.done)
 
     @property
     def ok(self) -> bool:

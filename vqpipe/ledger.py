@@ -124,7 +124,7 @@ class Ledger:
 
     def end_run(self, run_record: RunRecord) -> None:
         """run.json again, with how the run ended (`run_record.ended`), for `vqpipe status`."""
-        storage.write_json_atomic(self.path("run.json"), run_record.to_json(), self.storage_options)
+        storage.write_json_atomic(self.layout.run_url, run_record.to_json(), self.storage_options)
 
     def remove_temporaries(self) -> None:
         """Remove what attempts killed mid-write left (temporary files/keys, unfinished uploads).

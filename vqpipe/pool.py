@@ -253,14 +253,18 @@ class ReplicaPool:
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         keep = []
         for idx, p in self._dead:
-            if p.node_id in alive:
-                if not final:
-                    keep.append((idx, p))
+            if p.node_id in alive and not final:
+                keep.append((idx, p))
+            # At the end the node may not be declared dead yet (its raylet died seconds ago): a process of a
+            # replica that died, still running as the same process (kill_orphan checks its start time), is an
+            # orphan either way (Ray kills the old process when it restarts an actor on a live node).
             elif kill_orphan(p):
+                where = "dead node" if p.node_id not in alive else "node"
                 logger.warning(
-                    "replica-%d: killed its process %d, left running on dead node %s",
+                    "replica-%d: killed its process %d, left running on %s %s",
                     idx,
                     p.pid,
+                    where,
                     p.node_id[:12],
                 )
         self._dead = keep
@@ -268,11 +272,13 @@ class ReplicaPool:
     def kill_all(self) -> None:
         """The actors hold GPUs; a shared or long-lived cluster gets them back as soon as the run is done. A
         process on a node that died unnoticed is reaped too."""
-        for idx, member in self.members.items():
-            if member.placement is not None:
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for idx, member in self.members.items():  # on a node that died unnoticed
+            if member.placement is not None and member.placement.node_id not in alive:
                 self._dead.append((idx, member.placement))
+        self._reap(final=True)  # and the replicas that died during the run: their processes may be orphans
+        for member in self.members.values():
             ray.kill(member.actor)
-        self._reap(final=True)
 
 
 def _free() -> dict[str, float]:
